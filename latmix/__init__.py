@@ -1,0 +1,1 @@
+"""latmix: LATMiX reproduction and MX-quantization experiment harness."""

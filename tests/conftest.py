@@ -1,0 +1,1 @@
+"""Shared fixtures: tiny random Llama-family models built from configs (no download)."""
