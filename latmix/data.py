@@ -16,10 +16,14 @@ import torch
 SOURCES = ("local", "wikitext2", "c4")
 SPLITS = ("train", "validation", "test")
 
-# The embedded default: a plain-text file shipped with the tiny model, so calibration runs offline.
-DEFAULT_LOCAL_TEXT = Path(__file__).resolve().parent.parent / "models" / "tiny-llama" / "text" / "train.txt"
-# A local file has no separate splits: its tail is held out.
-LOCAL_HELDOUT_FRACTION = 0.1
+# The embedded default: plain text shipped with the project (data/MANIFEST.json), so calibration runs
+# offline; its held-out file comes from other works than its calibration file.
+_DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "text"
+LOCAL_TEXTS = {
+    "train": _DATA_DIR / "calibration.txt",
+    "validation": _DATA_DIR / "heldout.txt",
+    "test": _DATA_DIR / "heldout.txt",
+}
 # C4 is too large to tokenize whole; one shard, as GPTQ and its successors use.
 C4_SHARDS = {
     "train": "en/c4-train.00000-of-01024.json.gz",
@@ -42,7 +46,9 @@ def _load_hub_texts(source: str, split: str) -> list[str]:
     try:
         import datasets
     except ImportError as err:
-        raise ValueError(f"source={source!r} needs the `datasets` package; install it or use source='local'") from err
+        raise ValueError(
+            f"source={source!r} needs the `datasets` package; install it or use source='local'"
+        ) from err
     try:
         if source == "wikitext2":
             hf_split = {"train": "train", "validation": "validation", "test": "test"}[split]
@@ -60,8 +66,8 @@ def _load_hub_texts(source: str, split: str) -> list[str]:
         ) from err
 
 
-def _read_local_text(path: Path | str | None) -> str:
-    path = Path(path) if path is not None else DEFAULT_LOCAL_TEXT
+def _read_local_text(split: str, path: Path | str | None) -> str:
+    path = Path(path) if path is not None else LOCAL_TEXTS[split]
     if not path.is_file():
         raise ValueError(f"local calibration text {path} does not exist; pass an existing text file as path")
     return path.read_text(encoding="utf-8")
@@ -72,15 +78,20 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
 
 
 def token_stream(
-    tokenizer: Any, source: str, split: str = "train", path: Path | str | None = None, max_tokens: int | None = None
+    tokenizer: Any,
+    source: str,
+    split: str = "train",
+    path: Path | str | None = None,
+    max_tokens: int | None = None,
 ) -> torch.Tensor:
-    """All tokens of a source split as one 1-D LongTensor (C4: documents joined, up to max_tokens)."""
+    """All tokens of a source split as one 1-D LongTensor (C4: documents joined, up to max_tokens).
+
+    source='local' reads `path` if given (whatever the split), else the embedded file of the split.
+    """
     _check_choice("source", source, SOURCES)
     _check_choice("split", split, SPLITS)
     if source == "local":
-        ids = _encode(tokenizer, _read_local_text(path))
-        cut = int(len(ids) * (1 - LOCAL_HELDOUT_FRACTION))
-        return torch.tensor(ids[:cut] if split == "train" else ids[cut:], dtype=torch.long)
+        return torch.tensor(_encode(tokenizer, _read_local_text(split, path)), dtype=torch.long)
     ids: list[int] = []
     for text in _load_hub_texts(source, split):
         ids.extend(_encode(tokenizer, text))
