@@ -1,0 +1,161 @@
+"""Hadamard matrices of size 2^k * m and their fast application.
+
+A Hadamard matrix of order n is an n x n matrix of +-1 entries with H H^T = n I. We build
+H_n = H_m ⊗ H_{2^k} where the power-of-two factor is Sylvester's construction (applied in
+O(n log n) by butterflies, never materialized on the fast path) and the small factor H_m comes from
+Paley's constructions over a prime field:
+
+- Paley I: q prime, q ≡ 3 (mod 4) gives order q + 1 (12, 20, 24, 44, 48, 60, 108, 140, ...);
+- Paley II: q prime, q ≡ 1 (mod 4) gives order 2 (q + 1) (28, 36, 60, 76, 108, 148, ...).
+
+Prime powers (e.g. q = 25 for order 52) and Williamson-type orders (156, 172, ...) are not built;
+asking for such a size is an error that points to block_hadamard.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+__all__ = [
+    "fwht",
+    "hadamard_factorization",
+    "hadamard_matrix",
+    "hadamard_transform",
+    "is_hadamard_size",
+]
+
+
+def _is_prime(q: int) -> bool:
+    if q < 2:
+        return False
+    return all(q % p for p in range(2, math.isqrt(q) + 1))
+
+
+def _quadratic_character(q: int) -> list[int]:
+    """chi(a) for a in GF(q), q prime: 0 at 0, +1 on squares, -1 otherwise."""
+    squares = {(a * a) % q for a in range(1, q)}
+    return [0] + [1 if a in squares else -1 for a in range(1, q)]
+
+
+def _jacobsthal(q: int) -> torch.Tensor:
+    chi = torch.tensor(_quadratic_character(q), dtype=torch.float64)
+    idx = torch.arange(q)
+    return chi[(idx[None, :] - idx[:, None]) % q]
+
+
+def _paley_construction(m: int) -> str | None:
+    """Which Paley construction yields order m, if any ("I", "II" or None)."""
+    if m % 4 != 0:
+        return None
+    if _is_prime(m - 1) and (m - 1) % 4 == 3:
+        return "I"
+    if m % 2 == 0 and _is_prime(m // 2 - 1) and (m // 2 - 1) % 4 == 1:
+        return "II"
+    return None
+
+
+def _paley_matrix(m: int) -> torch.Tensor:
+    construction = _paley_construction(m)
+    if construction == "I":
+        q = m - 1
+        ones = torch.ones(q, dtype=torch.float64)
+        skew = torch.zeros(m, m, dtype=torch.float64)
+        skew[0, 1:] = ones
+        skew[1:, 0] = -ones
+        skew[1:, 1:] = _jacobsthal(q)
+        return skew + torch.eye(m, dtype=torch.float64)
+    q = m // 2 - 1
+    conference = torch.zeros(q + 1, q + 1, dtype=torch.float64)
+    conference[0, 1:] = 1.0
+    conference[1:, 0] = 1.0
+    conference[1:, 1:] = _jacobsthal(q)
+    plus = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+    zero = torch.tensor([[1.0, -1.0], [-1.0, -1.0]], dtype=torch.float64)
+    return torch.kron(conference, plus) + torch.kron(torch.eye(q + 1, dtype=torch.float64), zero)
+
+
+def hadamard_factorization(n: int) -> tuple[int, int] | None:
+    """(m, 2^k) with n = m * 2^k and H_m constructible, the smallest such m; None if there is none."""
+    if n < 1:
+        return None
+    power = n & -n
+    candidates = []
+    while power >= 1:
+        m = n // power
+        if m == 1 or _paley_construction(m) is not None:
+            candidates.append((m, power))
+        power //= 2
+    return min(candidates) if candidates else None
+
+
+def is_hadamard_size(n: int) -> bool:
+    return hadamard_factorization(n) is not None
+
+
+def _unsupported_size_error(n: int) -> ValueError:
+    return ValueError(
+        f"no Hadamard construction for size {n}: supported sizes are 2^k * m with m = 1 or a Paley order "
+        "(q+1 for a prime q ≡ 3 mod 4, 2(q+1) for a prime q ≡ 1 mod 4). Use family block_hadamard "
+        "(block = the MX block size) or rotation for this dimension."
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _small_hadamard(m: int) -> torch.Tensor:
+    if m == 1:
+        return torch.ones(1, 1, dtype=torch.float64)
+    return _paley_matrix(m)
+
+
+def _sylvester(n: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+def hadamard_matrix(n: int) -> torch.Tensor:
+    """The unnormalized +-1 Hadamard matrix H_m ⊗ H_{2^k} of order n, float64 on the CPU (a reference)."""
+    factors = hadamard_factorization(n)
+    if factors is None:
+        raise _unsupported_size_error(n)
+    m, power = factors
+    return torch.kron(_small_hadamard(m), _sylvester(power))
+
+
+def fwht(x: torch.Tensor) -> torch.Tensor:
+    """x @ H^T along the last dim for the Sylvester H of order x.shape[-1] (a power of two), unnormalized."""
+    n = x.shape[-1]
+    if n & (n - 1):
+        raise ValueError(f"fwht needs a power-of-two last dimension, got {n}")
+    lead = x.shape[:-1]
+    h = 1
+    while h < n:
+        pairs = x.reshape(*lead, n // (2 * h), 2, h)
+        x = torch.stack((pairs[..., 0, :] + pairs[..., 1, :], pairs[..., 0, :] - pairs[..., 1, :]), dim=-2)
+        h *= 2
+    return x.reshape(*lead, n)
+
+
+def hadamard_transform(x: torch.Tensor, normalize: bool = True, transpose: bool = False) -> torch.Tensor:
+    """x @ H_n^T along the last dim, H_n = H_m ⊗ H_{2^k}: butterflies for 2^k, a dense m x m matmul for m.
+
+    With normalize, H_n / sqrt(n), which is orthogonal; with transpose, x @ H_n (the inverse direction,
+    since the Paley factor is not symmetric).
+    """
+    n = x.shape[-1]
+    factors = hadamard_factorization(n)
+    if factors is None:
+        raise _unsupported_size_error(n)
+    m, power = factors
+    # Row-major index (a, b) with a < m, b < 2^k: y[a, b] = sum H_m[a, a'] H_2k[b, b'] x[a', b'].
+    blocks = fwht(x.reshape(*x.shape[:-1], m, power))
+    if m > 1:
+        h_m = _small_hadamard(m).to(device=x.device, dtype=x.dtype)
+        h_m = h_m.T if transpose else h_m
+        blocks = torch.einsum("ij,...jb->...ib", h_m, blocks)
+    y = blocks.reshape(x.shape)
+    return y / math.sqrt(n) if normalize else y

@@ -1,0 +1,508 @@
+"""Transform families: invertible maps T(x) = x @ A.T + b applied to activations before quantization.
+
+Every family is an nn.Module with one interface (docs/architecture.md): forward/inverse on activations
+along the last dim, the explicit matrix A and its inverse, fold_into(W) = W @ inv(A) for the linear that
+consumes T(x), log|det A|, the volume regularizer and the condition number. Math runs in float32 (the
+dtype of the transform's own tensors); inputs are cast back to their dtype on the way out.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrizations
+
+from latmix.hadamard import hadamard_factorization, hadamard_transform, is_hadamard_size
+
+__all__ = [
+    "AFFINE_PARAMETRIZATIONS",
+    "INITS",
+    "TRANSFORMS",
+    "Affine",
+    "BlockHadamard",
+    "Hadamard",
+    "Headwise",
+    "Identity",
+    "Rotation",
+    "Transform",
+    "build_transform",
+    "random_orthogonal",
+    "transform_kwargs",
+]
+
+INITS = ("identity", "hadamard", "block_hadamard", "random")
+AFFINE_PARAMETRIZATIONS = ("qr", "lu", "svd", "kronecker", "block_diag")
+_FACTOR_PARAMETRIZATIONS = ("qr", "lu", "svd")
+
+
+class Transform(nn.Module):
+    """Base class: subclasses provide matrix(); structured ones override the apply/fold paths for speed."""
+
+    def __init__(self, dim: int, orthogonal: bool) -> None:
+        super().__init__()
+        if dim < 1:
+            raise ValueError(f"a transform needs a positive dimension, got dim={dim}")
+        self.dim = dim
+        self.orthogonal = orthogonal
+        # Gives parameter-free families a device and dtype that follow module.to(...).
+        self.register_buffer("_anchor", torch.zeros(0), persistent=False)
+
+    @property
+    def shift(self) -> torch.Tensor | None:
+        return None
+
+    def matrix(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def inverse_matrix(self) -> torch.Tensor:
+        if self.orthogonal:
+            return self.matrix().T
+        return torch.linalg.inv(self.matrix().double()).to(self._anchor.dtype)
+
+    def apply_matrix(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ A.T along the last dim (no shift)."""
+        return x @ self.matrix().T
+
+    def apply_inverse_matrix(self, y: torch.Tensor) -> torch.Tensor:
+        """y @ inv(A).T along the last dim."""
+        return y @ self.inverse_matrix().T
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.apply_matrix(self._to_compute(x))
+        if self.shift is not None:
+            y = y + self.shift
+        return y.to(x.dtype)
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        z = self._to_compute(y)
+        if self.shift is not None:
+            z = z - self.shift
+        return self.apply_inverse_matrix(z).to(y.dtype)
+
+    def fold_into(self, weight: torch.Tensor) -> torch.Tensor:
+        """weight @ inv(A): the weight that, fed T(x), computes what `weight` computed on x (less the shift)."""
+        w = self._to_compute(weight)
+        folded = self.apply_matrix(w) if self.orthogonal else w @ self.inverse_matrix()
+        return folded.to(weight.dtype)
+
+    def log_abs_det(self) -> torch.Tensor:
+        return self._anchor.new_zeros(())
+
+    def regularizer(self) -> torch.Tensor:
+        return self.log_abs_det() ** 2
+
+    def condition_number(self) -> float:
+        if self.orthogonal:
+            return 1.0
+        return _condition_of(self.matrix().detach()[None])
+
+    def _to_compute(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self._anchor.dtype)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+
+def _condition_of(blocks: torch.Tensor) -> float:
+    """Condition number of blockdiag(blocks): the extreme singular values over all blocks."""
+    sigma = torch.linalg.svdvals(blocks.double())
+    return float(sigma.max() / sigma.min())
+
+
+def random_orthogonal(dim: int, seed: int) -> torch.Tensor:
+    """Haar-random orthogonal matrix (QR of a seeded Gaussian, signs fixed by R's diagonal), float32."""
+    generator = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(dim, dim, generator=generator, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r))).float()
+
+
+def _random_signs(dim: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 2, (dim,), generator=generator).float() * 2 - 1
+
+
+class Identity(Transform):
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim, orthogonal=True)
+
+    def matrix(self) -> torch.Tensor:
+        return torch.eye(self.dim, device=self._anchor.device, dtype=self._anchor.dtype)
+
+    def apply_matrix(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def apply_inverse_matrix(self, y: torch.Tensor) -> torch.Tensor:
+        return y
+
+
+class Hadamard(Transform):
+    """A = H diag(s) / sqrt(d), s random signs (QuaRot); applied by the fast Walsh-Hadamard transform."""
+
+    def __init__(self, dim: int, seed: int = 0) -> None:
+        super().__init__(dim, orthogonal=True)
+        if not is_hadamard_size(dim):
+            m_power = dim & -dim
+            raise ValueError(
+                f"no Hadamard construction for dim={dim} (= {dim // m_power} * {m_power}); use family "
+                "block_hadamard (block_size = the MX block size) or rotation for this placement"
+            )
+        self.factorization = hadamard_factorization(dim)
+        self.register_buffer("signs", _random_signs(dim, seed))
+
+    def apply_matrix(self, x: torch.Tensor) -> torch.Tensor:
+        return hadamard_transform(x * self.signs)
+
+    def apply_inverse_matrix(self, y: torch.Tensor) -> torch.Tensor:
+        return hadamard_transform(y, transpose=True) * self.signs
+
+    def matrix(self) -> torch.Tensor:
+        eye = torch.eye(self.dim, device=self.signs.device, dtype=self.signs.dtype)
+        return self.apply_matrix(eye).T
+
+    def extra_repr(self) -> str:
+        m, power = self.factorization
+        return f"dim={self.dim} (= {m} * {power})"
+
+
+class BlockHadamard(Transform):
+    """A = blockdiag(H_k / sqrt(k), ...): one normalized Hadamard per MX block (MR-GPTQ)."""
+
+    def __init__(self, dim: int, block_size: int = 32) -> None:
+        super().__init__(dim, orthogonal=True)
+        if block_size < 1 or dim % block_size:
+            raise ValueError(
+                f"block_hadamard block_size={block_size} must divide the transformed dimension {dim}"
+            )
+        if not is_hadamard_size(block_size):
+            raise ValueError(f"no Hadamard matrix of order block_size={block_size}; use a power of two")
+        self.block_size = block_size
+        eye = torch.eye(block_size)
+        self.register_buffer("block", hadamard_transform(eye).T.contiguous())
+
+    def apply_matrix(self, x: torch.Tensor) -> torch.Tensor:
+        blocks = x.reshape(*x.shape[:-1], self.dim // self.block_size, self.block_size)
+        return (blocks @ self.block.T).reshape(x.shape)
+
+    def apply_inverse_matrix(self, y: torch.Tensor) -> torch.Tensor:
+        blocks = y.reshape(*y.shape[:-1], self.dim // self.block_size, self.block_size)
+        return (blocks @ self.block).reshape(y.shape)
+
+    def matrix(self) -> torch.Tensor:
+        n_blocks = self.dim // self.block_size
+        return torch.kron(torch.eye(n_blocks, device=self.block.device, dtype=self.block.dtype), self.block)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, block_size={self.block_size}"
+
+
+def _initial_orthogonal(init: str, dim: int, seed: int, block_size: int) -> torch.Tensor:
+    """The orthogonal matrix a learnable family starts from."""
+    if init == "identity":
+        return torch.eye(dim)
+    if init == "hadamard":
+        return Hadamard(dim, seed=seed).matrix()
+    if init == "block_hadamard":
+        return BlockHadamard(dim, block_size=block_size).matrix()
+    if init == "random":
+        return random_orthogonal(dim, seed)
+    raise ValueError(f"unknown init {init!r}; choose one of {INITS}")
+
+
+class _OrthogonalWeight(nn.Module):
+    """Holder for torch's orthogonal parametrization (a learnable point on the orthogonal group)."""
+
+    def __init__(self, start: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty_like(start))
+        parametrizations.orthogonal(self, "weight")
+        with torch.no_grad():
+            self.weight = start
+
+
+class Rotation(Transform):
+    """Orthogonal Q: fixed (random, Hadamard, ...) or learned on the orthogonal group (SpinQuant)."""
+
+    def __init__(
+        self, dim: int, learnable: bool = False, init: str = "random", seed: int = 0, block_size: int = 32
+    ) -> None:
+        super().__init__(dim, orthogonal=True)
+        start = _initial_orthogonal(init, dim, seed, block_size)
+        self.learnable = learnable
+        if learnable:
+            self.rotation = _OrthogonalWeight(start)
+        else:
+            self.register_buffer("fixed", start)
+
+    def matrix(self) -> torch.Tensor:
+        return self.rotation.weight if self.learnable else self.fixed
+
+
+def _skew(g: torch.Tensor) -> torch.Tensor:
+    return (g - g.transpose(-1, -2)) / 2
+
+
+class _InvertibleBlocks(nn.Module):
+    """A stack of n invertible s x s matrices, invertible by construction, starting at given orthogonals.
+
+    qr:  A = Q0 exp(skew G) (R + diag(sign * exp(log_s)))     R strictly upper triangular
+    lu:  A = P L (U + diag(sign * exp(log_u)))                 P, sign fixed by the LU of the start
+    svd: A = U0 exp(skew G_u) diag(exp(log_sigma)) exp(skew G_v)^T
+    The fixed factors (Q0, P, U0, sign) make the start exact; the learned ones start at identity.
+    """
+
+    def __init__(self, parametrization: str, start: torch.Tensor) -> None:
+        super().__init__()
+        if parametrization not in _FACTOR_PARAMETRIZATIONS:
+            raise ValueError(f"unknown factor parametrization {parametrization!r}; choose {_FACTOR_PARAMETRIZATIONS}")
+        self.parametrization = parametrization
+        n, s, _ = start.shape
+        zeros_square = torch.zeros(n, s, s)
+        self.log_scale = nn.Parameter(torch.zeros(n, s))
+        self.register_buffer("eye", torch.eye(s).expand(n, s, s).clone(), persistent=False)
+        if parametrization == "qr":
+            self.register_buffer("base", start.clone())
+            self.register_buffer("sign", torch.ones(n, s))
+            self.generator = nn.Parameter(zeros_square.clone())
+            self.upper = nn.Parameter(zeros_square.clone())
+        elif parametrization == "lu":
+            perm, lower, upper = torch.linalg.lu(start.double())
+            diag = torch.diagonal(upper, dim1=-2, dim2=-1)
+            self.register_buffer("base", perm.float())
+            self.register_buffer("sign", torch.sign(diag).float())
+            self.lower = nn.Parameter(torch.tril(lower, -1).float())
+            self.upper = nn.Parameter(torch.triu(upper, 1).float())
+            with torch.no_grad():
+                self.log_scale.copy_(diag.abs().log().float())
+        else:
+            self.register_buffer("base", start.clone())
+            self.generator = nn.Parameter(zeros_square.clone())
+            self.generator_right = nn.Parameter(zeros_square.clone())
+
+    def _triangular(self) -> torch.Tensor:
+        diag = torch.diag_embed(self.sign * torch.exp(self.log_scale))
+        return torch.triu(self.upper, 1) + diag
+
+    def matrices(self) -> torch.Tensor:
+        if self.parametrization == "qr":
+            return self.base @ torch.linalg.matrix_exp(_skew(self.generator)) @ self._triangular()
+        if self.parametrization == "lu":
+            return self.base @ (torch.tril(self.lower, -1) + self.eye) @ self._triangular()
+        left = self.base @ torch.linalg.matrix_exp(_skew(self.generator))
+        right = torch.linalg.matrix_exp(_skew(self.generator_right))
+        return left @ torch.diag_embed(torch.exp(self.log_scale)) @ right.transpose(-1, -2)
+
+    def inverse_matrices(self) -> torch.Tensor:
+        if self.parametrization == "qr":
+            q = self.base @ torch.linalg.matrix_exp(_skew(self.generator))
+            u_inv = torch.linalg.solve_triangular(self._triangular(), self.eye, upper=True)
+            return u_inv @ q.transpose(-1, -2)
+        if self.parametrization == "lu":
+            unit_lower = torch.tril(self.lower, -1) + self.eye
+            l_inv = torch.linalg.solve_triangular(unit_lower, self.eye, upper=False, unitriangular=True)
+            u_inv = torch.linalg.solve_triangular(self._triangular(), self.eye, upper=True)
+            return u_inv @ l_inv @ self.base.transpose(-1, -2)
+        left = self.base @ torch.linalg.matrix_exp(_skew(self.generator))
+        right = torch.linalg.matrix_exp(_skew(self.generator_right))
+        return right @ torch.diag_embed(torch.exp(-self.log_scale)) @ left.transpose(-1, -2)
+
+    def log_abs_det(self) -> torch.Tensor:
+        """Sum over blocks of log|det|: the fixed factors are orthogonal or permutations (|det| = 1)."""
+        return self.log_scale.sum()
+
+
+def _balanced_factors(dim: int) -> tuple[int, int]:
+    """(d1, d2) with d1 * d2 = dim and d1 the largest divisor not above sqrt(dim)."""
+    d1 = max(d for d in range(1, math.isqrt(dim) + 1) if dim % d == 0)
+    return d1, dim // d1
+
+
+class Affine(Transform):
+    """Learnable invertible A (plus optional shift b), invertible by construction (LATMiX, FlatQuant).
+
+    parametrization: qr | lu | svd (one full dim x dim matrix), block_diag (independent
+    block_size x block_size blocks, each a `factor` parametrization) or kronecker (A1 ⊗ A2 with sizes
+    kron_factors, default the most balanced split, each factor a `factor` parametrization).
+    init: identity | hadamard | block_hadamard | random (orthogonal starts; the transform is exactly
+    that matrix before training).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        parametrization: str = "qr",
+        init: str = "identity",
+        shift: bool = False,
+        learnable: bool = True,
+        seed: int = 0,
+        block_size: int = 32,
+        factor: str = "qr",
+        kron_factors: tuple[int, int] | None = None,
+    ) -> None:
+        super().__init__(dim, orthogonal=False)
+        if parametrization not in AFFINE_PARAMETRIZATIONS:
+            raise ValueError(f"unknown affine parametrization {parametrization!r}; choose {AFFINE_PARAMETRIZATIONS}")
+        if init not in INITS:
+            raise ValueError(f"unknown init {init!r}; choose one of {INITS}")
+        self.parametrization = parametrization
+        self.kronecker = parametrization == "kronecker"
+        if self.kronecker:
+            self.factor_sizes = self._kron_sizes(dim, kron_factors)
+            if init == "block_hadamard":
+                raise ValueError("kronecker affine: use init hadamard (each factor a Hadamard), not block_hadamard")
+            self.factors = nn.ModuleList(
+                _InvertibleBlocks(factor, _initial_orthogonal(init, size, seed + i, block_size)[None])
+                for i, size in enumerate(self.factor_sizes)
+            )
+        elif parametrization == "block_diag":
+            if block_size < 1 or dim % block_size:
+                raise ValueError(f"block_diag affine: block_size={block_size} must divide dim={dim}")
+            block_init = "hadamard" if init == "block_hadamard" else init
+            starts = torch.stack(
+                [_initial_orthogonal(block_init, block_size, seed + i, block_size) for i in range(dim // block_size)]
+            )
+            self.factors = nn.ModuleList([_InvertibleBlocks(factor, starts)])
+        else:
+            start = _initial_orthogonal(init, dim, seed, block_size)[None]
+            self.factors = nn.ModuleList([_InvertibleBlocks(parametrization, start)])
+        self.bias = nn.Parameter(torch.zeros(dim)) if shift else None
+        self.requires_grad_(learnable)
+
+    @staticmethod
+    def _kron_sizes(dim: int, kron_factors: tuple[int, int] | None) -> tuple[int, int]:
+        if kron_factors is None:
+            return _balanced_factors(dim)
+        d1, d2 = kron_factors
+        if d1 * d2 != dim:
+            raise ValueError(f"kron_factors {kron_factors} must multiply to dim={dim}")
+        return d1, d2
+
+    @property
+    def shift(self) -> torch.Tensor | None:
+        return self.bias
+
+    def _structured_apply(self, x: torch.Tensor, mats: list[torch.Tensor], transpose: bool) -> torch.Tensor:
+        """x @ M.T (or x @ M with transpose) along the last dim, M = A or inv(A) given by its factors."""
+        if self.kronecker:
+            m1, m2 = mats[0][0], mats[1][0]
+            if transpose:
+                m1, m2 = m1.T, m2.T
+            grid = x.reshape(*x.shape[:-1], *self.factor_sizes)
+            return torch.einsum("ij,...jk,lk->...il", m1, grid, m2).reshape(x.shape)
+        blocks = mats[0]
+        n_blocks, size = blocks.shape[0], blocks.shape[-1]
+        grid = x.reshape(*x.shape[:-1], n_blocks, size)
+        pattern = "...nj,nji->...ni" if transpose else "...nj,nij->...ni"
+        return torch.einsum(pattern, grid, blocks).reshape(x.shape)
+
+    def _matrices(self) -> list[torch.Tensor]:
+        return [f.matrices() for f in self.factors]
+
+    def _inverse_matrices(self) -> list[torch.Tensor]:
+        return [f.inverse_matrices() for f in self.factors]
+
+    def _assemble(self, mats: list[torch.Tensor]) -> torch.Tensor:
+        if self.kronecker:
+            return torch.kron(mats[0][0], mats[1][0])
+        return torch.block_diag(*mats[0])
+
+    def matrix(self) -> torch.Tensor:
+        return self._assemble(self._matrices())
+
+    def inverse_matrix(self) -> torch.Tensor:
+        return self._assemble(self._inverse_matrices())
+
+    def apply_matrix(self, x: torch.Tensor) -> torch.Tensor:
+        return self._structured_apply(x, self._matrices(), transpose=False)
+
+    def apply_inverse_matrix(self, y: torch.Tensor) -> torch.Tensor:
+        return self._structured_apply(y, self._inverse_matrices(), transpose=False)
+
+    def fold_into(self, weight: torch.Tensor) -> torch.Tensor:
+        folded = self._structured_apply(self._to_compute(weight), self._inverse_matrices(), transpose=True)
+        return folded.to(weight.dtype)
+
+    def log_abs_det(self) -> torch.Tensor:
+        if self.kronecker:
+            d1, d2 = self.factor_sizes
+            # det(A1 ⊗ A2) = det(A1)^d2 det(A2)^d1
+            return d2 * self.factors[0].log_abs_det() + d1 * self.factors[1].log_abs_det()
+        return self.factors[0].log_abs_det()
+
+    def condition_number(self) -> float:
+        with torch.no_grad():
+            conds = [_condition_of(f.matrices()) for f in self.factors]
+        return math.prod(conds)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, parametrization={self.parametrization}, shift={self.bias is not None}"
+
+
+class Headwise(Transform):
+    """blockdiag(t, ..., t) over num_heads heads: one head_dim map shared by every head (the v->o map)."""
+
+    def __init__(self, transform: Transform, num_heads: int) -> None:
+        super().__init__(transform.dim * num_heads, orthogonal=transform.orthogonal)
+        self.transform = transform
+        self.num_heads = num_heads
+
+    @property
+    def shift(self) -> torch.Tensor | None:
+        b = self.transform.shift
+        return None if b is None else b.repeat(self.num_heads)
+
+    def _per_head(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(*x.shape[:-1], self.num_heads, self.transform.dim)
+
+    def matrix(self) -> torch.Tensor:
+        return torch.block_diag(*[self.transform.matrix()] * self.num_heads)
+
+    def inverse_matrix(self) -> torch.Tensor:
+        return torch.block_diag(*[self.transform.inverse_matrix()] * self.num_heads)
+
+    def apply_matrix(self, x: torch.Tensor) -> torch.Tensor:
+        return self.transform.apply_matrix(self._per_head(x)).reshape(x.shape)
+
+    def apply_inverse_matrix(self, y: torch.Tensor) -> torch.Tensor:
+        return self.transform.apply_inverse_matrix(self._per_head(y)).reshape(y.shape)
+
+    def fold_into(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.transform.fold_into(self._per_head(weight)).reshape(weight.shape)
+
+    def log_abs_det(self) -> torch.Tensor:
+        return self.num_heads * self.transform.log_abs_det()
+
+    def condition_number(self) -> float:
+        return self.transform.condition_number()
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}"
+
+
+TRANSFORMS: dict[str, type[Transform]] = {
+    "identity": Identity,
+    "hadamard": Hadamard,
+    "block_hadamard": BlockHadamard,
+    "rotation": Rotation,
+    "affine": Affine,
+}
+
+
+def _family(family: str) -> type[Transform]:
+    if family not in TRANSFORMS:
+        raise ValueError(f"unknown transform family {family!r}; choose one of {sorted(TRANSFORMS)}")
+    return TRANSFORMS[family]
+
+
+def transform_kwargs(family: str) -> set[str]:
+    """The keyword arguments a family accepts besides dim (what a config may set)."""
+    params = inspect.signature(_family(family).__init__).parameters
+    return {name for name in params if name not in ("self", "dim")}
+
+
+def build_transform(family: str, dim: int, **kwargs) -> Transform:
+    """Instantiate a family, passing only the kwargs it accepts (so a shared seed can go to all)."""
+    accepted = transform_kwargs(family)
+    return _family(family)(dim, **{k: v for k, v in kwargs.items() if k in accepted})
