@@ -1,0 +1,349 @@
+"""MX microscaling formats (OCP Microscaling Formats v1.0) and exact fake quantization.
+
+`quantize(x, fmt)` returns what a tensor becomes after an MX quantize + dequantize round trip, in x's
+shape and dtype, with a straight-through gradient so it can sit inside a graph being optimized.
+
+Semantics (OCP MX v1.0, section 6.3), per block of `block_size` consecutive elements along `dim`:
+
+- shared scale X = 2^(floor(log2(amax)) - emax_elem), the exponent clamped to E8M0's [-127, 127];
+  floor(log2) is read from the float32 exponent bits, so it is exact (torch.log2 is not always);
+- each element v/X is rounded to the element format with round-half-to-even, subnormals included,
+  and saturated to +-max_normal (also for FP8 E5M2, whose Inf is never produced);
+- an all-zero block stays zero, -0.0 stays -0.0;
+- a block holding NaN or +-Inf becomes all NaN: its scale is the E8M0 NaN (log2 of Inf is out of
+  E8M0's range). This matches the OCP reference (microsoft/microxcaling); torchao instead saturates
+  Inf to max_normal;
+- mxint8: 2's-complement int8 elements with implicit scale 2^-6, i.e. k/64 for k in [-127, 127]
+  (emax_elem = 0), saturating symmetrically as the spec prescribes;
+- a `dim` length that is not a multiple of `block_size` is zero-padded to whole blocks (zeros never
+  change a block's max) and cropped back.
+
+nvfp4 (NVIDIA's FP4: E2M1 elements, blocks of 16, FP8 E4M3 block scale, FP32 tensor scale) follows
+torchao's `nvfp4_quantize` with `per_tensor_scale = amax(|x|) / (6 * 448)` bit for bit: block scale =
+E4M3-round(clamp(amax_block / 6 / tensor_scale, min=2^-6)), elements = E2M1-round(v * ((1 / tensor_scale)
+/ block_scale)) (a reciprocal multiply, as NVIDIA's kernels do), dequantized as q * (tensor_scale *
+block_scale). An all-zero tensor stays zero; a NaN or Inf anywhere makes the FP32 tensor scale
+non-finite, so the whole tensor becomes NaN.
+
+Gradient: plain straight-through (identity), also through saturated elements, so that the blocks'
+largest values, which saturate most, keep a gradient telling a learned transform to shrink them.
+With `clip_ratio`, the clamp to +-ratio * block_amax is an ordinary differentiable op before the
+straight-through quantizer, so the gradient is zero for clipped elements and flows to the ratio.
+
+All arithmetic is float32 whatever the input dtype; scaling is by exact powers of two built from
+exponent bits, so every step but the element rounding is exact and the result is bit-exact.
+
+Speed: `_fake_quantize_blocks` is the readable eager reference. For tensors of at least
+`FUSED_MIN_NUMEL` elements it is run through `torch.compile` (one kernel instead of a dozen passes),
+compiled lazily per (format, dtype, device type). Set LATMIX_MX_COMPILE=0 to stay eager; if
+compilation fails, quantize warns once and stays eager for that key.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = ["ELEMENT_FORMATS", "FORMATS", "ElementFormat", "MXFormat", "get_format", "quantize"]
+
+# E8M0 encodes 2^-127 .. 2^127; its one remaining code, 0xFF, is NaN.
+E8M0_MIN_EXP = -127
+E8M0_MAX_EXP = 127
+
+_F32_MANTISSA_BITS = 23
+_F32_EXP_BIAS = 127
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+# Below this many elements quantize stays eager: compiling costs seconds, eager costs microseconds.
+FUSED_MIN_NUMEL = 1 << 16
+
+
+@dataclass(frozen=True)
+class ElementFormat:
+    """An MX element format, defined by its bit layout; every limit is derived from it.
+
+    `mbits` counts fraction bits: the bits below the binary point of a normal significand (1.f for
+    floats; for int8 the bits below the integer bit of the fixed-point value i.ffffff).
+    `specials` says which top-exponent codes are reserved: "none" (FP6, FP4, INT8), "nan" (OCP FP8
+    E4M3: only S.1111.111 is NaN), "inf_nan" (FP8 E5M2: the whole top exponent, as in IEEE 754).
+    """
+
+    name: str
+    ebits: int
+    mbits: int
+    is_int: bool = False
+    specials: Literal["none", "nan", "inf_nan"] = "none"
+
+    @property
+    def bits(self) -> int:
+        integer_bit = 1 if self.is_int else 0
+        return 1 + self.ebits + integer_bit + self.mbits
+
+    @property
+    def bias(self) -> int:
+        return 0 if self.is_int else 2 ** (self.ebits - 1) - 1
+
+    @property
+    def emin(self) -> int:
+        """Exponent of the smallest normal binade (int8 has a single binade, exponent 0)."""
+        return 0 if self.is_int else 1 - self.bias
+
+    @property
+    def emax(self) -> int:
+        if self.is_int:
+            return 0
+        top_exponent = 2**self.ebits - 1 - self.bias
+        return top_exponent - 1 if self.specials == "inf_nan" else top_exponent
+
+    @property
+    def max_normal(self) -> float:
+        # E4M3 gives up its top significand (S.1111.111 = NaN), the others keep all of them.
+        reserved_codes = 1 if self.specials == "nan" else 0
+        return 2.0**self.emax * (2.0 - (1 + reserved_codes) * 2.0**-self.mbits)
+
+    @property
+    def min_normal(self) -> float:
+        return 2.0**self.emin
+
+    @property
+    def min_subnormal(self) -> float:
+        return 2.0 ** (self.emin - self.mbits)
+
+    @property
+    def bound_constant(self) -> float:
+        """c_fmt of DESIGN.md: worst |Q(y) - y| relative to the block's power-of-two scale.
+
+        The larger of half a step in the top binade and the saturation gap below 2^(emax+1).
+        """
+        return max(2.0 ** -(self.mbits + 1), 2.0 - self.max_normal / 2.0**self.emax)
+
+
+ELEMENT_FORMATS: dict[str, ElementFormat] = {
+    element.name: element
+    for element in (
+        ElementFormat("fp8_e4m3", ebits=4, mbits=3, specials="nan"),
+        ElementFormat("fp8_e5m2", ebits=5, mbits=2, specials="inf_nan"),
+        ElementFormat("fp6_e3m2", ebits=3, mbits=2),
+        ElementFormat("fp6_e2m3", ebits=2, mbits=3),
+        ElementFormat("fp4_e2m1", ebits=2, mbits=1),
+        ElementFormat("int8", ebits=0, mbits=6, is_int=True),
+    )
+}
+
+
+@dataclass(frozen=True)
+class MXFormat:
+    """A block-scaled format: element format, block size, and how the block scale is stored."""
+
+    name: str
+    element: ElementFormat
+    default_block_size: int = 32
+    scale: Literal["e8m0", "e4m3"] = "e8m0"
+    tensor_scale: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.scale == "e4m3") != self.tensor_scale:
+            raise ValueError(
+                f"format {self.name!r}: an E4M3 block scale needs the FP32 tensor scale (as nvfp4) and an "
+                "E8M0 scale has none; set scale and tensor_scale together"
+            )
+
+
+_CANONICAL_FORMATS = [MXFormat(f"mx{element.name}", element) for element in ELEMENT_FORMATS.values()]
+_ALIASES = {"mxfp8": "mxfp8_e4m3", "mxfp6": "mxfp6_e2m3", "mxfp4": "mxfp4_e2m1"}
+_NVFP4 = MXFormat("nvfp4", ELEMENT_FORMATS["fp4_e2m1"], default_block_size=16, scale="e4m3", tensor_scale=True)
+
+FORMATS: dict[str, MXFormat] = {fmt.name: fmt for fmt in (*_CANONICAL_FORMATS, _NVFP4)}
+FORMATS.update({alias: FORMATS[target] for alias, target in _ALIASES.items()})
+
+
+def get_format(name: str | MXFormat) -> MXFormat:
+    """The MXFormat called `name` (an MXFormat passes through), or a ValueError listing the choices."""
+    if isinstance(name, MXFormat):
+        return name
+    if name not in FORMATS:
+        raise ValueError(f"unknown MX format {name!r}; choose one of: {', '.join(FORMATS)}")
+    return FORMATS[name]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exact float32 building blocks
+
+
+def _floor_log2(magnitude: Tensor) -> Tensor:
+    """floor(log2(m)) for float32 m >= 0, exactly, from the exponent bits (int32).
+
+    Zero and float32 subnormals give -127; every caller clamps to an exponent at or above that.
+    """
+    biased = (magnitude.view(torch.int32) >> _F32_MANTISSA_BITS) & 0xFF
+    return biased - _F32_EXP_BIAS
+
+
+def _exp2(exponent: Tensor) -> Tensor:
+    """2^e as float32 for int32 e in [-127, 127], exactly (2^-127 is the subnormal 0x00400000)."""
+    normal = (exponent + _F32_EXP_BIAS) << _F32_MANTISSA_BITS
+    bits = torch.where(exponent > -_F32_EXP_BIAS, normal, 1 << (_F32_MANTISSA_BITS - 1))
+    return bits.view(torch.float32)
+
+
+def _round_to_element(values: Tensor, element: ElementFormat) -> Tensor:
+    """Round float32 values to the nearest element value (ties to even), saturating at max_normal.
+
+    Each value is scaled so that one step of its binade (the subnormal step below min_normal) is 1,
+    rounded by torch.round (half to even), and scaled back: all scalings are exact powers of two.
+    NaN stays NaN.
+    """
+    binade = _floor_log2(values.abs()).clamp(min=element.emin)
+    step_exponent = binade - element.mbits
+    rounded = torch.round(values * _exp2(-step_exponent)) * _exp2(step_exponent)
+    return rounded.clamp(-element.max_normal, element.max_normal)
+
+
+def _fake_quantize_e8m0(blocks: Tensor, element: ElementFormat) -> Tensor:
+    """OCP MX: one power-of-two scale per block (last dim) from the block's max magnitude."""
+    block_amax = blocks.abs().amax(dim=-1, keepdim=True)
+    shared_exponent = (_floor_log2(block_amax) - element.emax).clamp(E8M0_MIN_EXP, E8M0_MAX_EXP)
+    scaled = blocks * _exp2(-shared_exponent)
+    dequantized = _round_to_element(scaled, element) * _exp2(shared_exponent)
+    return torch.where(block_amax.isfinite(), dequantized, math.nan)
+
+
+def _fake_quantize_nvfp4(blocks: Tensor, element: ElementFormat) -> Tensor:
+    """NVFP4 as torchao's nvfp4_quantize with per_tensor_scale = amax / (elem max * E4M3 max)."""
+    scale_element = ELEMENT_FORMATS["fp8_e4m3"]
+    tensor_amax = blocks.abs().amax()
+    tensor_scale = tensor_amax / (element.max_normal * scale_element.max_normal)
+    # An all-zero tensor has a zero tensor scale; any positive one keeps its zeros zero.
+    tensor_scale = torch.where(tensor_amax > 0, tensor_scale, 1.0)
+    block_amax = blocks.abs().amax(dim=-1, keepdim=True)
+    wanted_block_scale = (block_amax / element.max_normal / tensor_scale).clamp(min=scale_element.min_normal)
+    block_scale = _round_to_element(wanted_block_scale, scale_element)
+    scaled = blocks * ((1.0 / tensor_scale) / block_scale)
+    dequantized = _round_to_element(scaled, element) * (tensor_scale * block_scale)
+    return torch.where(tensor_amax.isfinite(), dequantized, math.nan)
+
+
+def _fake_quantize_blocks(blocks: Tensor, fmt: MXFormat) -> Tensor:
+    """The eager reference: fake-quantize `blocks` (..., block_size) in float32, return blocks' dtype."""
+    blocks32 = blocks.to(torch.float32)
+    quantizer = _fake_quantize_nvfp4 if fmt.tensor_scale else _fake_quantize_e8m0
+    return quantizer(blocks32, fmt.element).to(blocks.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The fused (compiled) path
+
+
+_compiled: dict[tuple[str, torch.dtype, str], Callable[[Tensor], Tensor]] = {}
+_compile_failed: set[tuple[str, torch.dtype, str]] = set()
+
+
+def _compile_enabled() -> bool:
+    return os.environ.get("LATMIX_MX_COMPILE", "1") != "0"
+
+
+def _fused_fake_quantize_blocks(blocks: Tensor, fmt: MXFormat) -> Tensor:
+    """`_fake_quantize_blocks` through torch.compile, compiled on first use per key; eager on failure."""
+    key = (fmt.name, blocks.dtype, blocks.device.type)
+    if key in _compile_failed:
+        return _fake_quantize_blocks(blocks, fmt)
+    if key not in _compiled:
+        _compiled[key] = torch.compile(functools.partial(_fake_quantize_blocks, fmt=fmt))
+    try:
+        return _compiled[key](blocks)
+    except Exception as error:  # any compiler failure: the eager reference computes the same values
+        _compile_failed.add(key)
+        warnings.warn(
+            f"latmix.mx: torch.compile failed for {key} ({type(error).__name__}: {error}); "
+            "using the eager quantizer for it from now on (set LATMIX_MX_COMPILE=0 to skip compiling)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return _fake_quantize_blocks(blocks, fmt)
+
+
+def _quantize_blocks(blocks: Tensor, fmt: MXFormat) -> Tensor:
+    use_fused = (
+        _compile_enabled() and blocks.numel() >= FUSED_MIN_NUMEL and not torch.compiler.is_compiling()
+    )
+    return _fused_fake_quantize_blocks(blocks, fmt) if use_fused else _fake_quantize_blocks(blocks, fmt)
+
+
+class _StraightThroughQuantize(torch.autograd.Function):
+    """Forward: fake quantization. Backward: identity (straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx, blocks: Tensor, fmt: MXFormat) -> Tensor:
+        return _quantize_blocks(blocks, fmt)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None]:
+        return grad_output, None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public entry point
+
+
+def _check_arguments(x: Tensor, fmt: MXFormat, block_size: int, dim: int) -> None:
+    if not isinstance(x, Tensor) or x.dtype not in SUPPORTED_DTYPES:
+        got = x.dtype if isinstance(x, Tensor) else type(x).__name__
+        names = ", ".join(str(dtype).removeprefix("torch.") for dtype in SUPPORTED_DTYPES)
+        raise ValueError(f"quantize needs a floating tensor ({names}); got {got}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+        raise ValueError(
+            f"block_size must be a positive int (or None for the format's default, "
+            f"{fmt.default_block_size} for {fmt.name}); got {block_size!r}"
+        )
+    if x.dim() == 0 or not -x.dim() <= dim < x.dim():
+        raise ValueError(f"dim must index one of x's {x.dim()} dimensions (shape {tuple(x.shape)}); got {dim}")
+
+
+def _clip_to_ratio(blocks: Tensor, clip_ratio: float | Tensor) -> Tensor:
+    """Clamp each block to +-ratio * its max magnitude (FlatQuant's learnable clipping)."""
+    bound = clip_ratio * blocks.abs().amax(dim=-1, keepdim=True)
+    return torch.minimum(torch.maximum(blocks, -bound), bound)
+
+
+def quantize(
+    x: Tensor,
+    fmt: str | MXFormat,
+    block_size: int | None = None,
+    dim: int = -1,
+    *,
+    clip_ratio: float | Tensor | None = None,
+) -> Tensor:
+    """Fake-quantize x to an MX format along `dim`: quantize, dequantize, same shape and dtype.
+
+    block_size None means the format's own (32 for MX, 16 for nvfp4). The gradient is
+    straight-through. clip_ratio (a float, or a tensor broadcastable to the per-block max of shape
+    (*x.shape without dim, n_blocks, 1)) clamps each block to +-ratio * its max magnitude before the
+    scale is computed; the gradient flows to a tensor ratio. See the module docstring for the exact
+    semantics.
+    """
+    mx_format = get_format(fmt)
+    block = mx_format.default_block_size if block_size is None else block_size
+    _check_arguments(x, mx_format, block, dim)
+    if x.numel() == 0:
+        return x.clone()
+
+    along_last = x.movedim(dim, -1)
+    length = along_last.shape[-1]
+    padding = -length % block
+    if padding:
+        along_last = torch.nn.functional.pad(along_last, (0, padding))
+    blocks = along_last.reshape(*along_last.shape[:-1], -1, block)
+    if clip_ratio is not None:
+        blocks = _clip_to_ratio(blocks.to(torch.float32), clip_ratio)
+
+    dequantized = _StraightThroughQuantize.apply(blocks, mx_format)
+    return dequantized.reshape(along_last.shape)[..., :length].movedim(-1, dim).to(x.dtype)
