@@ -1,0 +1,258 @@
+"""Hydra config -> the typed settings of every module, checked early with messages that say what to change.
+
+The yaml groups mirror the dataclasses of the modules they feed field for field (quant -> QuantConfig,
+transform -> TransformConfig, calib -> CalibConfig, optim -> OptimConfig); `name` keys are labels for
+records and tables only. Anything wrong in a config raises ConfigError before a model is loaded,
+except the checks that need the model's dimensions (`check_model_dimensions`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from latmix import mx
+from latmix.calibrate import CalibConfig
+from latmix.optim import OptimConfig
+from latmix.quantize import QuantConfig, TransformConfig, TransformSpec
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+EVAL_SUITES = ("local", "lm_eval")
+LOGGER_BACKENDS = ("wandb", "none")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key and what to set instead."""
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    name: str
+    name_or_path: str
+    dtype: torch.dtype
+    trust_remote_code: bool
+    outliers: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    suite: str  # "local": the embedded task directory; "lm_eval": lm-eval's own task registry
+    tasks: tuple[str, ...] | None  # None: every task of the local suite
+    ppl_datasets: tuple[str, ...]
+    max_seq_len: int
+    batch_size: int | str
+    limit: int | None
+    num_fewshot: int
+
+
+@dataclass(frozen=True)
+class LoggerSettings:
+    backend: str
+    mode: str
+    project: str
+    entity: str | None
+    group: str | None
+    tags: tuple[str, ...]
+    log_figures: bool
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """Everything one run needs, typed and validated."""
+
+    model: ModelSettings
+    quant_name: str
+    quant: QuantConfig
+    transform_name: str
+    transform: TransformConfig
+    calib: CalibConfig
+    optim: OptimConfig
+    eval: EvalSettings
+    logger: LoggerSettings
+    seed: int
+    device: torch.device
+    force: bool
+    results_dir: Path
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def _section(cfg: DictConfig, key: str) -> dict[str, Any]:
+    if key not in cfg or not isinstance(cfg[key], DictConfig):
+        raise ConfigError(f"the config has no '{key}' group; pick one with {key}=<option>")
+    return dict(_plain(cfg[key]))
+
+
+def build_dataclass(cls: type, values: dict[str, Any], where: str) -> Any:
+    """cls(**values) with unknown keys and rejected values reported as `where.key`."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; {cls.__name__} takes {', '.join(sorted(names))}"
+        )
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: {err}") from err
+
+
+def resolve_local_path(name_or_path: str) -> str:
+    """A path that exists (from the working directory, then the project root), else the hub id as given."""
+    for base in (Path.cwd(), PROJECT_ROOT):
+        candidate = (base / name_or_path).expanduser()
+        if candidate.exists():
+            return str(candidate.resolve())
+    return name_or_path
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"device={name!r} is not a torch device; use auto, cpu, cuda or cuda:N") from err
+
+
+def build_model_settings(values: dict[str, Any]) -> ModelSettings:
+    dtype = values.get("dtype", "float32")
+    if dtype not in DTYPES:
+        raise ConfigError(f"model.dtype={dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    outliers = values.get("outliers")
+    if outliers is not None and not {"n_channels", "scale"} <= set(outliers):
+        raise ConfigError("model.outliers needs n_channels and scale (and optionally seed), or null")
+    return ModelSettings(
+        name=str(values["name"]),
+        name_or_path=resolve_local_path(str(values["name_or_path"])),
+        dtype=DTYPES[dtype],
+        trust_remote_code=bool(values.get("trust_remote_code", False)),
+        outliers=outliers,
+    )
+
+
+def build_quant_config(values: dict[str, Any]) -> QuantConfig:
+    values.pop("name", None)
+    for key in ("weight_format", "act_format", "kv_format"):
+        if values.get(key) is not None:
+            try:
+                mx.get_format(values[key])
+            except ValueError as err:
+                raise ConfigError(f"quant.{key}: {err}") from err
+    if values.get("weight_quantizer") not in ("rtn", "gptq"):
+        raise ConfigError(f"quant.weight_quantizer={values.get('weight_quantizer')!r}; choose rtn or gptq")
+    block = values.get("block_size")
+    if block is not None and (not isinstance(block, int) or block < 1):
+        raise ConfigError(f"quant.block_size={block!r} must be a positive integer (MX uses 32, NVFP4 16)")
+    return build_dataclass(QuantConfig, values, "quant")
+
+
+def build_transform_config(values: dict[str, Any], kv_quantized: bool) -> TransformConfig:
+    values.pop("name", None)
+    placements = dict(values.pop("placements", None) or {})
+    # QuaRot/SpinQuant rotate q/k after RoPE only when the KV cache is quantized.
+    if kv_quantized:
+        placements.update(values.pop("kv_placements", None) or {})
+    else:
+        values.pop("kv_placements", None)
+    specs = {
+        place: None if spec is None else build_dataclass(TransformSpec, dict(spec), f"transform.placements.{place}")
+        for place, spec in placements.items()
+    }
+    return build_dataclass(TransformConfig, {"placements": specs, **values}, "transform")
+
+
+def build_eval_settings(values: dict[str, Any]) -> EvalSettings:
+    suite = values.get("suite")
+    if suite not in EVAL_SUITES:
+        raise ConfigError(f"eval.suite={suite!r}; choose one of {', '.join(EVAL_SUITES)}")
+    tasks = values.get("tasks")
+    if suite == "lm_eval" and not tasks:
+        raise ConfigError("eval.suite=lm_eval needs a list of lm-eval task names in eval.tasks")
+    return EvalSettings(
+        suite=suite,
+        tasks=None if tasks is None else tuple(tasks),
+        ppl_datasets=tuple(values.get("ppl_datasets") or ()),
+        max_seq_len=int(values.get("max_seq_len", 2048)),
+        batch_size=values.get("batch_size", 8),
+        limit=values.get("limit"),
+        num_fewshot=int(values.get("num_fewshot", 0)),
+    )
+
+
+def build_logger_settings(values: dict[str, Any]) -> LoggerSettings:
+    backend, mode = values.get("backend"), values.get("mode", "auto")
+    if backend not in LOGGER_BACKENDS:
+        raise ConfigError(f"logger.backend={backend!r}; choose one of {', '.join(LOGGER_BACKENDS)}")
+    if mode not in WANDB_MODES:
+        raise ConfigError(f"logger.mode={mode!r}; choose one of {', '.join(WANDB_MODES)}")
+    return LoggerSettings(
+        backend=backend,
+        mode="disabled" if backend == "none" else mode,
+        project=str(values.get("project", "latmix")),
+        entity=values.get("entity"),
+        group=values.get("group"),
+        tags=tuple(values.get("tags") or ()),
+        log_figures=bool(values.get("log_figures", True)),
+    )
+
+
+def build_experiment(cfg: DictConfig) -> Experiment:
+    """Turn a composed Hydra config into typed settings; ConfigError on the first bad value."""
+    quant_values = _section(cfg, "quant")
+    transform_values = _section(cfg, "transform")
+    quant_name = str(quant_values.get("name", "custom"))
+    transform_name = str(transform_values.get("name", "custom"))
+    quant = build_quant_config(quant_values)
+    return Experiment(
+        model=build_model_settings(_section(cfg, "model")),
+        quant_name=quant_name,
+        quant=quant,
+        transform_name=transform_name,
+        transform=build_transform_config(transform_values, kv_quantized=quant.kv_format is not None),
+        calib=build_dataclass(CalibConfig, _section(cfg, "calib"), "calib"),
+        optim=build_dataclass(OptimConfig, _section(cfg, "optim"), "optim"),
+        eval=build_eval_settings(_section(cfg, "eval")),
+        logger=build_logger_settings(_section(cfg, "logger")),
+        seed=int(cfg.get("seed", 0)),
+        device=resolve_device(str(cfg.get("device", "auto"))),
+        force=bool(cfg.get("force", False)),
+        results_dir=Path(str(cfg.paths.results_dir)).expanduser().resolve(),
+    )
+
+
+def quantized_dims(model_config: Any) -> dict[str, int]:
+    """The reduction dimensions the MX blocks run along: every linear's input size."""
+    heads = model_config.num_attention_heads
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+    return {
+        "hidden_size": model_config.hidden_size,
+        "intermediate_size": model_config.intermediate_size,
+        "num_attention_heads * head_dim": heads * head_dim,
+    }
+
+
+def check_model_dimensions(exp: Experiment, model_config: Any) -> None:
+    """Every quantized or block-transformed dimension must split into whole blocks."""
+    blocks = {"quant.block_size": exp.quant.block_size}
+    for place, spec in exp.transform.placements.items():
+        size = getattr(spec, "block_size", None) if spec is not None else None
+        blocks[f"transform.placements.{place}.block_size"] = size
+    for key, block in blocks.items():
+        if block is None:
+            continue
+        for dim_name, dim in quantized_dims(model_config).items():
+            if dim % block:
+                raise ConfigError(
+                    f"{key}={block} does not divide the model's {dim_name}={dim}; "
+                    f"choose a block size that divides {dim}"
+                )

@@ -1,0 +1,168 @@
+"""Evaluation of the in-memory (quantized) model: perplexity and lm-eval zero-shot accuracy.
+
+Perplexity follows GPTQ/QuaRot/FlatQuant: one token stream (WikiText-2 test joined with "\\n\\n"),
+cut into non-overlapping windows of seq_len tokens, ppl = exp(mean token NLL over all windows).
+Zero-shot tasks run through lm-eval's HFLM wrapped around the model object itself, so what is
+evaluated is exactly the model the pipeline built, quantizers and transforms included.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from latmix import data, local_tasks
+
+if TYPE_CHECKING:
+    from latmix.config import EvalSettings
+
+log = logging.getLogger(__name__)
+
+# QuaRot / FlatQuant: six tasks, acc_norm where the task has it, else acc.
+AVG6_TASKS = ("piqa", "hellaswag", "arc_easy", "arc_challenge", "winogrande", "lambada_openai")
+# SpinQuant: eight commonsense tasks.
+AVG8_TASKS = ("boolq", "piqa", "social_iqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+LOCAL_PPL_DATASETS = ("heldout", "ood")
+
+
+@dataclass
+class EvalResult:
+    ppl: dict[str, float] = field(default_factory=dict)
+    tasks: dict[str, dict[str, float]] = field(default_factory=dict)
+    averages: dict[str, float | None] = field(default_factory=dict)
+    lm_eval_version: str | None = None
+    task_versions: dict[str, Any] = field(default_factory=dict)
+
+
+def eval_seq_len(model: torch.nn.Module, max_seq_len: int) -> int:
+    """min(max_seq_len, the model's context length), as the papers evaluate at 2048."""
+    positions = getattr(model.config, "max_position_embeddings", None) or max_seq_len
+    return min(max_seq_len, positions)
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, token_ids: torch.Tensor, seq_len: int, batch_size: int = 1) -> float:
+    """exp of the mean next-token NLL over non-overlapping seq_len windows of a 1-D token stream."""
+    n_windows = token_ids.numel() // seq_len
+    if n_windows == 0:
+        raise ValueError(
+            f"the evaluation text has {token_ids.numel()} tokens, fewer than one window of {seq_len}; "
+            "lower eval.max_seq_len or use a longer text"
+        )
+    device = next(model.parameters()).device
+    windows = token_ids[: n_windows * seq_len].view(n_windows, seq_len)
+    total_nll, total_tokens = 0.0, 0
+    for start in range(0, n_windows, batch_size):
+        batch = windows[start : start + batch_size].to(device)
+        logits = model(batch).logits.float()
+        nll = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="sum"
+        )
+        total_nll += nll.item()
+        total_tokens += batch[:, 1:].numel()
+    return math.exp(total_nll / total_tokens)
+
+
+def perplexity_stream(tokenizer: Any, dataset: str) -> torch.Tensor:
+    """The token stream a perplexity dataset is evaluated on."""
+    if dataset == "wikitext2":
+        try:
+            return data.token_stream(tokenizer, "wikitext2", "test")
+        except ValueError as err:
+            raise ValueError(
+                f"WikiText-2 is not available ({err}). Use eval=local, or put a copy in the Hugging Face "
+                "datasets cache (HF_DATASETS_CACHE) on a machine with network first"
+            ) from err
+    if dataset in LOCAL_PPL_DATASETS:
+        text = Path(local_tasks.text_path(dataset)).read_text(encoding="utf-8")
+        return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    raise ValueError(
+        f"unknown perplexity dataset {dataset!r}; choose from wikitext2, {', '.join(LOCAL_PPL_DATASETS)}"
+    )
+
+
+def task_scores(task_results: Mapping[str, Any]) -> dict[str, float]:
+    """lm-eval's '<metric>,<filter>' keys -> {acc, acc_norm, acc_stderr, acc_norm_stderr} where present."""
+    scores: dict[str, float] = {}
+    for key, value in task_results.items():
+        metric = key.split(",")[0]
+        if metric in ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr") and isinstance(value, (int, float)):
+            scores[metric] = float(value)
+    return scores
+
+
+def headline_accuracy(scores: Mapping[str, float]) -> float | None:
+    """acc_norm where the task reports it, else acc (the QuaRot/FlatQuant convention)."""
+    return scores.get("acc_norm", scores.get("acc"))
+
+
+def task_average(tasks: Mapping[str, Mapping[str, float]], names: Sequence[str]) -> float | None:
+    """Mean headline accuracy over `names`; None unless every one of them was evaluated."""
+    values = [headline_accuracy(tasks[name]) for name in names if name in tasks]
+    if len(values) != len(names) or any(v is None for v in values):
+        return None
+    return sum(values) / len(values)
+
+
+def averages(tasks: Mapping[str, Mapping[str, float]]) -> dict[str, float | None]:
+    every = [headline_accuracy(scores) for scores in tasks.values()]
+    every = [v for v in every if v is not None]
+    return {
+        "avg6": task_average(tasks, AVG6_TASKS),
+        "avg8": task_average(tasks, AVG8_TASKS),
+        "mean": sum(every) / len(every) if every else None,
+    }
+
+
+def task_manager(settings: EvalSettings) -> Any:
+    from lm_eval.tasks import TaskManager
+
+    if settings.suite == "local":
+        return TaskManager(include_path=str(local_tasks.materialize_local_tasks()), include_defaults=False)
+    return TaskManager()
+
+
+def zero_shot(model: torch.nn.Module, tokenizer: Any, settings: EvalSettings, seq_len: int) -> dict[str, Any]:
+    """lm_eval.simple_evaluate on the in-memory model; returns lm-eval's results dict."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    tasks = list(settings.tasks) if settings.tasks is not None else list(local_tasks.LOCAL_TASKS)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size, max_length=seq_len)
+    return lm_eval.simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        num_fewshot=settings.num_fewshot,
+        limit=settings.limit,
+        task_manager=task_manager(settings),
+        log_samples=False,
+        # acc stderr is closed-form; bootstrapping only matters for metrics we do not report
+        bootstrap_iters=1000,
+    )
+
+
+def evaluate(model: torch.nn.Module, tokenizer: Any, settings: EvalSettings) -> EvalResult:
+    """Perplexity on each configured dataset, then the zero-shot tasks, with versions for the record."""
+    import lm_eval
+
+    model.eval()
+    seq_len = eval_seq_len(model, settings.max_seq_len)
+    result = EvalResult(lm_eval_version=lm_eval.__version__)
+    for dataset in settings.ppl_datasets:
+        result.ppl[dataset] = perplexity(model, perplexity_stream(tokenizer, dataset), seq_len)
+        log.info("ppl %s = %.3f (seq_len %d)", dataset, result.ppl[dataset], seq_len)
+    if settings.tasks == ():
+        return result
+    output = zero_shot(model, tokenizer, settings, seq_len)
+    result.tasks = {task: task_scores(values) for task, values in output["results"].items()}
+    result.tasks = {task: scores for task, scores in result.tasks.items() if scores}
+    result.task_versions = dict(output.get("versions", {}))
+    result.averages = averages(result.tasks)
+    return result

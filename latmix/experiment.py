@@ -1,0 +1,267 @@
+"""One experiment, end to end: load -> transform -> calibrate -> quantize -> evaluate -> record -> W&B.
+
+`run(cfg)` is what run.py calls under Hydra and what the tests call on a composed config. The
+record is written (atomically) before anything is sent to W&B, so a tracker failure never loses
+a run; a run whose record exists is skipped unless force=true.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import platform
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import transformers
+from omegaconf import DictConfig, OmegaConf
+
+from latmix import figures, record
+from latmix.calibrate import calibrate
+from latmix.config import ConfigError, Experiment, build_experiment, check_model_dimensions
+from latmix.data import calibration_batches
+from latmix.evaluate import EvalResult, evaluate
+from latmix.fidelity import function_deviation
+from latmix.gptq import gptq_quantize_model
+from latmix.models import get_adapter, inject_channel_outliers, load_model
+from latmix.quantize import prepare_model, set_quantization
+from latmix.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+# Activations drawn for the before/after histograms: a few calibration sequences are plenty.
+FIGURE_SEQUENCES = 2
+
+
+class StageTimer:
+    """Wall-clock seconds per pipeline stage, logged as each stage ends."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - start, 3)
+        log.info("stage %-10s %8.2f s", name, self.seconds[name])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def hydra_output_dir() -> Path | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
+
+
+def sweep_group() -> str | None:
+    """The W&B group of a -m sweep: its sweep directory (date/time), shared by every job of the sweep."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    sweep_dir = Path(HydraConfig.get().sweep.dir)
+    return f"sweep-{sweep_dir.parent.name}_{sweep_dir.name}"
+
+
+def load_model_checked(exp: Experiment) -> tuple[torch.nn.Module, Any]:
+    """Load the model after checking its dimensions against the block sizes; hub failures -> ConfigError."""
+    name = exp.model.name_or_path
+    try:
+        model_config = transformers.AutoConfig.from_pretrained(
+            name, trust_remote_code=exp.model.trust_remote_code
+        )
+    except OSError as err:
+        reason = str(err).strip().splitlines()[0]
+        raise ConfigError(
+            f"model.name_or_path={name!r} is not a local directory and could not be fetched from the "
+            f"Hugging Face hub ({reason}). Download it first (huggingface-cli download {name} "
+            "--local-dir DIR) and pass model.name_or_path=DIR"
+        ) from err
+    check_model_dimensions(exp, model_config)
+    return load_model(name, exp.model.dtype, exp.device, trust_remote_code=exp.model.trust_remote_code)
+
+
+@torch.no_grad()
+def reader_inputs(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per layer, the activation q/k/v quantize: the input of q_proj after its online transform."""
+    adapter = get_adapter(model)
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook(name: str, module: torch.nn.Module):
+        def capture(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0]
+            online = getattr(module, "online_in", None)
+            captured[name] = (online(x) if online is not None else x).detach().float().cpu()
+
+        return capture
+
+    handles = [
+        adapter.attn_readers(layer)[0].register_forward_pre_hook(hook(f"layer{i}", adapter.attn_readers(layer)[0]))
+        for i, layer in enumerate(adapter.layers())
+    ]
+    try:
+        model(ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    import lm_eval
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "lm_eval": lm_eval.__version__,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+    }
+
+
+def build_record(
+    exp: Experiment,
+    resolved: dict[str, Any],
+    rid: str,
+    evaluation: EvalResult,
+    calibration: dict[str, Any],
+    fidelity: dict[str, Any] | None,
+    timing: dict[str, float],
+) -> dict[str, Any]:
+    return {
+        "schema_version": record.SCHEMA_VERSION,
+        "run_id": rid,
+        "created": record.utc_now(),
+        "git_sha": record.git_sha(),
+        "config": resolved,
+        "model": exp.model.name,
+        "quant": exp.quant_name,
+        "transform": exp.transform_name,
+        "weight_quantizer": exp.quant.weight_quantizer,
+        "seed": exp.seed,
+        "metrics": {
+            "ppl": evaluation.ppl,
+            "tasks": evaluation.tasks,
+            "averages": evaluation.averages,
+        },
+        "eval": {"lm_eval_version": evaluation.lm_eval_version, "task_versions": evaluation.task_versions},
+        "calibration": calibration,
+        "fidelity": fidelity,
+        "timing": timing,
+        "env": environment(exp.device),
+    }
+
+
+def existing_record(path: Path) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    try:
+        return record.read_record(path)
+    except record.RecordError as err:
+        log.warning("%s; running again to replace it", err)
+        return None
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run one experiment from a composed config and return its result record."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    exp = build_experiment(cfg)
+    rid = record.run_id(resolved)
+    path = record.record_path(exp.results_dir, rid)
+    previous = existing_record(path)
+    if previous is not None and not exp.force:
+        log.info("run %s is already recorded at %s; skipping (force=true reruns it)", rid, path)
+        return previous
+
+    log.info("run %s: model=%s quant=%s transform=%s seed=%d on %s",
+             rid, exp.model.name, exp.quant_name, exp.transform_name, exp.seed, exp.device)
+    seed_everything(exp.seed)
+    output_dir = hydra_output_dir() or exp.results_dir / "outputs" / rid
+    timer = StageTimer()
+    start = time.perf_counter()
+
+    with timer.stage("load"):
+        model, tokenizer = load_model_checked(exp)
+        if exp.model.outliers is not None:
+            inject_channel_outliers(model, **exp.model.outliers)
+        fp_model = copy.deepcopy(model).eval().requires_grad_(False)
+        calib_ids, calib_sha = calibration_batches(
+            tokenizer, exp.calib.source, exp.calib.n_samples, exp.calib.seq_len, exp.seed
+        )
+        figure_ids = calib_ids[:FIGURE_SEQUENCES].to(exp.device)
+        acts_before = reader_inputs(fp_model, figure_ids)
+
+    with timer.stage("transform"):
+        prepare_model(model, exp.transform, exp.quant)
+
+    with timer.stage("calibrate"):
+        report = calibrate(model, fp_model, calib_ids, exp.calib, exp.optim, exp.results_dir / "ckpt" / rid)
+        calibration = {**report.as_record(), "data_sha256": calib_sha}
+
+    with timer.stage("quantize"):
+        if exp.quant.weight_quantizer == "gptq" and exp.quant.weight_format is not None:
+            gptq_quantize_model(model, calib_ids, exp.quant)
+        set_quantization(model, weights=exp.quant.weight_format is not None, acts=exp.quant.act_format is not None)
+
+    fidelity = None
+    if exp.transform.approximate:
+        # A non-orthogonal residual map changes the full-precision function: measure by how much.
+        set_quantization(model, weights=False, acts=False)
+        fidelity = function_deviation(fp_model, model, calib_ids)
+        set_quantization(model, weights=exp.quant.weight_format is not None, acts=exp.quant.act_format is not None)
+    acts_after = reader_inputs(model, figure_ids)
+    del fp_model
+
+    with timer.stage("evaluate"):
+        evaluation = evaluate(model, tokenizer, exp.eval)
+
+    timer.seconds["total"] = round(time.perf_counter() - start, 3)
+    rec = build_record(exp, resolved, rid, evaluation, calibration, fidelity, timer.seconds)
+    record.write_record(path, rec)
+    log.info("record written to %s (%.1f s in all)", path, timer.seconds["total"])
+
+    figure_paths = save_figures(acts_before, acts_after, calibration.get("per_layer", []), output_dir)
+    track(exp, rid, rec, figure_paths)
+    return rec
+
+
+def save_figures(
+    before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], per_layer: list[dict], output_dir: Path
+) -> dict[str, Path]:
+    paths = {"activations": figures.activation_histograms(before, after, output_dir / "activations.png")}
+    if any(row.get("bound_after") is not None or row.get("error_after") is not None for row in per_layer):
+        paths["bound_vs_error"] = figures.bound_vs_error(per_layer, output_dir / "bound_vs_error.png")
+    return paths
+
+
+def track(exp: Experiment, rid: str, rec: dict[str, Any], figure_paths: dict[str, Path]) -> None:
+    """Send the finished run to W&B; every failure inside is a warning (the record is already on disk)."""
+    settings = exp.logger
+    tracker = Tracker(settings.mode, settings.project, settings.entity, exp.results_dir / "wandb")
+    tracker.start(
+        name=f"{exp.model.name}-{exp.quant_name}-{exp.transform_name}-s{exp.seed}",
+        config={"run_id": rid, **rec["config"]},
+        group=settings.group or sweep_group(),
+        tags=[exp.model.name, exp.quant_name, exp.transform_name, *settings.tags],
+    )
+    try:
+        tracker.log_calibration(rec["calibration"].get("per_layer", []))
+        tracker.log_summary({"metrics": rec["metrics"], "timing": rec["timing"], "run_id": rid,
+                             "fidelity": rec["fidelity"] or {}})
+        if settings.log_figures:
+            tracker.log_figures(figure_paths)
+    finally:
+        tracker.finish()

@@ -1,0 +1,159 @@
+"""The result record: one JSON file per run, the source of truth for every table.
+
+A run's identity is the hash of its resolved config, so the same experiment always lands in the
+same file, a finished run can be recognised and skipped, and a requeued job finds its checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+# Keys that say where and how a run executes, not what it computes: they stay out of the run id.
+NON_IDENTITY_KEYS = ("paths", "logger", "force", "hydra", "launcher")
+
+# Required top-level fields and their JSON types; nested parts are checked by `validate_record`.
+REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "schema_version": int,
+    "run_id": str,
+    "created": str,
+    "git_sha": (str, type(None)),
+    "config": dict,
+    "model": str,
+    "quant": str,
+    "transform": str,
+    "weight_quantizer": str,
+    "seed": int,
+    "metrics": dict,
+    "calibration": dict,
+    "timing": dict,
+    "env": dict,
+}
+
+
+class RecordError(ValueError):
+    """A result record that does not follow the schema."""
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def run_id(resolved_config: Mapping[str, Any]) -> str:
+    """First 12 hex chars of sha256 over the resolved config, minus where-and-how keys."""
+    identity = {k: v for k, v in resolved_config.items() if k not in NON_IDENTITY_KEYS}
+    return hashlib.sha256(canonical_json(identity).encode()).hexdigest()[:12]
+
+
+def record_path(results_dir: str | Path, rid: str) -> Path:
+    return Path(results_dir) / "runs" / f"{rid}.json"
+
+
+def git_sha(repo_dir: str | Path | None = None) -> str | None:
+    """The commit the code ran at, or None outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=repo_dir or Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _require_number(value: Any, where: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise RecordError(f"{where} must be a number or null, got {type(value).__name__}")
+
+
+def validate_record(rec: Any) -> dict:
+    """Return `rec` if it follows the schema, else raise RecordError naming the offending field."""
+    if not isinstance(rec, dict):
+        raise RecordError(f"a record is a JSON object, got {type(rec).__name__}")
+    for name, kind in REQUIRED_FIELDS.items():
+        if name not in rec:
+            raise RecordError(f"missing field '{name}'")
+        if not isinstance(rec[name], kind) or (kind is int and isinstance(rec[name], bool)):
+            raise RecordError(f"field '{name}' has type {type(rec[name]).__name__}")
+    if rec["schema_version"] != SCHEMA_VERSION:
+        raise RecordError(f"schema_version {rec['schema_version']} is not {SCHEMA_VERSION}")
+    metrics = rec["metrics"]
+    for part in ("ppl", "tasks", "averages"):
+        if not isinstance(metrics.get(part), dict):
+            raise RecordError(f"metrics.{part} must be an object")
+    for name, value in metrics["ppl"].items():
+        _require_number(value, f"metrics.ppl.{name}")
+    for task, scores in metrics["tasks"].items():
+        if not isinstance(scores, dict):
+            raise RecordError(f"metrics.tasks.{task} must be an object")
+        for key, value in scores.items():
+            _require_number(value, f"metrics.tasks.{task}.{key}")
+    for name, value in metrics["averages"].items():
+        _require_number(value, f"metrics.averages.{name}")
+    if not isinstance(rec["calibration"].get("per_layer", []), list):
+        raise RecordError("calibration.per_layer must be a list")
+    for stage, seconds in rec["timing"].items():
+        _require_number(seconds, f"timing.{stage}")
+    return rec
+
+
+def write_record(path: str | Path, rec: dict) -> Path:
+    """Validate, then write atomically: a temp file in the same directory, then os.replace."""
+    validate_record(rec)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(rec, f, indent=2, sort_keys=True, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_record(path: str | Path) -> dict:
+    """Load and validate one record; RecordError (with the path) if it is unreadable or malformed."""
+    try:
+        rec = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise RecordError(f"{path}: not readable JSON ({err})") from err
+    try:
+        return validate_record(rec)
+    except RecordError as err:
+        raise RecordError(f"{path}: {err}") from err
+
+
+@dataclass(frozen=True)
+class SkippedRecord:
+    path: Path
+    reason: str
+
+
+def iter_records(results_dir: str | Path) -> Iterator[dict | SkippedRecord]:
+    """Every record under `<results_dir>/runs/`, or a SkippedRecord saying why one was not usable."""
+    for path in sorted((Path(results_dir) / "runs").glob("*.json")):
+        try:
+            yield read_record(path)
+        except RecordError as err:
+            yield SkippedRecord(path, str(err))

@@ -1,0 +1,190 @@
+"""Weights & Biases tracking: online, offline or disabled, never at the cost of a run.
+
+The result record on disk is the source of truth. Every call into wandb goes through `_guarded`, so
+a tracker failure (no network, a full disk, a server error) becomes a warning and the run goes on.
+Runs are grouped by sweep and tagged with model, quant and transform, so ablations line up in the UI.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import netrc
+import os
+import struct
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+log = logging.getLogger(__name__)
+
+WANDB_HOST = "api.wandb.ai"
+T = TypeVar("T")
+
+
+def has_wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators(WANDB_HOST) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_mode(mode: str) -> str:
+    """'auto' -> online with credentials, offline without; other modes pass through."""
+    if mode == "auto":
+        return "online" if has_wandb_credentials() else "offline"
+    return mode
+
+
+def flatten(tree: Mapping[str, Any], sep: str = ".", prefix: str = "") -> dict[str, Any]:
+    """{'quant': {'block_size': 32}} -> {'quant.block_size': 32}, so every key is a W&B column."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, sep, f"{name}{sep}"))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _guarded(method: Callable[..., T]) -> Callable[..., T | None]:
+    """Run a tracker method; on any exception warn once and disable the tracker."""
+
+    @functools.wraps(method)
+    def wrapper(self: Tracker, *args: Any, **kwargs: Any) -> T | None:
+        if self.run is None and method.__name__ != "start":
+            return None
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as err:  # a tracker must never take a run down with it
+            log.warning("W&B %s failed (%s: %s); continuing, the record on disk is complete",
+                        method.__name__, type(err).__name__, err)
+            self.run = None
+            return None
+
+    return wrapper
+
+
+class Tracker:
+    """One W&B run per experiment; every method is a no-op when disabled or after a failure."""
+
+    def __init__(self, mode: str, project: str, entity: str | None, wandb_dir: str | Path) -> None:
+        self.mode = resolve_mode(mode)
+        self.project = project
+        self.entity = entity
+        self.wandb_dir = Path(wandb_dir)
+        self.run: Any = None
+
+    @_guarded
+    def start(self, name: str, config: Mapping[str, Any], group: str | None, tags: Iterable[str]) -> None:
+        if self.mode == "disabled":
+            return
+        import wandb
+
+        self.wandb_dir.mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(
+            project=self.project,
+            entity=self.entity,
+            name=name,
+            group=group,
+            tags=sorted(set(tags)),
+            config=flatten(config),
+            mode=self.mode,
+            dir=str(self.wandb_dir),
+            settings=wandb.Settings(console="off", silent=True),
+        )
+
+    @_guarded
+    def log_calibration(self, per_layer: list[Mapping[str, Any]]) -> None:
+        """Per-layer calibration curves (one step per layer) and the bound-vs-error table."""
+        import wandb
+
+        if not per_layer:
+            return
+        columns = sorted({key for row in per_layer for key in row if _is_scalar(row[key])})
+        table = wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in per_layer])
+        self.run.log({"calibration/per_layer": table})
+        for row in per_layer:
+            self.run.log({f"calibration/{k}": v for k, v in row.items() if _is_scalar(v)})
+
+    @_guarded
+    def log_summary(self, values: Mapping[str, Any]) -> None:
+        self.run.summary.update(flatten(values, sep="/"))
+
+    @_guarded
+    def log_figures(self, figures: Mapping[str, Path]) -> None:
+        import wandb
+
+        self.run.log({f"figures/{name}": wandb.Image(str(path)) for name, path in figures.items()})
+
+    @_guarded
+    def finish(self) -> None:
+        self.run.finish()
+        self.run = None
+
+    @property
+    def run_dir(self) -> Path | None:
+        return Path(self.run.dir).parent if self.run is not None else None
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, (int, float, str, bool)) or value is None
+
+
+# An offline run's .wandb file is a LevelDB-style log of protobuf records: a 7-byte file header,
+# then 32 KiB blocks of chunks, each with a 7-byte header (crc32, length, type).
+_LOG_HEADER = 7
+_BLOCK = 32 * 1024
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def _log_records(data: bytes) -> Iterable[bytes]:
+    pos, pending = _LOG_HEADER, b""
+    while pos + 7 <= len(data):
+        if _BLOCK - pos % _BLOCK < 7:  # a block's tail too short for a header is padding
+            pos += _BLOCK - pos % _BLOCK
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind == _FULL:
+            yield chunk
+        elif kind == _FIRST:
+            pending = chunk
+        elif kind == _MIDDLE:
+            pending += chunk
+        elif kind == _LAST:
+            yield pending + chunk
+
+
+def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
+    """Read back what an offline run logged: {'summary': {...}, 'config': {...}, 'group', 'tags'}.
+
+    wandb 0.31 ships no reader for its run files, so this parses the .wandb file with wandb's own
+    protobuf definitions.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    files = sorted(Path(run_dir).glob("run-*.wandb"))
+    if not files:
+        raise FileNotFoundError(f"no run-*.wandb file in {run_dir}")
+    out: dict[str, Any] = {"summary": {}, "config": {}, "group": None, "tags": []}
+    for raw in _log_records(files[0].read_bytes()):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw)
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            out["group"] = record.run.run_group or None
+            out["tags"] = list(record.run.tags)
+            out["config"].update({i.key: json.loads(i.value_json) for i in record.run.config.update})
+        elif kind == "config":
+            out["config"].update({i.key: json.loads(i.value_json) for i in record.config.update})
+        elif kind == "summary":
+            for item in record.summary.update:
+                key = "/".join(item.nested_key) if item.nested_key else item.key
+                out["summary"][key] = json.loads(item.value_json)
+    return out

@@ -1,0 +1,29 @@
+"""Run one latmix experiment (or, with -m, a sweep through the configured Hydra launcher).
+
+    python run.py                                           # the embedded default
+    python run.py model=llama3-8b quant=mxfp4 transform=affine
+    python run.py -m transform=identity,hadamard,affine seed=0,1,2
+"""
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+# A config that cannot work exits with one line and status 2; a real bug keeps its traceback.
+CONFIG_ERROR_EXIT = 2
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from latmix.experiment import run
+
+    try:
+        run(cfg)
+    except ValueError as err:  # latmix raises ValueError (ConfigError among them) for bad settings
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(CONFIG_ERROR_EXIT)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""The result record: identity by config hash, schema validation, atomic writes, skipping bad files."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+
+from latmix import record
+
+
+def make_record(**overrides) -> dict:
+    rec = {
+        "schema_version": record.SCHEMA_VERSION,
+        "run_id": "0123456789ab",
+        "created": "2026-01-01T00:00:00+00:00",
+        "git_sha": None,
+        "config": {"quant": {"weight_format": "mxfp4"}, "seed": 0},
+        "model": "tiny",
+        "quant": "mxfp4",
+        "transform": "affine",
+        "weight_quantizer": "gptq",
+        "seed": 0,
+        "metrics": {
+            "ppl": {"heldout": 12.5},
+            "tasks": {"piqa": {"acc": 0.7, "acc_norm": 0.72, "acc_stderr": 0.01}},
+            "averages": {"avg6": None, "avg8": None, "mean": 0.72},
+        },
+        "calibration": {"seconds": 1.0, "per_layer": []},
+        "timing": {"load": 0.1, "calibrate": 1.0},
+        "env": {"torch": "2.13.0"},
+    }
+    rec.update(overrides)
+    return rec
+
+
+def test_run_id_ignores_where_and_how_keys_but_not_what_is_computed():
+    cfg = {"seed": 0, "quant": {"block_size": 32}, "paths": {"results_dir": "/a"}, "logger": {"mode": "offline"}}
+    moved = {**cfg, "paths": {"results_dir": "/b"}, "logger": {"mode": "disabled"}, "force": True}
+    reseeded = {**cfg, "seed": 1}
+    assert record.run_id(cfg) == record.run_id(moved)
+    assert record.run_id(cfg) != record.run_id(reseeded)
+    assert len(record.run_id(cfg)) == 12 and int(record.run_id(cfg), 16) >= 0
+
+
+def test_run_id_does_not_depend_on_key_order():
+    assert record.run_id({"a": 1, "b": {"c": 2, "d": 3}}) == record.run_id({"b": {"d": 3, "c": 2}, "a": 1})
+
+
+def test_a_valid_record_round_trips_through_an_atomic_write(tmp_path):
+    path = record.record_path(tmp_path, "0123456789ab")
+    rec = make_record()
+    record.write_record(path, rec)
+    assert record.read_record(path) == rec
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left behind
+
+
+def test_a_failed_write_leaves_the_previous_record_intact(tmp_path, monkeypatch):
+    path = record.record_path(tmp_path, "0123456789ab")
+    record.write_record(path, make_record())
+
+    def fail(*_args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError):
+        record.write_record(path, make_record(seed=1))
+    assert record.read_record(path)["seed"] == 0
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda r: r.pop("metrics"), "missing field 'metrics'"),
+        (lambda r: r.update(seed="0"), "field 'seed'"),
+        (lambda r: r.update(schema_version=99), "schema_version"),
+        (lambda r: r["metrics"]["ppl"].update(heldout="12"), "metrics.ppl.heldout"),
+        (lambda r: r["metrics"]["tasks"]["piqa"].update(acc=True), "metrics.tasks.piqa.acc"),
+        (lambda r: r["metrics"].pop("averages"), "metrics.averages"),
+        (lambda r: r["timing"].update(load="fast"), "timing.load"),
+    ],
+)
+def test_schema_violations_name_the_field(mutate, message):
+    rec = copy.deepcopy(make_record())
+    mutate(rec)
+    with pytest.raises(record.RecordError, match=message):
+        record.validate_record(rec)
+
+
+def test_an_invalid_record_is_never_written(tmp_path):
+    path = record.record_path(tmp_path, "bad")
+    with pytest.raises(record.RecordError):
+        record.write_record(path, make_record(model=3))
+    assert not path.exists()
+
+
+def test_malformed_files_are_reported_by_path_and_skipped(tmp_path):
+    runs = tmp_path / "runs"
+    record.write_record(runs / "good.json", make_record())
+    (runs / "truncated.json").write_text('{"run_id": "x", ')
+    (runs / "wrong.json").write_text(json.dumps({"run_id": "x"}))
+    items = list(record.iter_records(tmp_path))
+    good = [i for i in items if isinstance(i, dict)]
+    skipped = {i.path.name: i.reason for i in items if isinstance(i, record.SkippedRecord)}
+    assert [g["run_id"] for g in good] == ["0123456789ab"]
+    assert set(skipped) == {"truncated.json", "wrong.json"}
+    assert "not readable JSON" in skipped["truncated.json"]
+    assert str(runs / "wrong.json") in skipped["wrong.json"] and "missing field" in skipped["wrong.json"]
