@@ -1,1 +1,72 @@
-"""Shared fixtures: tiny random Llama-family models built from configs (no download)."""
+"""Shared fixtures: tiny random Llama-family models built from configs (no download).
+
+`make_tiny_model(name, seed=0)` builds one of TINY_CONFIGS in float32, eval mode, with randomized
+RMSNorm weights and biases (so norm folding and bias handling are exercised, not hidden by ones/zeros).
+head_dim is 32 everywhere so that per-head MX blocks of 32 fit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+_COMMON = dict(
+    vocab_size=128,
+    num_hidden_layers=2,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-6,
+)
+
+TINY_CONFIGS: dict[str, Callable[[], object]] = {
+    "llama": lambda: LlamaConfig(
+        **_COMMON, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=32, tie_word_embeddings=False,
+    ),
+    "llama_tied": lambda: LlamaConfig(
+        **_COMMON, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=32, tie_word_embeddings=True,
+    ),
+    "qwen2": lambda: Qwen2Config(
+        **_COMMON, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=32, tie_word_embeddings=False,
+    ),
+    "mistral": lambda: MistralConfig(
+        **_COMMON, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=32, tie_word_embeddings=False, sliding_window=None,
+    ),
+    # hidden 96 = 12 * 8 and intermediate 160 = 20 * 8: Hadamard sizes that are not powers of two.
+    "llama_96": lambda: LlamaConfig(
+        **_COMMON, hidden_size=96, intermediate_size=160, num_attention_heads=3, num_key_value_heads=1,
+        head_dim=32, tie_word_embeddings=False,
+    ),
+}
+
+
+@torch.no_grad()
+def build_tiny_model(name: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(TINY_CONFIGS[name](), dtype=torch.float32)
+    for param_name, param in model.named_parameters():
+        if "norm" in param_name:
+            param.copy_(1.0 + 0.2 * torch.randn_like(param))
+        elif param_name.endswith("bias"):
+            param.copy_(0.1 * torch.randn_like(param))
+    return model.eval()
+
+
+@pytest.fixture
+def make_tiny_model() -> Callable[..., torch.nn.Module]:
+    return build_tiny_model
+
+
+@pytest.fixture
+def tiny_llama() -> torch.nn.Module:
+    return build_tiny_model("llama")
+
+
+@pytest.fixture
+def input_ids() -> torch.Tensor:
+    return torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
