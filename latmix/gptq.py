@@ -1,0 +1,128 @@
+"""GPTQ for MX weights: error feedback over input columns with the MX quantizer as the rounding.
+
+As MR-GPTQ does (GPTQ with groupsize = MX block): before the columns of an MX block are quantized,
+the block's shared scale is fixed from its current, error-updated weights; the columns are then
+rounded one by one with that scale and each rounding error is spread over the columns not yet
+quantized through the inverse Hessian. With act_order the blocks are visited in order of their
+Hessian mass and the columns within a block likewise, so every MX block stays contiguous.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from latmix.mx import MXFormat, get_format, quantize
+
+# A rounder factory: given the current weights of one block (out, k), it fixes that block's scale
+# and returns the function that rounds one column (out,) of the block with it.
+ColumnRounder = Callable[[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
+
+DEFAULT_DAMP = 0.01
+# Columns updated together before the trailing matrix is (GPTQ's lazy batch); a multiple of any MX block.
+LAZY_BATCH = 128
+
+
+def _damped_inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, GPTQ's numerically stable form."""
+    H = H.clone()
+    H.diagonal().add_(damp * H.diagonal().mean())
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(H))
+    return torch.linalg.cholesky(inverse, upper=True)
+
+
+def _column_order(H: torch.Tensor, block_size: int, act_order: bool) -> torch.Tensor:
+    n = H.shape[0]
+    if not act_order:
+        return torch.arange(n, device=H.device)
+    diag = H.diagonal().reshape(n // block_size, block_size)
+    block_order = diag.sum(dim=1).argsort(descending=True)
+    within = diag.argsort(dim=1, descending=True)
+    return (block_order[:, None] * block_size + within[block_order]).reshape(-1)
+
+
+def gptq_quantize_weight(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    block_size: int,
+    rounder: ColumnRounder,
+    damp: float = DEFAULT_DAMP,
+    act_order: bool = False,
+) -> torch.Tensor:
+    """Quantize W (out, in) against the input Hessian H = X^T X (in, in); returns the quantized W."""
+    in_features = W.shape[1]
+    if H.shape != (in_features, in_features):
+        raise ValueError(f"Hessian shape {tuple(H.shape)} does not match the weight's {in_features} inputs")
+    if in_features % block_size:
+        raise ValueError(f"in_features {in_features} is not divisible by block_size {block_size}")
+    W = W.detach().to(torch.float32).clone()
+    H = H.detach().to(torch.float32).clone()
+    # An input that never fired carries no information: pin its Hessian and drop its weights.
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    order = _column_order(H, block_size, act_order)
+    W, H = W[:, order], H[order][:, order]
+    Hinv = _damped_inverse_cholesky(H, damp)
+    Q = torch.zeros_like(W)
+    lazy = max(LAZY_BATCH // block_size, 1) * block_size
+    for start in range(0, in_features, lazy):
+        stop = min(start + lazy, in_features)
+        W1, Hinv1 = W[:, start:stop].clone(), Hinv[start:stop, start:stop]
+        errors = torch.zeros_like(W1)
+        round_column = None
+        for i in range(stop - start):
+            if i % block_size == 0:
+                round_column = rounder(W1[:, i : i + block_size])
+            q = round_column(W1[:, i])
+            Q[:, start + i] = q
+            err = (W1[:, i] - q) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            errors[:, i] = err
+        W[:, stop:] -= errors @ Hinv[start:stop, stop:]
+    return Q[:, order.argsort()]
+
+
+def mx_rounder(fmt: MXFormat | str, tensor_amax: torch.Tensor | float) -> ColumnRounder:
+    """The MX quantizer as a GPTQ rounder: one shared scale per (row, block), fixed at block start.
+
+    Rounding with a fixed scale is done by the one quantizer itself: each value is paired with its
+    block's amax (taken when the block starts) in a two-element block, so the pair's scale is the
+    block's by construction; values that grew past that amax under error feedback are clipped to it.
+    One extra pair carries the weight's tensor amax, which fixes NVFP4's FP32 tensor scale.
+    """
+    fmt = get_format(fmt)
+
+    def fix_block(block: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        amax = block.abs().amax(dim=1)
+        anchor = torch.tensor([[float(tensor_amax), 0.0]], dtype=block.dtype, device=block.device)
+
+        def round_column(column: torch.Tensor) -> torch.Tensor:
+            clipped = torch.maximum(torch.minimum(column, amax), -amax)
+            pairs = torch.cat([torch.stack([clipped, amax], dim=-1), anchor])
+            return quantize(pairs, fmt, block_size=2)[:-1, 0]
+
+        return round_column
+
+    return fix_block
+
+
+def hessian(inputs: torch.Tensor) -> torch.Tensor:
+    """H = 2/n X^T X over the rows of inputs (..., in), in float32 (GPTQ's scaling; damping is relative)."""
+    X = inputs.reshape(-1, inputs.shape[-1]).to(torch.float32)
+    return 2.0 / X.shape[0] * X.T @ X
+
+
+def layer_output_error(W: torch.Tensor, W_q: torch.Tensor, inputs: torch.Tensor) -> float:
+    """Mean squared error of the layer outputs, ||X (W - W_q)^T||^2 / numel."""
+    X = inputs.reshape(-1, inputs.shape[-1]).to(torch.float32)
+    return float((X @ (W.float() - W_q.float()).T).pow(2).mean())
+
+
+def _quant_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from latmix.quantize import QuantLinear
+
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, QuantLinear)]
