@@ -16,10 +16,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from latmix import mx
 from latmix.calibrate import CalibConfig
 from latmix.optim import OptimConfig
-from latmix.quantize import QuantConfig, TransformConfig, TransformSpec
+from latmix.quantize import QuantConfig, TransformConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EVAL_SUITES = ("local", "lm_eval")
@@ -142,33 +141,18 @@ def build_model_settings(values: dict[str, Any]) -> ModelSettings:
 
 def build_quant_config(values: dict[str, Any]) -> QuantConfig:
     values.pop("name", None)
-    for key in ("weight_format", "act_format", "kv_format"):
-        if values.get(key) is not None:
-            try:
-                mx.get_format(values[key])
-            except ValueError as err:
-                raise ConfigError(f"quant.{key}: {err}") from err
-    if values.get("weight_quantizer") not in ("rtn", "gptq"):
-        raise ConfigError(f"quant.weight_quantizer={values.get('weight_quantizer')!r}; choose rtn or gptq")
-    block = values.get("block_size")
-    if block is not None and (not isinstance(block, int) or block < 1):
-        raise ConfigError(f"quant.block_size={block!r} must be a positive integer (MX uses 32, NVFP4 16)")
     return build_dataclass(QuantConfig, values, "quant")
 
 
 def build_transform_config(values: dict[str, Any], kv_quantized: bool) -> TransformConfig:
+    """TransformConfig from transform/<name>.yaml; its kv_placements join the placements only when
+    the KV cache is quantized (QuaRot/SpinQuant rotate q/k after RoPE only then)."""
     values.pop("name", None)
+    kv_placements = values.pop("kv_placements", None) or {}
     placements = dict(values.pop("placements", None) or {})
-    # QuaRot/SpinQuant rotate q/k after RoPE only when the KV cache is quantized.
     if kv_quantized:
-        placements.update(values.pop("kv_placements", None) or {})
-    else:
-        values.pop("kv_placements", None)
-    specs = {
-        place: None if spec is None else build_dataclass(TransformSpec, dict(spec), f"transform.placements.{place}")
-        for place, spec in placements.items()
-    }
-    return build_dataclass(TransformConfig, {"placements": specs, **values}, "transform")
+        placements.update(kv_placements)
+    return build_dataclass(TransformConfig, {"placements": placements, **values}, "transform")
 
 
 def build_eval_settings(values: dict[str, Any]) -> EvalSettings:
@@ -242,17 +226,12 @@ def quantized_dims(model_config: Any) -> dict[str, int]:
 
 
 def check_model_dimensions(exp: Experiment, model_config: Any) -> None:
-    """Every quantized or block-transformed dimension must split into whole blocks."""
-    blocks = {"quant.block_size": exp.quant.block_size}
-    for place, spec in exp.transform.placements.items():
-        size = getattr(spec, "block_size", None) if spec is not None else None
-        blocks[f"transform.placements.{place}.block_size"] = size
-    for key, block in blocks.items():
-        if block is None:
-            continue
+    """Every quantized input dimension must split into whole MX blocks (checked before loading weights)."""
+    for side, fmt in (("weight", exp.quant.weight_format), ("act", exp.quant.act_format)):
+        block = exp.quant.block_for(fmt)
         for dim_name, dim in quantized_dims(model_config).items():
-            if dim % block:
+            if block is not None and dim % block:
                 raise ConfigError(
-                    f"{key}={block} does not divide the model's {dim_name}={dim}; "
-                    f"choose a block size that divides {dim}"
+                    f"quant.block_size: the {side} block size {block} does not divide the model's "
+                    f"{dim_name}={dim}; choose a block size that divides {dim}"
                 )

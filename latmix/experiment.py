@@ -30,13 +30,13 @@ from latmix.evaluate import EvalResult, evaluate
 from latmix.fidelity import function_deviation
 from latmix.gptq import gptq_quantize_model
 from latmix.models import get_adapter, inject_channel_outliers, load_model
-from latmix.quantize import prepare_model, set_quantization
+from latmix.quantize import prepare_model, quantization_disabled, set_quantization
 from latmix.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
-# Activations drawn for the before/after histograms: a few calibration sequences are plenty.
-FIGURE_SEQUENCES = 2
+# Calibration sequences that probe activations (histograms) and the full-precision deviation.
+PROBE_SEQUENCES = 2
 
 
 class StageTimer:
@@ -201,11 +201,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         calib_ids, calib_sha = calibration_batches(
             tokenizer, exp.calib.source, exp.calib.n_samples, exp.calib.seq_len, exp.seed
         )
-        figure_ids = calib_ids[:FIGURE_SEQUENCES].to(exp.device)
-        acts_before = reader_inputs(fp_model, figure_ids)
+        probe_ids = calib_ids[:PROBE_SEQUENCES].to(exp.device)
+        acts_before = reader_inputs(fp_model, probe_ids)
 
     with timer.stage("transform"):
-        prepare_model(model, exp.transform, exp.quant)
+        prepare_model(model, exp.transform, exp.quant, deviation_ids=probe_ids)
 
     with timer.stage("calibrate"):
         report = calibrate(model, fp_model, calib_ids, exp.calib, exp.optim, exp.results_dir / "ckpt" / rid)
@@ -217,12 +217,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         set_quantization(model, weights=exp.quant.weight_format is not None, acts=exp.quant.act_format is not None)
 
     fidelity = None
-    if exp.transform.approximate:
-        # A non-orthogonal residual map changes the full-precision function: measure by how much.
-        set_quantization(model, weights=False, acts=False)
-        fidelity = function_deviation(fp_model, model, calib_ids)
-        set_quantization(model, weights=exp.quant.weight_format is not None, acts=exp.quant.act_format is not None)
-    acts_after = reader_inputs(model, figure_ids)
+    if hasattr(model, "latmix_fp_deviation"):
+        # A non-orthogonal residual map changes the full-precision function: by how much, before and
+        # after calibration, on sequences the calibration also saw.
+        with quantization_disabled(model):
+            after = function_deviation(model, fp_model, probe_ids)
+        fidelity = {"before_calibration": model.latmix_fp_deviation, "after_calibration": after}
+    acts_after = reader_inputs(model, probe_ids)
     del fp_model
 
     with timer.stage("evaluate"):
