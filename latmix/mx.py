@@ -11,8 +11,8 @@ Semantics (OCP MX v1.0, section 6.3), per block of `block_size` consecutive elem
   and saturated to +-max_normal (also for FP8 E5M2, whose Inf is never produced);
 - an all-zero block stays zero, -0.0 stays -0.0;
 - a block holding NaN or +-Inf becomes all NaN: its scale is the E8M0 NaN (log2 of Inf is out of
-  E8M0's range). This matches the OCP reference (microsoft/microxcaling); torchao instead saturates
-  Inf to max_normal;
+  E8M0's range). This matches the OCP reference (microsoft/microxcaling); torchao (0.18, FLOOR)
+  instead keeps the Inf and flushes the rest of its block to zero;
 - mxint8: 2's-complement int8 elements with implicit scale 2^-6, i.e. k/64 for k in [-127, 127]
   (emax_elem = 0), saturating symmetrically as the spec prescribes;
 - a `dim` length that is not a multiple of `block_size` is zero-padded to whole blocks (zeros never
@@ -64,7 +64,7 @@ _F32_EXP_BIAS = 127
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 # Below this many elements quantize stays eager: compiling costs seconds, eager costs microseconds.
-FUSED_MIN_NUMEL = 1 << 16
+FUSED_MIN_NUMEL = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,9 @@ class MXFormat:
 
 _CANONICAL_FORMATS = [MXFormat(f"mx{element.name}", element) for element in ELEMENT_FORMATS.values()]
 _ALIASES = {"mxfp8": "mxfp8_e4m3", "mxfp6": "mxfp6_e2m3", "mxfp4": "mxfp4_e2m1"}
-_NVFP4 = MXFormat("nvfp4", ELEMENT_FORMATS["fp4_e2m1"], default_block_size=16, scale="e4m3", tensor_scale=True)
+_NVFP4 = MXFormat(
+    "nvfp4", ELEMENT_FORMATS["fp4_e2m1"], default_block_size=16, scale="e4m3", tensor_scale=True
+)
 
 FORMATS: dict[str, MXFormat] = {fmt.name: fmt for fmt in (*_CANONICAL_FORMATS, _NVFP4)}
 FORMATS.update({alias: FORMATS[target] for alias, target in _ALIASES.items()})
@@ -272,9 +274,7 @@ def _fused_fake_quantize_blocks(blocks: Tensor, fmt: MXFormat) -> Tensor:
 
 
 def _quantize_blocks(blocks: Tensor, fmt: MXFormat) -> Tensor:
-    use_fused = (
-        _compile_enabled() and blocks.numel() >= FUSED_MIN_NUMEL and not torch.compiler.is_compiling()
-    )
+    use_fused = _compile_enabled() and blocks.numel() >= FUSED_MIN_NUMEL and not torch.compiler.is_compiling()
     return _fused_fake_quantize_blocks(blocks, fmt) if use_fused else _fake_quantize_blocks(blocks, fmt)
 
 
@@ -305,7 +305,9 @@ def _check_arguments(x: Tensor, fmt: MXFormat, block_size: int, dim: int) -> Non
             f"{fmt.default_block_size} for {fmt.name}); got {block_size!r}"
         )
     if x.dim() == 0 or not -x.dim() <= dim < x.dim():
-        raise ValueError(f"dim must index one of x's {x.dim()} dimensions (shape {tuple(x.shape)}); got {dim}")
+        raise ValueError(
+            f"dim must index one of x's {x.dim()} dimensions (shape {tuple(x.shape)}); got {dim}"
+        )
 
 
 def _clip_to_ratio(blocks: Tensor, clip_ratio: float | Tensor) -> Tensor:
