@@ -25,6 +25,7 @@ __all__ = [
     "hadamard_matrix",
     "hadamard_transform",
     "is_hadamard_size",
+    "small_hadamard_factor",
 ]
 
 
@@ -140,11 +141,22 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(*lead, n)
 
 
-def hadamard_transform(x: torch.Tensor, normalize: bool = True, transpose: bool = False) -> torch.Tensor:
+def small_hadamard_factor(n: int) -> torch.Tensor:
+    """The dense +-1 factor H_m of H_n = H_m ⊗ H_{2^k} (float64, CPU): what hadamard_transform multiplies by."""
+    factors = hadamard_factorization(n)
+    if factors is None:
+        raise _unsupported_size_error(n)
+    return _small_hadamard(factors[0])
+
+
+def hadamard_transform(
+    x: torch.Tensor, normalize: bool = True, transpose: bool = False, small_factor: torch.Tensor | None = None
+) -> torch.Tensor:
     """x @ H_n^T along the last dim, H_n = H_m ⊗ H_{2^k}: butterflies for 2^k, a dense m x m matmul for m.
 
     With normalize, H_n / sqrt(n), which is orthogonal; with transpose, x @ H_n (the inverse direction,
-    since the Paley factor is not symmetric).
+    since the Paley factor is not symmetric). small_factor: small_hadamard_factor(n) already on x's
+    device, to avoid a host-to-device copy per call.
     """
     n = x.shape[-1]
     factors = hadamard_factorization(n)
@@ -154,7 +166,7 @@ def hadamard_transform(x: torch.Tensor, normalize: bool = True, transpose: bool 
     # Row-major index (a, b) with a < m, b < 2^k: y[a, b] = sum H_m[a, a'] H_2k[b, b'] x[a', b'].
     blocks = fwht(x.reshape(*x.shape[:-1], m, power))
     if m > 1:
-        h_m = _small_hadamard(m).to(device=x.device, dtype=x.dtype)
+        h_m = (_small_hadamard(m) if small_factor is None else small_factor).to(device=x.device, dtype=x.dtype)
         h_m = h_m.T if transpose else h_m
         blocks = torch.einsum("ij,...jb->...ib", h_m, blocks)
     y = blocks.reshape(x.shape)

@@ -15,7 +15,12 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrizations
 
-from latmix.hadamard import hadamard_factorization, hadamard_transform, is_hadamard_size
+from latmix.hadamard import (
+    hadamard_factorization,
+    hadamard_transform,
+    is_hadamard_size,
+    small_hadamard_factor,
+)
 
 __all__ = [
     "AFFINE_PARAMETRIZATIONS",
@@ -151,12 +156,13 @@ class Hadamard(Transform):
             )
         self.factorization = hadamard_factorization(dim)
         self.register_buffer("signs", _random_signs(dim, seed))
+        self.register_buffer("small_factor", small_hadamard_factor(dim).float(), persistent=False)
 
     def apply_matrix(self, x: torch.Tensor) -> torch.Tensor:
-        return hadamard_transform(x * self.signs)
+        return hadamard_transform(x * self.signs, small_factor=self.small_factor)
 
     def apply_inverse_matrix(self, y: torch.Tensor) -> torch.Tensor:
-        return hadamard_transform(y, transpose=True) * self.signs
+        return hadamard_transform(y, transpose=True, small_factor=self.small_factor) * self.signs
 
     def matrix(self) -> torch.Tensor:
         eye = torch.eye(self.dim, device=self.signs.device, dtype=self.signs.dtype)
