@@ -1,0 +1,268 @@
+"""hydra/launcher=slurm and =local, and the requeue glue, specified against a real Slurm.
+
+The `slurm` tests need the one-node cluster of scripts/slurm/start_local_slurm.sh (`make slurm-test`
+and .ci/run start it); they drive tests/slurm_app/app.py, a stand-in for run.py with the same
+checkpoint-per-block shape, through `python app.py -m hydra/launcher=...` in a subprocess, exactly
+as users launch sweeps. Each test gets its own submitit folder and results dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from latmix.preemption import RequeueLimitError, check_requeue_limit, slurm_task
+
+REPO = Path(__file__).resolve().parents[1]
+APP = REPO / "tests" / "slurm_app" / "app.py"
+SLURM_CONF = Path(os.environ.get("LATMIX_SLURM_DIR", "/tmp/latmix-slurm")) / "etc" / "slurm.conf"
+# What the local cluster can give a job; everything else comes from conf/hydra/launcher/slurm.yaml.
+LOCAL_CLUSTER_OVERRIDES = (
+    "hydra.launcher.gpus_per_node=null",
+    "hydra.launcher.cpus_per_task=1",
+    "hydra.launcher.mem_gb=1",
+)
+# Long enough that submitit reads a signal as a preemption, not as the time limit.
+PREEMPTIBLE_TIMEOUT_MIN = 60
+
+
+def app_command(tmp_path: Path, launcher: str, *overrides: str) -> list[str]:
+    return [
+        sys.executable,
+        str(APP),
+        "-m",
+        f"hydra/launcher={launcher}",
+        f"hydra.searchpath=[file://{REPO / 'conf'}]",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        f"paths.results_dir={tmp_path / 'results'}",
+        *overrides,
+    ]
+
+
+def records(tmp_path: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((tmp_path / "results" / "runs").glob("*.json"))]
+
+
+def attempts(tmp_path: Path) -> list[int]:
+    """The block each start of the (single) run began at."""
+    (log,) = (tmp_path / "results" / "attempts").glob("*.log")
+    return [int(line) for line in log.read_text().split()]
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up after {timeout_s} s waiting for {what}")
+        time.sleep(0.2)
+
+
+# --- configuration and requeue logic (no cluster) ---
+
+
+def compose_app_config(*overrides: str):
+    with initialize_config_dir(str(APP.parent), version_base="1.3"):
+        return compose(
+            "config",
+            overrides=[f"hydra.searchpath=[file://{REPO / 'conf'}]", *overrides],
+            return_hydra_config=True,
+        )
+
+
+def test_slurm_launcher_settings_are_one_config_overridable_from_the_command_line():
+    cfg = compose_app_config(
+        "hydra/launcher=slurm",
+        "hydra.launcher.partition=gpu",
+        "hydra.launcher.account=quant",
+        "hydra.launcher.qos=high",
+        "hydra.launcher.gpus_per_node=4",
+        "hydra.launcher.timeout_min=30",
+        "hydra.launcher.array_parallelism=2",
+        "hydra.launcher.signal_delay_s=60",
+        "hydra.launcher.setup=[module load cuda]",
+    )
+    launcher = OmegaConf.to_container(cfg.hydra.launcher)
+    assert launcher["_target_"].endswith("submitit_launcher.SlurmLauncher")
+    assert launcher["partition"] == "gpu"
+    assert launcher["account"] == "quant"
+    assert launcher["qos"] == "high"
+    assert launcher["gpus_per_node"] == 4
+    assert launcher["timeout_min"] == 30
+    assert launcher["array_parallelism"] == 2
+    assert launcher["signal_delay_s"] == 60
+    assert launcher["setup"] == ["module load cuda"]
+    assert launcher["max_num_timeout"] == 3
+    assert {"cpus_per_task", "mem_gb", "additional_parameters"} <= launcher.keys()
+
+
+def test_a_misspelled_slurm_setting_is_rejected():
+    with pytest.raises(Exception, match="partiton"):
+        compose_app_config("hydra/launcher=slurm", "hydra.launcher.partiton=gpu")
+
+
+def test_requeues_up_to_the_limit_are_allowed_and_the_next_one_fails_saying_what_to_change():
+    check_requeue_limit(restarts=3, limit=3)
+    check_requeue_limit(restarts=50, limit=None)
+    with pytest.raises(RequeueLimitError, match=r"requeued 4 times.*max_num_timeout=3.*relaunch"):
+        check_requeue_limit(restarts=4, limit=3)
+
+
+def test_slurm_task_changes_nothing_outside_slurm(monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+
+    @slurm_task
+    def task(cfg):
+        raise ValueError(f"bad {cfg}")
+
+    with pytest.raises(ValueError) as failure:
+        task("cfg")
+    assert not getattr(failure.value, "__notes__", [])
+
+
+def test_slurm_task_attaches_the_job_traceback_to_a_failure(monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+
+    @slurm_task
+    def failing_task(cfg):
+        raise ValueError("no such layer")
+
+    with pytest.raises(ValueError) as failure:
+        failing_task(None)
+    (note,) = failure.value.__notes__
+    assert "Traceback in Slurm job 42" in note
+    assert "in failing_task" in note
+
+
+@pytest.mark.slow
+def test_local_launcher_runs_the_sweep_on_this_machine(tmp_path):
+    subprocess.run(app_command(tmp_path, "local", "seed=0,1,2"), check=True, capture_output=True)
+    assert sorted(r["seed"] for r in records(tmp_path)) == [0, 1, 2]
+
+
+# --- against the local Slurm cluster ---
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory) -> Callable[..., subprocess.Popen]:
+    """Launch the stand-in app through hydra/launcher=slurm; returns the Popen (stdout+stderr piped)."""
+    if not SLURM_CONF.exists():
+        pytest.fail(f"no local Slurm cluster ({SLURM_CONF} missing): run scripts/slurm/start_local_slurm.sh")
+    env = {**os.environ, "SLURM_CONF": str(SLURM_CONF)}
+    ping = subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, capture_output=True, text=True)
+    if ping.returncode != 0:
+        pytest.fail(f"the local Slurm cluster does not answer ({ping.stderr.strip()}): start it again")
+
+    def launch(tmp_path: Path, *overrides: str) -> subprocess.Popen:
+        command = app_command(
+            tmp_path,
+            "slurm",
+            f"hydra.launcher.submitit_folder={tmp_path / 'submitit' / '%j'}",
+            *LOCAL_CLUSTER_OVERRIDES,
+            *overrides,
+        )
+        return subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+
+    return launch
+
+
+def signal_job(name: str, signal: str = "USR2") -> None:
+    """What Slurm does before a time limit (sbatch --signal), and what a preemption is forwarded as."""
+    subprocess.run(
+        ["scancel", f"--signal={signal}", "--name", name],
+        env={**os.environ, "SLURM_CONF": str(SLURM_CONF)},
+        check=True,
+    )
+
+
+def finish(process: subprocess.Popen, timeout_s: float = 120) -> tuple[int, str]:
+    try:
+        output, _ = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    return process.returncode, output
+
+
+def checkpointed_blocks(tmp_path: Path) -> int:
+    return len(list((tmp_path / "results" / "ckpt").glob("*/block_*.json")))
+
+
+@pytest.mark.slurm
+def test_a_sweep_of_three_runs_produces_three_records(slurm, tmp_path):
+    returncode, output = finish(slurm(tmp_path, "seed=0,1,2", "blocks=2"))
+    assert returncode == 0, output
+    assert sorted(r["seed"] for r in records(tmp_path)) == [0, 1, 2]
+
+
+@pytest.mark.slurm
+def test_a_preempted_run_resumes_at_its_next_block_and_ends_with_the_uninterrupted_record(slurm, tmp_path):
+    run = ("blocks=6", "seconds_per_block=1.5", f"hydra.launcher.timeout_min={PREEMPTIBLE_TIMEOUT_MIN}")
+    name = f"preempt-{uuid.uuid4().hex[:8]}"
+    preempted = slurm(tmp_path / "preempted", *run, f"hydra.launcher.name={name}")
+    uninterrupted = slurm(tmp_path / "uninterrupted", *run)
+    wait_for(lambda: checkpointed_blocks(tmp_path / "preempted") >= 2, "two calibrated blocks")
+    signal_job(name)
+    returncode, output = finish(preempted)
+    assert returncode == 0, output
+    assert finish(uninterrupted)[0] == 0
+
+    first_start, resumed_start = attempts(tmp_path / "preempted")
+    assert first_start == 0
+    assert resumed_start >= 2
+    assert records(tmp_path / "preempted") == records(tmp_path / "uninterrupted")
+
+
+@pytest.mark.slurm
+def test_a_run_requeued_more_often_than_allowed_fails_with_a_clear_message(slurm, tmp_path):
+    name = f"limit-{uuid.uuid4().hex[:8]}"
+    run = slurm(
+        tmp_path,
+        "blocks=20",
+        "seconds_per_block=1",
+        f"hydra.launcher.name={name}",
+        f"hydra.launcher.timeout_min={PREEMPTIBLE_TIMEOUT_MIN}",
+        "hydra.launcher.max_num_timeout=0",
+    )
+    wait_for(lambda: checkpointed_blocks(tmp_path) >= 1, "a calibrated block")
+    signal_job(name)
+    returncode, output = finish(run)
+    assert returncode != 0
+    assert "RequeueLimitError" in output
+    assert "requeued 1 times" in output
+    assert "hydra.launcher.max_num_timeout=0" in output
+    assert not records(tmp_path)
+
+
+@pytest.mark.slurm
+def test_a_failing_run_reports_the_traceback_from_the_slurm_job(slurm, tmp_path):
+    returncode, output = finish(slurm(tmp_path, "fail_at_block=1"))
+    assert returncode != 0
+    assert "Traceback in Slurm job" in output
+    assert 'app.py", line' in output
+    assert "ValueError: injected failure in block 1" in output
+
+
+@pytest.mark.slurm
+def test_a_cancelled_job_is_reported_as_cancelled_not_awaited_forever(slurm, tmp_path):
+    name = f"cancel-{uuid.uuid4().hex[:8]}"
+    run = slurm(tmp_path, "blocks=100", "seconds_per_block=1", f"hydra.launcher.name={name}")
+    wait_for(lambda: checkpointed_blocks(tmp_path) >= 1, "a calibrated block")
+    subprocess.run(
+        ["scancel", "--name", name], env={**os.environ, "SLURM_CONF": str(SLURM_CONF)}, check=True
+    )
+    returncode, output = finish(run, timeout_s=90)
+    assert returncode != 0
+    assert "CANCELLED" in output
