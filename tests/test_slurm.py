@@ -171,9 +171,7 @@ def slurm(tmp_path_factory) -> Callable[..., subprocess.Popen]:
             *LOCAL_CLUSTER_OVERRIDES,
             *overrides,
         )
-        return subprocess.Popen(
-            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
+        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     return launch
 
@@ -260,9 +258,7 @@ def test_a_cancelled_job_is_reported_as_cancelled_not_awaited_forever(slurm, tmp
     name = f"cancel-{uuid.uuid4().hex[:8]}"
     run = slurm(tmp_path, "blocks=100", "seconds_per_block=1", f"hydra.launcher.name={name}")
     wait_for(lambda: checkpointed_blocks(tmp_path) >= 1, "a calibrated block")
-    subprocess.run(
-        ["scancel", "--name", name], env={**os.environ, "SLURM_CONF": str(SLURM_CONF)}, check=True
-    )
+    subprocess.run(["scancel", "--name", name], env={**os.environ, "SLURM_CONF": str(SLURM_CONF)}, check=True)
     returncode, output = finish(run, timeout_s=90)
     assert returncode != 0
     assert "CANCELLED" in output
