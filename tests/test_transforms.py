@@ -1,0 +1,181 @@
+"""Transform families: one interface, exact algebra, invertible by construction, gradients flow."""
+
+import pytest
+import torch
+
+from latmix.transforms import (
+    AFFINE_PARAMETRIZATIONS,
+    TRANSFORMS,
+    Affine,
+    BlockHadamard,
+    Hadamard,
+    Headwise,
+    build_transform,
+    transform_kwargs,
+)
+
+DIM = 96  # 12 * 8: exercises the non-power-of-two Hadamard and 3 MX blocks of 32
+
+FAMILY_CASES = [
+    ("identity", {}),
+    ("hadamard", {"seed": 3}),
+    ("block_hadamard", {}),
+    ("rotation", {"seed": 3}),
+    ("rotation", {"learnable": True, "init": "hadamard"}),
+    *[("affine", {"parametrization": p, "init": "random", "shift": True}) for p in AFFINE_PARAMETRIZATIONS],
+]
+
+
+def _ids(case):
+    family, kwargs = case
+    return "-".join([family, *(str(v) for v in kwargs.values())])
+
+
+def _perturbed(family: str, kwargs: dict, scale: float = 0.05):
+    """A transform moved away from its initialization, so the algebra is tested on a generic point."""
+    transform = build_transform(family, DIM, **kwargs)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in transform.parameters():
+            param.add_(scale * torch.randn(param.shape, generator=generator))
+    return transform
+
+
+@pytest.fixture(params=FAMILY_CASES, ids=_ids)
+def transform(request):
+    family, kwargs = request.param
+    return _perturbed(family, kwargs)
+
+
+def test_forward_is_x_times_a_transpose_plus_shift(transform):
+    x = torch.randn(4, 7, DIM)
+    a, b = transform.matrix(), transform.shift
+    expected = x @ a.T + (0 if b is None else b)
+    torch.testing.assert_close(transform(x), expected, atol=2e-5, rtol=1e-5)
+
+
+def test_inverse_undoes_forward(transform):
+    x = torch.randn(4, 7, DIM)
+    torch.testing.assert_close(transform.inverse(transform(x)), x, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(transform.matrix() @ transform.inverse_matrix(), torch.eye(DIM), atol=2e-5, rtol=0)
+
+
+def test_fold_into_preserves_a_linear_up_to_the_shift(transform):
+    weight, x = torch.randn(5, DIM), torch.randn(3, DIM)
+    folded = transform.fold_into(weight)
+    shift_term = 0 if transform.shift is None else folded @ transform.shift
+    torch.testing.assert_close(transform(x) @ folded.T - shift_term, x @ weight.T, atol=5e-5, rtol=1e-5)
+
+
+def test_log_abs_det_condition_number_and_regularizer_match_the_matrix(transform):
+    a = transform.matrix().double()
+    log_det = torch.linalg.slogdet(a).logabsdet
+    assert transform.log_abs_det().item() == pytest.approx(log_det.item(), abs=1e-3)
+    assert transform.regularizer().item() == pytest.approx(log_det.item() ** 2, abs=1e-3)
+    assert transform.condition_number() == pytest.approx(torch.linalg.cond(a).item(), rel=1e-3)
+
+
+def test_orthogonal_families_have_orthogonal_matrices(transform):
+    if transform.orthogonal:
+        a = transform.matrix()
+        torch.testing.assert_close(a @ a.T, torch.eye(DIM), atol=2e-5, rtol=0)
+        assert transform.condition_number() == 1.0
+
+
+@pytest.mark.parametrize("parametrization", AFFINE_PARAMETRIZATIONS)
+@pytest.mark.parametrize("init", ["identity", "hadamard", "random"])
+def test_affine_starts_exactly_at_its_initialization(parametrization, init):
+    affine = Affine(DIM, parametrization=parametrization, init=init, seed=5)
+    a = affine.matrix()
+    if init == "identity":
+        torch.testing.assert_close(a, torch.eye(DIM))
+    torch.testing.assert_close(a @ a.T, torch.eye(DIM), atol=2e-5, rtol=0)
+    assert affine.log_abs_det().abs().item() < 1e-5
+
+
+def test_affine_hadamard_init_is_the_hadamard_transform():
+    affine = Affine(DIM, parametrization="qr", init="hadamard", seed=5)
+    torch.testing.assert_close(affine.matrix(), Hadamard(DIM, seed=5).matrix(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("parametrization", AFFINE_PARAMETRIZATIONS)
+def test_gradients_reach_every_affine_parameter(parametrization):
+    affine = _perturbed("affine", {"parametrization": parametrization, "init": "hadamard", "shift": True})
+    x = torch.randn(8, DIM)
+    loss = (affine(x) ** 2).sum() + affine.inverse(x).pow(2).sum() + affine.regularizer()
+    loss.backward()
+    for name, param in affine.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_learnable_rotation_stays_orthogonal_and_trains():
+    rotation = build_transform("rotation", DIM, learnable=True, init="hadamard")
+    params = list(rotation.parameters())
+    assert params, "a learnable rotation has parameters"
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    x = torch.randn(16, DIM)
+    before = rotation.matrix().detach().clone()
+    for _ in range(3):
+        optimizer.zero_grad()
+        rotation(x)[:, :4].pow(2).sum().backward()
+        optimizer.step()
+    a = rotation.matrix()
+    assert not torch.allclose(a, before)
+    torch.testing.assert_close(a @ a.T, torch.eye(DIM), atol=1e-5, rtol=0)
+
+
+def test_fixed_families_have_no_trainable_parameters():
+    for family in ("identity", "hadamard", "block_hadamard", "rotation"):
+        assert not any(p.requires_grad for p in build_transform(family, DIM).parameters()), family
+    assert not any(p.requires_grad for p in Affine(DIM, learnable=False).parameters())
+
+
+def test_block_hadamard_is_block_diagonal_with_the_mx_block():
+    a = BlockHadamard(DIM, block_size=32).matrix()
+    assert torch.count_nonzero(a[:32, 32:]) == 0
+    torch.testing.assert_close(a[:32, :32].abs(), torch.full((32, 32), 32**-0.5))
+
+
+def test_kronecker_affine_is_the_kronecker_product_of_its_factors():
+    affine = _perturbed("affine", {"parametrization": "kronecker", "kron_factors": (8, 12)})
+    first, second = (f.matrices()[0] for f in affine.factors)
+    torch.testing.assert_close(affine.matrix(), torch.kron(first, second))
+
+
+def test_headwise_is_the_block_diagonal_of_one_head_map():
+    head = _perturbed("affine", {"parametrization": "qr", "shift": True})
+    headwise = Headwise(head, num_heads=3)
+    torch.testing.assert_close(headwise.matrix(), torch.block_diag(*[head.matrix()] * 3))
+    x = torch.randn(2, 3 * DIM)
+    expected = x @ headwise.matrix().T + head.shift.repeat(3)
+    torch.testing.assert_close(headwise(x), expected, atol=2e-5, rtol=1e-5)
+    assert headwise.log_abs_det().item() == pytest.approx(3 * head.log_abs_det().item(), rel=1e-5)
+
+
+def test_build_transform_passes_only_the_kwargs_a_family_takes():
+    hadamard = build_transform("hadamard", DIM, seed=4, learnable=True, parametrization="qr")
+    assert isinstance(hadamard, Hadamard)
+    assert transform_kwargs("hadamard") == {"seed"}
+    assert {"parametrization", "init", "shift"} <= transform_kwargs("affine")
+
+
+def test_registry_holds_the_five_families():
+    assert set(TRANSFORMS) == {"identity", "hadamard", "block_hadamard", "rotation", "affine"}
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: build_transform("givens", DIM), "unknown transform family"),
+        (lambda: build_transform("hadamard", 52), "block_hadamard"),
+        (lambda: build_transform("block_hadamard", DIM, block_size=64), "must divide"),
+        (lambda: build_transform("affine", DIM, parametrization="cholesky"), "unknown affine parametrization"),
+        (lambda: build_transform("affine", DIM, init="orthogonal"), "unknown init"),
+        (lambda: build_transform("affine", DIM, parametrization="kronecker", kron_factors=(5, 20)), "multiply"),
+        (lambda: build_transform("affine", DIM, parametrization="block_diag", factor="qz"), "factor parametrization"),
+        (lambda: build_transform("identity", 0), "positive dimension"),
+    ],
+)
+def test_bad_input_is_a_clear_error(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
