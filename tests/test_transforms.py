@@ -41,6 +41,11 @@ def _perturbed(family: str, kwargs: dict, scale: float = 0.05):
     return transform
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)
+
+
 @pytest.fixture(params=FAMILY_CASES, ids=_ids)
 def transform(request):
     family, kwargs = request.param
@@ -64,7 +69,7 @@ def test_fold_into_preserves_a_linear_up_to_the_shift(transform):
     weight, x = torch.randn(5, DIM), torch.randn(3, DIM)
     folded = transform.fold_into(weight)
     shift_term = 0 if transform.shift is None else folded @ transform.shift
-    torch.testing.assert_close(transform(x) @ folded.T - shift_term, x @ weight.T, atol=5e-5, rtol=1e-5)
+    torch.testing.assert_close(transform(x) @ folded.T - shift_term, x @ weight.T, atol=1e-4, rtol=1e-5)
 
 
 def test_log_abs_det_condition_number_and_regularizer_match_the_matrix(transform):
