@@ -17,8 +17,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from latmix.calibrate import CalibConfig
+from latmix.evaluate import EvalSettings
 from latmix.optim import OptimConfig
 from latmix.quantize import QuantConfig, TransformConfig
+from latmix.tracking import LoggerSettings
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EVAL_SUITES = ("local", "lm_eval")
@@ -38,28 +40,6 @@ class ModelSettings:
     dtype: torch.dtype
     trust_remote_code: bool
     outliers: dict[str, Any] | None
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    suite: str  # "local": the embedded task directory; "lm_eval": lm-eval's own task registry
-    tasks: tuple[str, ...] | None  # None: every task of the local suite
-    ppl_datasets: tuple[str, ...]
-    max_seq_len: int
-    batch_size: int | str
-    limit: int | None
-    num_fewshot: int
-
-
-@dataclass(frozen=True)
-class LoggerSettings:
-    backend: str
-    mode: str
-    project: str
-    entity: str | None
-    group: str | None
-    tags: tuple[str, ...]
-    log_figures: bool
 
 
 @dataclass(frozen=True)

@@ -13,15 +13,12 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from latmix import data, local_tasks
-
-if TYPE_CHECKING:
-    from latmix.config import EvalSettings
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +27,17 @@ AVG6_TASKS = ("piqa", "hellaswag", "arc_easy", "arc_challenge", "winogrande", "l
 # SpinQuant: eight commonsense tasks.
 AVG8_TASKS = ("boolq", "piqa", "social_iqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 LOCAL_PPL_DATASETS = ("heldout", "ood")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    suite: str  # "local": the embedded task directory; "lm_eval": lm-eval's own task registry
+    tasks: tuple[str, ...] | None  # None: every task of the local suite
+    ppl_datasets: tuple[str, ...]
+    max_seq_len: int
+    batch_size: int | str
+    limit: int | None
+    num_fewshot: int
 
 
 @dataclass

@@ -14,6 +14,7 @@ import netrc
 import os
 import struct
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,6 +22,17 @@ log = logging.getLogger(__name__)
 
 WANDB_HOST = "api.wandb.ai"
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class LoggerSettings:
+    backend: str
+    mode: str
+    project: str
+    entity: str | None
+    group: str | None
+    tags: tuple[str, ...]
+    log_figures: bool
 
 
 def has_wandb_credentials() -> bool:

@@ -1,0 +1,148 @@
+"""The Hydra config tree: every option of every group composes into valid settings; bad values fail clearly."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from transformers import LlamaConfig
+
+from latmix import config
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+GROUPS = ("model", "quant", "transform", "calib", "optim", "eval", "logger")
+
+
+def options(group: str) -> list[str]:
+    return sorted(path.stem for path in (CONF / group).glob("*.yaml"))
+
+
+def compose_config(*overrides: str, hydra: bool = False):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=hydra)
+
+
+def test_the_defaults_are_the_embedded_latmix_run():
+    cfg = compose_config()
+    assert (cfg.model.name, cfg.quant.name, cfg.transform.name, cfg.eval.suite, cfg.logger.backend) == (
+        "tiny", "mxfp4", "affine", "local", "wandb"
+    )
+    assert cfg.logger.mode == "auto"
+
+
+@pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g)])
+def test_every_option_composes_into_valid_settings(group, option):
+    exp = config.build_experiment(compose_config(f"{group}={option}"))
+    assert exp.results_dir.is_absolute()
+    if group == "model":
+        assert exp.model.name == option
+    if group in ("quant", "transform"):
+        assert getattr(exp, f"{group}_name") == option
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_every_experiment_preset_composes_and_declares_a_sweep(experiment):
+    cfg = compose_config(f"+experiment={experiment}", hydra=True)
+    config.build_experiment(cfg)
+    assert cfg.hydra.sweeper.params, f"experiment/{experiment}.yaml sweeps nothing"
+
+
+@pytest.mark.parametrize(
+    "launcher", sorted(p.stem for p in (CONF / "hydra" / "launcher").glob("*.yaml"))
+)
+def test_every_launcher_composes(launcher):
+    assert compose_config(f"hydra/launcher={launcher}", hydra=True).hydra.launcher._target_
+
+
+def test_model_presets_point_at_hub_ids_and_tiny_at_the_shipped_checkpoint():
+    assert compose_config("model=llama3-8b").model.name_or_path == "meta-llama/Meta-Llama-3-8B"
+    assert config.build_experiment(compose_config()).model.name_or_path == str(ROOT / "models" / "tiny-llama")
+
+
+def test_a_local_directory_replaces_the_hub_id(tmp_path):
+    exp = config.build_experiment(compose_config("model=llama3-8b", f"model.name_or_path={tmp_path}"))
+    assert exp.model.name_or_path == str(tmp_path)
+
+
+def test_tiny_outliers_is_labelled_as_such():
+    exp = config.build_experiment(compose_config("model=tiny_outliers"))
+    assert exp.model.name == "tiny_outliers"
+    assert exp.model.outliers == {"n_channels": 4, "scale": 20.0, "seed": 0}
+
+
+def test_qk_rotation_joins_only_when_the_kv_cache_is_quantized():
+    plain = config.build_experiment(compose_config("transform=hadamard"))
+    with_kv = config.build_experiment(compose_config("transform=hadamard", "quant.kv_format=mxfp4"))
+    assert "qk" not in plain.transform.active()
+    assert with_kv.transform.active()["qk"]["family"] == "hadamard"
+
+
+def test_flatquant_calibrates_layer_wise():
+    assert compose_config("transform=flatquant").calib.objective == "layer_wise"
+
+
+def test_the_seed_reaches_the_transforms():
+    assert config.build_experiment(compose_config("seed=3")).transform.seed == 3
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("quant.weight_format=mxfp3", "quant: .*mxfp3"),
+        ("quant.weight_quantizer=awq", "quant: .*awq"),
+        ("+quant.group_size=128", "quant: unknown key.*group_size"),
+        ("transform.placements.residual.family=spin", "transform: .*spin"),
+        ("eval.suite=helm", "eval.suite='helm'"),
+        ("logger.mode=cloud", "logger.mode='cloud'"),
+        ("model.dtype=int4", "model.dtype='int4'"),
+        ("device=tpu9", "device='tpu9'"),
+    ],
+)
+def test_bad_values_raise_one_config_error_naming_the_key(override, message):
+    with pytest.raises(config.ConfigError, match=message):
+        config.build_experiment(compose_config(override))
+
+
+def test_a_block_size_that_does_not_divide_the_hidden_size_is_rejected_before_loading():
+    exp = config.build_experiment(compose_config("quant.block_size=24"))
+    model_config = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4)
+    with pytest.raises(config.ConfigError, match="block size 24 does not divide the model's hidden_size=64"):
+        config.check_model_dimensions(exp, model_config)
+
+
+def run_cli(*overrides: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *overrides],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+    )
+
+
+@pytest.mark.parametrize(("group", "option"), [("model", "gpt5"), ("quant", "mxfp3"), ("transform", "spin")])
+def test_an_unknown_option_fails_with_the_available_options_and_no_traceback(group, option):
+    out = run_cli(f"{group}={option}")
+    assert out.returncode != 0
+    assert f"Could not find '{group}/{option}'" in out.stderr
+    assert "Available options" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_hub_model_without_network_fails_with_one_line_saying_what_to_do(tmp_path):
+    out = run_cli("model=llama3-8b", f"paths.results_dir={tmp_path}", f"hydra.run.dir={tmp_path}/out")
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert "model.name_or_path='meta-llama/Meta-Llama-3-8B' is not a local directory" in out.stderr
+    assert "--local-dir DIR" in out.stderr
+
+
+def test_a_bad_block_size_fails_on_the_command_line_with_one_line(tmp_path):
+    LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4).save_pretrained(tmp_path / "m")
+    out = run_cli(f"model.name_or_path={tmp_path / 'm'}", "quant.block_size=24",
+                  f"paths.results_dir={tmp_path}", f"hydra.run.dir={tmp_path}/out")
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert "does not divide the model's hidden_size=64" in out.stderr
