@@ -48,6 +48,13 @@ def check_requeue_limit(restarts: int, limit: int | None) -> None:
         )
 
 
+def slurm_job_id() -> str:
+    """This job's id as squeue and sacct show it: <array job>_<task> for a sweep's task."""
+    if "SLURM_ARRAY_JOB_ID" in os.environ:
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ["SLURM_JOB_ID"]
+
+
 def slurm_task(task_function: TaskFunction) -> TaskFunction:
     """Decorate a Hydra task function (under @hydra.main) with the requeue limit and remote traceback.
 
@@ -62,9 +69,7 @@ def slurm_task(task_function: TaskFunction) -> TaskFunction:
         try:
             return task_function(cfg)
         except Exception as err:
-            err.add_note(
-                f"Traceback in Slurm job {os.environ['SLURM_JOB_ID']}:\n" + traceback.format_exc().rstrip()
-            )
+            err.add_note(f"Traceback in Slurm job {slurm_job_id()}:\n" + traceback.format_exc().rstrip())
             raise
 
     return guarded

@@ -130,7 +130,9 @@ def test_slurm_task_changes_nothing_outside_slurm(monkeypatch):
 
 
 def test_slurm_task_attaches_the_job_traceback_to_a_failure(monkeypatch):
-    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("SLURM_JOB_ID", "43")
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "42")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
 
     @slurm_task
@@ -140,7 +142,7 @@ def test_slurm_task_attaches_the_job_traceback_to_a_failure(monkeypatch):
     with pytest.raises(ValueError) as failure:
         failing_task(None)
     (note,) = failure.value.__notes__
-    assert "Traceback in Slurm job 42" in note
+    assert "Traceback in Slurm job 42_1" in note
     assert "in failing_task" in note
 
 
