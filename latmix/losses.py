@@ -1,0 +1,61 @@
+"""Calibration objectives: next-token KL, normalized block-output MSE, the bound surrogate, the regularizer."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from latmix.bound import bound_surrogate
+from latmix.fidelity import next_token_kl
+from latmix.mx import MXFormat
+from latmix.transforms import Transform
+
+OBJECTIVES = ("kl", "block_mse", "bound")
+
+__all__ = ["OBJECTIVES", "QuantizedOperand", "block_mse", "bound_loss", "next_token_kl", "volume_regularizer"]
+
+
+def block_mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """||output - target||^2 / ||target||^2: the block's MSE relative to its output's energy.
+
+    FlatQuant minimizes the plain MSE of one block at a time; dividing by the target's mean square makes
+    blocks with large residual streams (late layers, massive activations) comparable, so a per-block
+    loss can be read and summed across blocks.
+    """
+    diff = (output.float() - target.float()).pow(2).mean()
+    return diff / target.float().pow(2).mean().clamp_min(torch.finfo(torch.float32).tiny)
+
+
+@dataclass
+class QuantizedOperand:
+    """One activation quantization point: the operand y as quantized and the composite map A behind it."""
+
+    name: str
+    y: torch.Tensor
+    A: torch.Tensor
+    fmt: MXFormat
+    block_size: int | None
+
+
+def bound_loss(operands: Iterable[QuantizedOperand]) -> torch.Tensor:
+    """Mean over quantization points of the bound surrogate divided by the RMS of the operand.
+
+    Normalizing by the operand's own size (detached) keeps layers with large activations from
+    dominating, as the relative block MSE does.
+    """
+    terms = [
+        bound_surrogate(op.y, op.A, op.fmt, op.block_size)
+        / op.y.detach().float().pow(2).sum(-1).mean().sqrt()
+        for op in operands
+    ]
+    if not terms:
+        raise ValueError("objective 'bound' needs quantized activations; set quant.act_format")
+    return torch.stack(terms).mean()
+
+
+def volume_regularizer(transforms: Iterable[Transform]) -> torch.Tensor:
+    """sum over transforms of (log|det A|)^2: pulls every learned map toward volume preservation."""
+    terms = [t.regularizer() for t in transforms]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
