@@ -54,7 +54,10 @@ __all__ = [
     "CalibrationReport",
     "CheckpointMismatch",
     "NonFiniteError",
+    "block_inputs",
     "calibrate",
+    "decoder_layers",
+    "run_block",
 ]
 
 MODES = ("end_to_end", "layer_wise", "none")
@@ -149,7 +152,7 @@ class CalibrationReport:
 # --- the model's quantization points -------------------------------------------------------------
 
 
-def _decoder_layers(model: nn.Module) -> list[nn.Module]:
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return get_adapter(model).layers()
 
 
@@ -160,7 +163,7 @@ def _hidden(output: Any) -> torch.Tensor:
 
 def _quant_points(model: nn.Module) -> list[tuple[str, int, QuantLinear]]:
     """(module name, block index, QuantLinear) for every quantized linear inside a decoder block."""
-    block_of = {id(m): i for i, layer in enumerate(_decoder_layers(model)) for m in layer.modules()}
+    block_of = {id(m): i for i, layer in enumerate(decoder_layers(model)) for m in layer.modules()}
     return [
         (name, block_of[id(m)], m)
         for name, m in model.named_modules()
@@ -395,7 +398,7 @@ def _block_outputs(model: nn.Module, ids: torch.Tensor) -> tuple[list[torch.Tens
     outputs: list[torch.Tensor] = []
     handles = [
         layer.register_forward_hook(lambda m, a, out: outputs.append(_hidden(out)))
-        for layer in _decoder_layers(model)
+        for layer in decoder_layers(model)
     ]
     try:
         logits = model(ids.to(_device(model))).logits
@@ -671,7 +674,7 @@ class _StopForward(Exception):
 
 
 @torch.no_grad()
-def _first_block_inputs(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+def _firstblock_inputs(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
     """(hidden states entering block 0, the keyword arguments every block is called with) for ids."""
     captured: dict[str, Any] = {}
 
@@ -680,7 +683,7 @@ def _first_block_inputs(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tens
         captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
         raise _StopForward
 
-    handle = _decoder_layers(model)[0].register_forward_pre_hook(hook, with_kwargs=True)
+    handle = decoder_layers(model)[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
         model(ids.to(_device(model)), use_cache=False)
     except _StopForward:
@@ -690,16 +693,16 @@ def _first_block_inputs(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tens
     return captured["hidden"], captured["kwargs"]
 
 
-def _block_inputs(model: nn.Module, calib_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+def block_inputs(model: nn.Module, calib_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
     """Block-0 inputs of every calibration sequence, and the shared block kwargs (from one sequence)."""
     hidden = torch.cat(
-        [_first_block_inputs(model, calib_ids[i : i + 1])[0] for i in range(calib_ids.shape[0])]
+        [_firstblock_inputs(model, calib_ids[i : i + 1])[0] for i in range(calib_ids.shape[0])]
     )
-    return hidden, _first_block_inputs(model, calib_ids[:1])[1]
+    return hidden, _firstblock_inputs(model, calib_ids[:1])[1]
 
 
 @torch.no_grad()
-def _run_block(
+def run_block(
     block: nn.Module, inputs: torch.Tensor, kwargs: dict[str, Any], batch_size: int
 ) -> torch.Tensor:
     return torch.cat(
@@ -732,9 +735,9 @@ def _run_layer_wise(
     """Block by block. The target of block i is the same block run unquantized on the full-precision
     stream (in the transformed basis, so T1 need not be undone); its input is the quantized stream."""
     transforms = transforms_of(model)
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     points = _quant_points(model)
-    x_q, kwargs = _block_inputs(model, calib_ids)
+    x_q, kwargs = block_inputs(model, calib_ids)
     x_fp = x_q.clone()
     first, steps_done, rolled_back, seconds = 0, 0, [], {}
     if resume is not None:
@@ -747,7 +750,7 @@ def _run_layer_wise(
     for i in tqdm(range(len(layers)), desc="calibrate layer_wise", leave=False):
         block = layers[i]
         with _full_precision(model):
-            target = _run_block(block, x_fp, kwargs, cfg.batch_size)
+            target = run_block(block, x_fp, kwargs, cfg.batch_size)
         block_groups = {o: ps for o, ps in groups.items() if _block_index(o) == i and o not in rolled_back}
         if i >= first and block_groups:
             started = time.perf_counter()
@@ -767,7 +770,7 @@ def _run_layer_wise(
             rolled_back += trainer.rolled_back
             steps_done += total
             seconds[i] = time.perf_counter() - started
-        x_q, x_fp = _run_block(block, x_q, kwargs, cfg.batch_size), target
+        x_q, x_fp = run_block(block, x_q, kwargs, cfg.batch_size), target
         if i >= first and ckpt_dir is not None:
             _save_checkpoint(
                 ckpt_dir,

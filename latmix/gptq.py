@@ -13,8 +13,11 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from latmix.calibrate import block_inputs, decoder_layers, run_block
 from latmix.mx import MXFormat, get_format, quantize
+from latmix.quantize import QuantConfig, QuantLinear
 
 # A rounder factory: given the current weights of one block (out, k), it fixes that block's scale
 # and returns the function that rounds one column (out,) of the block with it.
@@ -122,7 +125,60 @@ def layer_output_error(W: torch.Tensor, W_q: torch.Tensor, inputs: torch.Tensor)
     return float((X @ (W.float() - W_q.float()).T).pow(2).mean())
 
 
-def _quant_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    from latmix.quantize import QuantLinear
+class _HessianAccumulator:
+    """Running H = 2/n X^T X of one linear's operand, as the quantized model feeds it (GPTQ's add_batch)."""
 
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, QuantLinear)]
+    def __init__(self, linear: QuantLinear) -> None:
+        self.linear = linear
+        self.H = torch.zeros(linear.in_features, linear.in_features, device=linear.weight.device)
+        self.rows = 0
+
+    def __call__(self, module: QuantLinear, args: tuple) -> None:
+        x = args[0]
+        for transform in module.online_in:
+            x = transform(x)
+        if module.quantize_acts:
+            x = quantize(x, module.act_format, module.act_block_size, dim=-1, clip_ratio=module.act_clip)
+        X = x.reshape(-1, module.in_features).float()
+        total = self.rows + X.shape[0]
+        self.H.mul_(self.rows / total).add_(X.T @ X, alpha=2.0 / total)
+        self.rows = total
+
+
+@torch.no_grad()
+def gptq_quantize_model(
+    model: nn.Module,
+    calib_ids: torch.Tensor,
+    quant_cfg: QuantConfig,
+    *,
+    damp: float = DEFAULT_DAMP,
+    act_order: bool = False,
+    batch_size: int = 1,
+) -> None:
+    """GPTQ every weight-quantized linear of the decoder, block by block, and install the weights.
+
+    Each block sees the outputs of the blocks already quantized before it; each linear's Hessian comes
+    from its operand as the model quantizes it (online transforms applied, activations MX-quantized).
+    Run after calibration (transforms folded); the weights go in through QuantLinear.set_weight.
+    """
+    if quant_cfg.weight_format is None:
+        raise ValueError(
+            "GPTQ needs quant.weight_format; with high-precision weights use weight_quantizer=rtn"
+        )
+    model.eval()
+    hidden, kwargs = block_inputs(model, calib_ids)
+    for block in tqdm(decoder_layers(model), desc="gptq", leave=False):
+        linears = [m for m in block.modules() if isinstance(m, QuantLinear) and m.weight_format is not None]
+        accumulators = [_HessianAccumulator(m) for m in linears]
+        handles = [m.register_forward_pre_hook(acc) for m, acc in zip(linears, accumulators, strict=True)]
+        try:
+            run_block(block, hidden, kwargs, batch_size)
+        finally:
+            for handle in handles:
+                handle.remove()
+        for linear, acc in zip(linears, accumulators, strict=True):
+            weight, _ = linear.effective_weight_and_bias()
+            block_size = linear.weight_block_size or linear.weight_format.default_block_size
+            rounder = mx_rounder(linear.weight_format, weight.abs().max())
+            linear.set_weight(gptq_quantize_weight(weight, acc.H, block_size, rounder, damp, act_order))
+        hidden = run_block(block, hidden, kwargs, batch_size)
