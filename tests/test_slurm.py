@@ -155,13 +155,16 @@ def test_local_launcher_runs_the_sweep_on_this_machine(tmp_path):
 # --- against the local Slurm cluster ---
 
 
+def slurm_env() -> dict[str, str]:
+    return {**os.environ, "SLURM_CONF": str(SLURM_CONF)}
+
+
 @pytest.fixture(scope="module")
-def slurm(tmp_path_factory) -> Callable[..., subprocess.Popen]:
+def slurm() -> Callable[..., subprocess.Popen]:
     """Launch the stand-in app through hydra/launcher=slurm; returns the Popen (stdout+stderr piped)."""
     if not SLURM_CONF.exists():
         pytest.fail(f"no local Slurm cluster ({SLURM_CONF} missing): run scripts/slurm/start_local_slurm.sh")
-    env = {**os.environ, "SLURM_CONF": str(SLURM_CONF)}
-    ping = subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, capture_output=True, text=True)
+    ping = subprocess.run(["sinfo", "-h", "-o", "%t"], env=slurm_env(), capture_output=True, text=True)
     if ping.returncode != 0:
         pytest.fail(f"the local Slurm cluster does not answer ({ping.stderr.strip()}): start it again")
 
@@ -173,18 +176,16 @@ def slurm(tmp_path_factory) -> Callable[..., subprocess.Popen]:
             *LOCAL_CLUSTER_OVERRIDES,
             *overrides,
         )
-        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(
+            command, env=slurm_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
 
     return launch
 
 
 def signal_job(name: str, signal: str = "USR2") -> None:
     """What Slurm does before a time limit (sbatch --signal), and what a preemption is forwarded as."""
-    subprocess.run(
-        ["scancel", f"--signal={signal}", "--name", name],
-        env={**os.environ, "SLURM_CONF": str(SLURM_CONF)},
-        check=True,
-    )
+    subprocess.run(["scancel", f"--signal={signal}", "--name", name], env=slurm_env(), check=True)
 
 
 def finish(process: subprocess.Popen, timeout_s: float = 120) -> tuple[int, str]:
@@ -251,7 +252,7 @@ def test_a_failing_run_reports_the_traceback_from_the_slurm_job(slurm, tmp_path)
     returncode, output = finish(slurm(tmp_path, "fail_at_block=1"))
     assert returncode != 0
     assert "Traceback in Slurm job" in output
-    assert 'app.py", line' in output
+    assert 'slurm_app/app.py", line' in output
     assert "ValueError: injected failure in block 1" in output
 
 
@@ -260,7 +261,7 @@ def test_a_cancelled_job_is_reported_as_cancelled_not_awaited_forever(slurm, tmp
     name = f"cancel-{uuid.uuid4().hex[:8]}"
     run = slurm(tmp_path, "blocks=100", "seconds_per_block=1", f"hydra.launcher.name={name}")
     wait_for(lambda: checkpointed_blocks(tmp_path) >= 1, "a calibrated block")
-    subprocess.run(["scancel", "--name", name], env={**os.environ, "SLURM_CONF": str(SLURM_CONF)}, check=True)
+    subprocess.run(["scancel", "--name", name], env=slurm_env(), check=True)
     returncode, output = finish(run, timeout_s=90)
     assert returncode != 0
     assert "CANCELLED" in output
