@@ -190,8 +190,14 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     t0 = time.time()
+    state = torch.load(args.checkpoint, weights_only=True) if args.checkpoint.exists() else None
     train_texts = read_split(args.corpus, "train")
-    tokenizer = train_tokenizer(train_texts, args.vocab_size)
+    # BPE training is deterministic, but a resumed run reuses the saved tokenizer rather than rely on it.
+    if state is not None and "tokenizer" in state:
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(state["tokenizer"]),
+                                            model_max_length=512, **SPECIAL_TOKENS)
+    else:
+        tokenizer = train_tokenizer(train_texts, args.vocab_size)
     train_ids = token_stream(tokenizer, train_texts)
     val_ids = token_stream(tokenizer, read_split(args.corpus, "validation"))
     val_windows = eval_windows(val_ids, args.seq_len, n_windows=48)
@@ -199,7 +205,7 @@ def main() -> None:
 
     config = model_config(tokenizer, args.layers, args.seq_len)
     model = LlamaForCausalLM(config).to(device)
-    baselines = {
+    baselines = None if state is not None else {
         "untrained_val_ppl": perplexity(model, val_windows),
         "unigram_val_ppl": unigram_perplexity(train_ids, val_windows.flatten(), len(tokenizer)),
     }
@@ -217,13 +223,15 @@ def main() -> None:
                    "machine": platform.machine(), "threads": args.threads, "device": str(device)},
            "curve": [], "val": []}
     step, planned_steps, elapsed_before = 0, None, 0.0
-    if args.checkpoint.exists():
-        state = torch.load(args.checkpoint, weights_only=True)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         step, planned_steps, elapsed_before = state["step"], state["planned_steps"], state["elapsed"]
         log = json.loads(state["log"])
+        # A resumed run may change the budget; the log keeps the arguments in force at the end.
+        log["resumed"] = [*log.get("resumed", []), {"step": step, "args": log["args"]}]
+        log["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
         print(f"resumed at step {step}", flush=True)
 
     budget = args.max_minutes * 60.0
@@ -265,7 +273,8 @@ def main() -> None:
         if time.time() - last_ckpt > 300:
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "generator": generator.get_state(), "step": step, "planned_steps": planned_steps,
-                        "elapsed": time.time() - start, "log": json.dumps(log)}, args.checkpoint)
+                        "elapsed": time.time() - start, "log": json.dumps(log),
+                        "tokenizer": tokenizer.backend_tokenizer.to_str()}, args.checkpoint)
             last_ckpt = time.time()
 
     minutes = (time.time() - start) / 60
