@@ -63,7 +63,8 @@ _F32_EXP_BIAS = 127
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
-# Below this many elements quantize stays eager: compiling costs seconds, eager costs microseconds.
+# Below this many elements quantize stays eager: a compile costs seconds once, while eager takes a few
+# milliseconds here, so unit tests and tiny models never wait for one.
 FUSED_MIN_NUMEL = 1 << 20
 
 
@@ -245,6 +246,12 @@ def _fake_quantize_blocks(blocks: Tensor, fmt: MXFormat) -> Tensor:
 # The fused (compiled) path
 
 
+# Graphs are specialized to the format (its constants are baked into the kernel) and the block size;
+# only the number of blocks is dynamic. All keys' wrappers run one code object, on which dynamo caches
+# graphs (8 by default), so the limit leaves room for every (format, dtype, device, block size), and
+# automatic dynamic shapes stay off: they would turn format constants that differ between two
+# compiles (mbits, emax) into runtime inputs of one generic graph.
+_DYNAMO_SETTINGS = {"recompile_limit": 128, "automatic_dynamic_shapes": False}
 _compiled: dict[tuple[str, torch.dtype, str], Callable[[Tensor], Tensor]] = {}
 _compile_failed: set[tuple[str, torch.dtype, str]] = set()
 
@@ -260,8 +267,11 @@ def _fused_fake_quantize_blocks(blocks: Tensor, fmt: MXFormat) -> Tensor:
         return _fake_quantize_blocks(blocks, fmt)
     if key not in _compiled:
         _compiled[key] = torch.compile(functools.partial(_fake_quantize_blocks, fmt=fmt))
+    rows = blocks.reshape(-1, blocks.shape[-1])
+    torch._dynamo.maybe_mark_dynamic(rows, 0)
     try:
-        return _compiled[key](blocks)
+        with torch._dynamo.config.patch(**_DYNAMO_SETTINGS):
+            return _compiled[key](rows).reshape(blocks.shape)
     except Exception as error:  # any compiler failure: the eager reference computes the same values
         _compile_failed.add(key)
         warnings.warn(
@@ -312,6 +322,8 @@ def _check_arguments(x: Tensor, fmt: MXFormat, block_size: int, dim: int) -> Non
 
 def _clip_to_ratio(blocks: Tensor, clip_ratio: float | Tensor) -> Tensor:
     """Clamp each block to +-ratio * its max magnitude (FlatQuant's learnable clipping)."""
+    if not isinstance(clip_ratio, Tensor) and not clip_ratio > 0:
+        raise ValueError(f"clip_ratio must be positive (1.0 clips nothing); got {clip_ratio!r}")
     bound = clip_ratio * blocks.abs().amax(dim=-1, keepdim=True)
     return torch.minimum(torch.maximum(blocks, -bound), bound)
 

@@ -461,6 +461,12 @@ def test_clip_ratio_one_changes_nothing_and_a_smaller_ratio_clips_before_scaling
     assert_bitwise_equal(quantize(x, "mxfp4", clip_ratio=0.7), quantize(clipped, "mxfp4"))
 
 
+@pytest.mark.parametrize("ratio", [0.0, -0.5, math.nan])
+def test_non_positive_clip_ratio_is_rejected(ratio):
+    with pytest.raises(ValueError, match="clip_ratio must be positive"):
+        quantize(torch.ones(32), "mxfp4", clip_ratio=ratio)
+
+
 def test_clip_ratio_gradient_flows_to_the_ratio_and_stops_at_clipped_elements():
     x = torch.randn(3, 32, generator=torch.Generator().manual_seed(10)).requires_grad_()
     ratio = torch.full((3, 1, 1), 0.6, requires_grad=True)
@@ -507,18 +513,27 @@ def eager(x: torch.Tensor, fmt: str, monkeypatch) -> torch.Tensor:
         return quantize(x, fmt)
 
 
+def compiled_frames() -> int:
+    return torch._dynamo.utils.counters["frames"]["ok"]
+
+
 @pytest.mark.parametrize("fmt", ["mxfp4", "mxfp8_e4m3"])
-def test_fused_equals_eager_across_shapes(fmt, fused_everywhere, monkeypatch):
-    for rows in (8, 5, 13):  # a second shape turns on dynamic shapes; a third must reuse that graph
+def test_fused_equals_eager_with_one_graph_per_format_for_all_shapes(fmt, fused_everywhere, monkeypatch):
+    frames_before = compiled_frames()
+    for rows in (8, 5, 13):
         x = special_values_tensor(rows)
         assert_bitwise_equal(quantize(x, fmt), eager(x, fmt, monkeypatch))
+    # The second format compiles its own graph too (its constants are baked in, not graph inputs).
+    assert compiled_frames() == frames_before + 1
     assert list(mx._compiled) == [(get_format(fmt).name, torch.float32, "cpu")]
 
 
 def test_fused_path_runs_under_autograd(fused_everywhere):
     x = torch.randn(4, 64, requires_grad=True)
-    quantize(x, "mxint8").sum().backward()
-    assert (get_format("mxint8").name, torch.float32, "cpu") in mx._compiled
+    frames_before = compiled_frames()
+    quantize(x, "mxfp4").sum().backward()
+    assert (get_format("mxfp4").name, torch.float32, "cpu") in mx._compiled
+    assert compiled_frames() <= frames_before + 1
     assert torch.equal(x.grad, torch.ones_like(x))
 
 
@@ -552,9 +567,11 @@ def test_fused_equals_eager_for_every_format_and_dtype(fmt, dtype, fused_everywh
     x = special_values_tensor(16).clamp(-6e4, 6e4).to(dtype)
     if fmt == "nvfp4":
         x = x.nan_to_num(0.0, 0.0, 0.0)
+    frames_before = compiled_frames()
     for shape in ((16, 96), (48, 32)):
         x = x.reshape(shape)
         assert_bitwise_equal(quantize(x, fmt), eager(x, fmt, monkeypatch))
+    assert compiled_frames() == frames_before + 1, "compiled (not eager after a recompile limit), once"
 
 
 # ---------------------------------------------------------------------------------------------------
