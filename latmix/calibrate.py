@@ -347,7 +347,9 @@ def _load_params(params: dict[str, nn.Parameter], state: dict[str, torch.Tensor]
 
 
 @torch.no_grad()
-def _measure_points(model: nn.Module, ids: torch.Tensor | None) -> dict[str, dict[str, float]]:
+def _measure_points(
+    model: nn.Module, ids: torch.Tensor | None, params: dict[str, nn.Parameter]
+) -> dict[str, dict[str, float]]:
     """Bound, actual error and condition number of every activation-quantized linear, on ids."""
     if ids is None:
         return {}
@@ -360,6 +362,10 @@ def _measure_points(model: nn.Module, ids: torch.Tensor | None) -> dict[str, dic
             if not module.quantize_acts:
                 return
             y = _online(module, args[0]).float().reshape(-1, module.in_features)
+            if not torch.isfinite(y).all():
+                raise NonFiniteError(
+                    f"non-finite activation at the quantized input of {name}; {_describe_parameters(params)}"
+                )
             key = (module.in_features, *(id(t) for t in (*module.folded_in, *module.online_in)))
             if key not in inverse_cache:
                 A = _composite_matrix(module)
@@ -452,13 +458,18 @@ class _Snapshot:
 
 
 def _snapshot(
-    model: nn.Module, fp_model: nn.Module, ids: torch.Tensor, heldout_ids: torch.Tensor | None
+    model: nn.Module,
+    fp_model: nn.Module,
+    ids: torch.Tensor,
+    heldout_ids: torch.Tensor | None,
+    params: dict[str, nn.Parameter],
 ) -> _Snapshot:
     was_training = model.training
     model.eval()
     try:
         kl, block_losses = _measure_losses(model, fp_model, ids)
-        return _Snapshot(kl, block_losses, _measure_points(model, ids), _measure_points(model, heldout_ids))
+        calib, heldout = _measure_points(model, ids, params), _measure_points(model, heldout_ids, params)
+        return _Snapshot(kl, block_losses, calib, heldout)
     finally:
         model.train(was_training)
 
@@ -732,13 +743,17 @@ def _layer_wise_loss(
 def _run_layer_wise(
     model, fp_model, calib_ids, cfg, optim_cfg, groups, ckpt_dir, fingerprint, resume, on_step
 ) -> tuple[int, list[str], dict[int, float]]:
-    """Block by block. The target of block i is the same block run unquantized on the full-precision
-    stream (in the transformed basis, so T1 need not be undone); its input is the quantized stream."""
+    """Block by block: block i of the quantized model, fed the quantized stream, learns to reproduce the
+    full-precision block i on the full-precision stream (mapped by the fixed T1 into the model's basis).
+    The targets come from fp_model, so they do not depend on any parameter being learned."""
     transforms = transforms_of(model)
-    layers = decoder_layers(model)
+    residual = transforms.get("residual")
+    if residual is not None:
+        residual.requires_grad_(False)
+    layers, fp_layers = decoder_layers(model), decoder_layers(fp_model)
     points = _quant_points(model)
     x_q, kwargs = block_inputs(model, calib_ids)
-    x_fp = x_q.clone()
+    x_fp, fp_kwargs = block_inputs(fp_model, calib_ids)
     first, steps_done, rolled_back, seconds = 0, 0, [], {}
     if resume is not None:
         first, steps_done = resume["block"], resume["steps_done"]
@@ -749,8 +764,9 @@ def _run_layer_wise(
     total = _total_steps(cfg, n)
     for i in tqdm(range(len(layers)), desc="calibrate layer_wise", leave=False):
         block = layers[i]
-        with _full_precision(model):
-            target = run_block(block, x_fp, kwargs, cfg.batch_size)
+        x_fp = run_block(fp_layers[i], x_fp, fp_kwargs, cfg.batch_size)
+        with torch.no_grad():
+            target = x_fp if residual is None else residual(x_fp)
         block_groups = {o: ps for o, ps in groups.items() if _block_index(o) == i and o not in rolled_back}
         if i >= first and block_groups:
             started = time.perf_counter()
@@ -770,7 +786,7 @@ def _run_layer_wise(
             rolled_back += trainer.rolled_back
             steps_done += total
             seconds[i] = time.perf_counter() - started
-        x_q, x_fp = run_block(block, x_q, kwargs, cfg.batch_size), target
+        x_q = run_block(block, x_q, kwargs, cfg.batch_size)
         if i >= first and ckpt_dir is not None:
             _save_checkpoint(
                 ckpt_dir,
@@ -823,7 +839,7 @@ def calibrate(
     groups = _trainable(model, calib_cfg) if calib_cfg.mode != "none" else {}
     report = CalibrationReport(mode=calib_cfg.mode, objective=calib_cfg.objective)
 
-    before = _snapshot(model, fp_model, measure_ids, heldout)
+    before = _snapshot(model, fp_model, measure_ids, heldout, _flat(groups))
     seconds: dict[int, float] = {}
     if groups:
         fingerprint = _fingerprint(calib_cfg, optim_cfg, calib_ids, list(_flat(groups)))
@@ -846,7 +862,7 @@ def calibrate(
             report.steps, report.rolled_back = _run_end_to_end(*args)
         else:
             report.steps, report.rolled_back, seconds = _run_layer_wise(*args)
-    after = _snapshot(model, fp_model, measure_ids, heldout)
+    after = _snapshot(model, fp_model, measure_ids, heldout, _flat(groups))
     report.loss_before, report.loss_after = before.kl, after.kl
     report.per_layer = _per_layer_rows(points, before, after, seconds)
     for params in groups.values():

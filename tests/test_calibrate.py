@@ -1,0 +1,288 @@
+"""LATMiX calibration: learned affine maps beat fixed transforms under MXFP4; runs resume bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from latmix.calibrate import CalibConfig, CheckpointMismatch, NonFiniteError, calibrate
+from latmix.fidelity import function_deviation
+from latmix.models import inject_channel_outliers
+from latmix.optim import OptimConfig
+from latmix.quantize import QuantConfig, TransformConfig, prepare_model, transforms_of
+
+W4A4 = QuantConfig(weight_format="mxfp4", act_format="mxfp4")
+FIXED_FAMILIES = ("hadamard", "block_hadamard", "rotation")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The tiny models are latency-bound: extra intra-op threads only contend on a shared machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def placements(family: str | None, **kwargs) -> dict:
+    """The FlatQuant-style per-block placements (pre-linear, v->o, down_proj) with one family, or none."""
+    if family is None:
+        return {}
+    return {p: {"family": family, **kwargs} for p in ("pre_linear", "attn_vo", "down_proj")}
+
+
+def model_with_outliers(build, seed: int = 0) -> torch.nn.Module:
+    """A tiny Llama whose linears see two massive input channels and whose next-token distribution is
+    sharp enough (lm_head x8) for quantization to move it measurably."""
+    model = build("llama", seed=seed)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    inject_channel_outliers(model, n_channels=2, scale=30.0, seed=0)
+    return model
+
+
+def token_ids(n: int, length: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 128, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def quick_config(**overrides) -> CalibConfig:
+    values = {
+        "source": "local",
+        "epochs": 3,
+        "batch_size": 2,
+        "grad_checkpointing": False,
+        "checkpoint_every": 2,
+    }
+    return CalibConfig(**{**values, **overrides})
+
+
+# --- configuration -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"mode": "joint"}, "calib.mode='joint' is not supported"),
+        ({"objective": "mse"}, "calib.objective='mse' is not supported"),
+        ({"mode": "end_to_end", "objective": "block_mse"}, "use mode=layer_wise"),
+        ({"mode": "layer_wise", "objective": "kl"}, "use mode=end_to_end"),
+        ({"epochs": 0}, "calib.epochs must be >= 1"),
+        ({"cond_limit": 1.0}, "calib.cond_limit must be > 1"),
+        ({"autocast_dtype": "fp8"}, "calib.autocast_dtype='fp8' is not supported"),
+    ],
+)
+def test_bad_calibration_settings_say_what_to_change(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        CalibConfig(**overrides)
+
+
+def test_defaults_are_the_project_reading_of_latmix():
+    cfg, optim = CalibConfig(), OptimConfig()
+    assert (cfg.mode, cfg.objective, cfg.n_samples, cfg.seq_len, cfg.source) == (
+        "end_to_end",
+        "kl",
+        128,
+        2048,
+        "wikitext2",
+    )
+    assert cfg.reg_weight > 0 and (optim.name, optim.schedule) == ("adamw", "cosine")
+
+
+# --- measurement without learning ----------------------------------------------------------------
+
+
+def test_mode_none_still_measures_bound_and_error_per_layer(make_tiny_model):
+    fp_model = model_with_outliers(make_tiny_model)
+    model = prepare_model(model_with_outliers(make_tiny_model), TransformConfig(placements("hadamard")), W4A4)
+    report = calibrate(
+        model,
+        fp_model,
+        token_ids(2, 16, 0),
+        quick_config(mode="none"),
+        OptimConfig(),
+        None,
+        heldout_ids=token_ids(2, 16, 1),
+    )
+    record = report.as_record()
+    assert record["steps"] == 0 and record["loss_before"] == record["loss_after"] > 0
+    assert len(record["per_layer"]) == 2 * 7
+    for row in record["per_layer"]:
+        assert 0 < row["error_after"] <= row["bound_after"]
+        assert row["bound_before"] == row["bound_after"] and 0 < row["tightness_after"] <= 1
+        assert 0 < row["heldout_error_after"] <= row["heldout_bound_after"]
+        assert row["cond"] == pytest.approx(1.0, abs=1e-4)
+
+
+# --- learned affine beats every fixed transform ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ordering_data():
+    return token_ids(32, 32, seed=10), token_ids(32, 32, seed=11)
+
+
+@pytest.fixture(scope="module")
+def fixed_baselines(ordering_data):
+    """Calibration KL, held-out KL and per-block output error of every fixed family (and no transform)."""
+    from conftest import build_tiny_model
+
+    calib_ids, heldout_ids = ordering_data
+    results = {}
+    torch.set_num_threads(1)
+    for family in (None, *FIXED_FAMILIES):
+        fp_model = model_with_outliers(build_tiny_model)
+        model = prepare_model(
+            model_with_outliers(build_tiny_model), TransformConfig(placements(family)), W4A4
+        )
+        report = calibrate(model, fp_model, calib_ids, quick_config(mode="none"), OptimConfig(), None)
+        results[family or "identity"] = summary(report, model, fp_model, heldout_ids)
+    return results
+
+
+def summary(report, model, fp_model, heldout_ids) -> dict[str, float]:
+    blocks = {row["block"]: row["loss_after"] for row in report.per_layer}
+    return {
+        "kl": report.loss_after,
+        "heldout_kl": function_deviation(model, fp_model, heldout_ids)["kl"],
+        "block_error": sum(blocks.values()) / len(blocks),
+    }
+
+
+@pytest.mark.parametrize(
+    # Measured (calibration KL, held-out KL, mean block error) as fractions of the best fixed family:
+    # end_to_end 0.87 / 0.95 / 0.94, layer_wise 0.70 / 0.91 / 0.75.
+    ("mode", "objective", "kl_ratio", "heldout_ratio", "block_ratio"),
+    [("end_to_end", "kl", 0.93, 0.98, 1.0), ("layer_wise", "block_mse", 0.8, 0.96, 0.85)],
+)
+def test_calibrated_affine_beats_every_fixed_transform_under_mxfp4(
+    make_tiny_model, ordering_data, fixed_baselines, mode, objective, kl_ratio, heldout_ratio, block_ratio
+):
+    calib_ids, heldout_ids = ordering_data
+    fp_model = model_with_outliers(make_tiny_model)
+    model = prepare_model(
+        model_with_outliers(make_tiny_model), TransformConfig(placements("affine", init="hadamard")), W4A4
+    )
+    cfg = quick_config(mode=mode, objective=objective, epochs=10, batch_size=8)
+    report = calibrate(model, fp_model, calib_ids, cfg, OptimConfig(lr=1e-2), None)
+    learned = summary(report, model, fp_model, heldout_ids)
+    for metric, ratio in (("kl", kl_ratio), ("heldout_kl", heldout_ratio), ("block_error", block_ratio)):
+        best_fixed = min(result[metric] for result in fixed_baselines.values())
+        assert learned[metric] < ratio * best_fixed, (metric, learned, fixed_baselines)
+
+
+# --- resume ---------------------------------------------------------------------------------------
+
+
+class Preempted(Exception):
+    pass
+
+
+def kill_at(step_or_block: str, value: int):
+    def callback(progress: dict) -> None:
+        if progress.get(step_or_block) == value:
+            raise Preempted
+
+    return callback
+
+
+def run(build, cfg, ckpt_dir, on_step=None):
+    fp_model = build("llama", seed=3)
+    model = prepare_model(
+        build("llama", seed=3), TransformConfig(placements("affine", init="hadamard")), W4A4
+    )
+    transforms = transforms_of(model)
+    report = calibrate(
+        model, fp_model, token_ids(4, 16, 2), cfg, OptimConfig(lr=1e-2), ckpt_dir, on_step=on_step
+    )
+    return report, state_of(transforms)
+
+
+def state_of(transforms: dict) -> dict[str, torch.Tensor]:
+    return {f"{n}.{k}": v.detach().clone() for n, t in transforms.items() for k, v in t.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    ("mode", "objective", "kill"),
+    [("end_to_end", "kl", ("step", 3)), ("layer_wise", "block_mse", ("block", 0))],
+)
+def test_killed_run_resumes_to_bit_identical_transforms(make_tiny_model, tmp_path, mode, objective, kill):
+    cfg = quick_config(mode=mode, objective=objective)
+    _, uninterrupted = run(make_tiny_model, cfg, tmp_path / "straight")
+    with pytest.raises(Preempted):
+        run(make_tiny_model, cfg, tmp_path / "resumed", on_step=kill_at(*kill))
+    report, resumed = run(make_tiny_model, cfg, tmp_path / "resumed")
+    assert report.resumed_from_step is not None and report.resumed_from_step > 0
+    assert uninterrupted.keys() == resumed.keys()
+    for name, tensor in uninterrupted.items():
+        assert torch.equal(tensor, resumed[name]), name
+    start = state_of(
+        transforms_of(
+            prepare_model(
+                make_tiny_model("llama", seed=3), TransformConfig(placements("affine", init="hadamard")), W4A4
+            )
+        )
+    )
+    assert any(not torch.equal(start[name], tensor) for name, tensor in resumed.items()), (
+        "training changed nothing"
+    )
+
+
+def test_a_checkpoint_from_another_calibration_is_refused(make_tiny_model, tmp_path):
+    run(make_tiny_model, quick_config(mode="end_to_end"), tmp_path)
+    with pytest.raises(CheckpointMismatch, match="different calibration"):
+        run(make_tiny_model, quick_config(mode="end_to_end", reg_weight=0.5), tmp_path)
+
+
+# --- guards ---------------------------------------------------------------------------------------
+
+
+def test_non_finite_activation_is_caught_and_named(make_tiny_model):
+    fp_model = make_tiny_model("llama")
+    model = prepare_model(make_tiny_model("llama"), TransformConfig(placements("affine")), W4A4)
+    broken = transforms_of(model)["layers.1.pre_linear_attn"]
+    with torch.no_grad():
+        next(broken.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"model\.layers\.1\.self_attn\.q_proj") as caught:
+        calibrate(model, fp_model, token_ids(2, 16, 0), quick_config(), OptimConfig(), None)
+    assert "layers.1.pre_linear_attn" in str(caught.value)
+
+
+def test_exploding_condition_number_is_rolled_back_and_reported(make_tiny_model):
+    fp_model = make_tiny_model("llama")
+    model = prepare_model(make_tiny_model("llama"), TransformConfig(placements("affine")), W4A4)
+    transforms = transforms_of(model)
+    start = {n: {k: v.clone() for k, v in t.state_dict().items()} for n, t in transforms.items()}
+    with pytest.warns(RuntimeWarning, match="cond_limit"):
+        report = calibrate(
+            model, fp_model, token_ids(4, 16, 0), quick_config(cond_limit=1.0001), OptimConfig(lr=5e-2), None
+        )
+    assert report.rolled_back
+    for name in report.rolled_back:
+        for key, value in transforms[name].state_dict().items():
+            assert torch.equal(value, start[name][key]), (name, key)
+        assert transforms[name].condition_number() <= 1.0001
+
+
+# --- options --------------------------------------------------------------------------------------
+
+
+def test_learned_clipping_ratios_move_from_their_start(make_tiny_model):
+    fp_model = make_tiny_model("llama")
+    model = prepare_model(make_tiny_model("llama"), TransformConfig(placements("affine")), W4A4)
+    calibrate(
+        model, fp_model, token_ids(4, 16, 0), quick_config(learn_clipping=True), OptimConfig(lr=5e-2), None
+    )
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert q_proj.weight_clip.shape == (q_proj.out_features, 1, 1)
+    assert not torch.allclose(q_proj.weight_clip, torch.sigmoid(torch.tensor(4.0)))
+    assert 0 < float(q_proj.act_clip) < 1
+
+
+def test_bound_objective_lowers_the_bound(make_tiny_model):
+    fp_model = model_with_outliers(make_tiny_model)
+    model = prepare_model(model_with_outliers(make_tiny_model), TransformConfig(placements("affine")), W4A4)
+    cfg = quick_config(mode="layer_wise", objective="bound", epochs=5)
+    report = calibrate(model, fp_model, token_ids(4, 16, 0), cfg, OptimConfig(lr=1e-2), None)
+    before = sum(row["bound_before"] for row in report.per_layer)
+    after = sum(row["bound_after"] for row in report.per_layer)
+    assert after < 0.9 * before
