@@ -6,7 +6,8 @@ shape and dtype, with a straight-through gradient so it can sit inside a graph b
 Semantics (OCP MX v1.0, section 6.3), per block of `block_size` consecutive elements along `dim`:
 
 - shared scale X = 2^(floor(log2(amax)) - emax_elem), the exponent clamped to E8M0's [-127, 127];
-  floor(log2) is read from the float32 exponent bits, so it is exact (torch.log2 is not always);
+  floor(log2) is read from the float32 exponent bits, so it is exact (float32 torch.log2, which
+  microxcaling uses, rounds 2^k - ulp up to k for large k);
 - each element v/X is rounded to the element format with round-half-to-even, subnormals included,
   and saturated to +-max_normal (also for FP8 E5M2, whose Inf is never produced);
 - an all-zero block stays zero, -0.0 stays -0.0;
@@ -30,8 +31,9 @@ largest values, which saturate most, keep a gradient telling a learned transform
 With `clip_ratio`, the clamp to +-ratio * block_amax is an ordinary differentiable op before the
 straight-through quantizer, so the gradient is zero for clipped elements and flows to the ratio.
 
-All arithmetic is float32 whatever the input dtype; scaling is by exact powers of two built from
-exponent bits, so every step but the element rounding is exact and the result is bit-exact.
+All arithmetic is float32 whatever the input dtype (float64 input is rounded to float32 first); scaling
+is by exact powers of two built from exponent bits, so every step but the element rounding is exact
+and the result is bit-exact. MX results of bf16/fp16 inputs are exactly representable in that dtype.
 
 Speed: `_fake_quantize_blocks` is the readable eager reference. For tensors of at least
 `FUSED_MIN_NUMEL` elements it is run through `torch.compile` (one kernel instead of a dozen passes),

@@ -275,6 +275,14 @@ def test_property_any_float32_block_matches_the_oracle(fmt, data):
     assert_bitwise_equal(quantize(x, fmt), oracle(x, fmt))
 
 
+def test_scale_exponent_is_exact_just_below_a_power_of_two():
+    # float32 log2(2^20 - ulp) rounds to 20.0; the spec's floor(log2) is 19, so the scale is 2^17 and
+    # the block max (8 - tiny in units of the scale) saturates to 6 * 2^17 instead of becoming 2^20.
+    x = torch.nextafter(torch.tensor(2.0**20), torch.tensor(0.0)).repeat(1, 32)
+    assert torch.floor(torch.log2(x[0, 0])) == 20
+    assert (quantize(x, "mxfp4") == 6 * 2.0**17).all()
+
+
 @pytest.mark.parametrize("fmt", MX_FORMATS)
 def test_float32_subnormal_blocks_use_the_smallest_e8m0_scale(fmt):
     x = torch.tensor([2.0**-149, 2.0**-140, -(2.0**-127), 3 * 2.0**-130] * 8).reshape(1, 32)
