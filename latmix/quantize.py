@@ -36,6 +36,7 @@ __all__ = [
     "QuantLinear",
     "TransformConfig",
     "TransformedEmbedding",
+    "fp_deviation",
     "freeze_model",
     "prepare_model",
     "quantization_disabled",
@@ -179,7 +180,7 @@ class QuantLinear(nn.Module):
         # FlatQuant-style learnable clipping; calibration assigns nn.Parameters here.
         self.register_parameter("weight_clip", None)
         self.register_parameter("act_clip", None)
-        self.register_buffer("_cached_weight", None, persistent=False)
+        self._cached_weight: tuple[tuple, torch.Tensor] | None = None
         self.frozen = False
         self.weight_is_quantized = False
         self._quantize_weights = self.weight_format is not None
@@ -218,14 +219,21 @@ class QuantLinear(nn.Module):
     def _forward_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         # Once frozen and outside autograd the quantized weight never changes: compute it once.
         cacheable = self.frozen and not torch.is_grad_enabled()
-        if cacheable and self._cached_weight is not None:
-            return self._cached_weight, self.bias
+        key = self._cache_key()
+        if cacheable and self._cached_weight is not None and self._cached_weight[0] == key:
+            return self._cached_weight[1], self.bias
         weight, bias = self.effective_weight_and_bias()
         if self.quantize_weights and not self.weight_is_quantized:
             weight = mx.quantize(weight, self.weight_format, self.weight_block_size, dim=-1, clip_ratio=self.weight_clip)
-        if cacheable:
-            self._cached_weight = weight
+            if cacheable:
+                self._cached_weight = (key, weight)
         return weight, bias
+
+    def _cache_key(self) -> tuple:
+        """Changes whenever the weight or the clip ratio is replaced, moved or updated in place."""
+        clip = self.weight_clip
+        clip_key = None if clip is None else (id(clip), clip._version)
+        return id(self.weight), self.weight._version, self.weight.device, clip_key
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for transform in self.online_in:
@@ -366,11 +374,6 @@ def _check_block_sizes(adapter, quant_cfg: QuantConfig) -> None:
         raise ValueError(f"kv block size {kv_block} does not divide head_dim {adapter.head_dim}")
 
 
-def _residual_is_approximate(transform_cfg: TransformConfig) -> bool:
-    residual = transform_cfg.active().get("residual")
-    return residual is not None and residual["family"] not in _ORTHOGONAL_FAMILIES
-
-
 @torch.no_grad()
 def _logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids.to(next(model.parameters()).device)).logits.float()
@@ -385,21 +388,23 @@ def prepare_model(
 ) -> nn.Module:
     """Transform and quantize `model` in place; returns it.
 
-    With a non-orthogonal residual transform (approximate: true) and deviation_ids (a few short
-    sequences), the full-precision deviation from the original model is measured and stored as
-    model.latmix_fp_deviation (see latmix.fidelity.logit_deviation). If no transform has trainable
-    parameters the model is frozen right away (transforms folded once).
+    deviation_ids (a few short sequences, e.g. (2, 128)): the original model's logits on them are kept
+    (on the CPU) and the full-precision deviation of the transformed model is recorded as
+    model.latmix_fp_deviation; fp_deviation(model) measures it again later (after calibration). This
+    matters for a non-orthogonal residual transform (approximate: true); it is ~0 otherwise.
+    If no transform has trainable parameters the model is frozen right away (transforms folded once).
     """
     if hasattr(model, "latmix_transforms"):
         raise ValueError("this model was already prepared by latmix; load a fresh copy")
     adapter = get_adapter(model)
     _check_block_sizes(adapter, quant_cfg)
-    measure = deviation_ids is not None and _residual_is_approximate(transform_cfg)
-    ref_logits = _logits(model, deviation_ids) if measure else None
+    reference = None if deviation_ids is None else (deviation_ids.cpu(), _logits(model, deviation_ids).cpu())
 
     make = _TransformFactory(transform_cfg, adapter.embed_tokens.weight.device)
     residual = make("residual", "residual", adapter.hidden_size)
-    if residual is not None:
+    # Transforms on the normalized stream act on n(h), with the RMSNorm weight moved into the readers
+    # (required for residual; the usual pipeline for pre_linear). Plain RTN keeps the norms as they are.
+    if residual is not None or "pre_linear" in transform_cfg.active():
         adapter.fold_norms()
     weight_block = quant_cfg.block_for(quant_cfg.weight_format)
     act_block = quant_cfg.block_for(quant_cfg.act_format)
@@ -446,10 +451,20 @@ def prepare_model(
     model.latmix_adapter = adapter
     if not any(p.requires_grad for t in make.built.values() for p in t.parameters()):
         freeze_model(model)
-    if measure:
-        with quantization_disabled(model):
-            model.latmix_fp_deviation = logit_deviation(_logits(model, deviation_ids), ref_logits, deviation_ids)
+    if reference is not None:
+        model.latmix_reference = reference
+        model.latmix_fp_deviation = fp_deviation(model)
     return model
+
+
+def fp_deviation(model: nn.Module) -> dict[str, float]:
+    """Deviation of the model, run in full precision, from the original on prepare_model's deviation_ids."""
+    if getattr(model, "latmix_reference", None) is None:
+        raise ValueError("no reference logits: pass deviation_ids to prepare_model")
+    input_ids, ref_logits = model.latmix_reference
+    with quantization_disabled(model):
+        logits = _logits(model, input_ids).cpu()
+    return logit_deviation(logits, ref_logits, input_ids)
 
 
 def _attach_attention_extras(attention: nn.Module, qk: Transform | None, quant_cfg: QuantConfig) -> None:

@@ -319,10 +319,19 @@ class _InvertibleBlocks(nn.Module):
         return self.log_scale.sum()
 
 
-def _balanced_factors(dim: int) -> tuple[int, int]:
-    """(d1, d2) with d1 * d2 = dim and d1 the largest divisor not above sqrt(dim)."""
-    d1 = max(d for d in range(1, math.isqrt(dim) + 1) if dim % d == 0)
-    return d1, dim // d1
+def _balanced_factors(dim: int, hadamard_sizes: bool) -> tuple[int, int]:
+    """(d1, d2) with d1 * d2 = dim and d1 the largest divisor not above sqrt(dim).
+
+    With hadamard_sizes, only splits whose two factors both have a Hadamard matrix count.
+    """
+    splits = [
+        (d, dim // d)
+        for d in range(1, math.isqrt(dim) + 1)
+        if dim % d == 0 and (not hadamard_sizes or (is_hadamard_size(d) and is_hadamard_size(dim // d)))
+    ]
+    if not splits:
+        raise ValueError(f"kronecker affine: dim={dim} has no split into two Hadamard sizes; use init identity or random")
+    return splits[-1]
 
 
 class Affine(Transform):
@@ -355,7 +364,7 @@ class Affine(Transform):
         self.parametrization = parametrization
         self.kronecker = parametrization == "kronecker"
         if self.kronecker:
-            self.factor_sizes = self._kron_sizes(dim, kron_factors)
+            self.factor_sizes = self._kron_sizes(dim, kron_factors, hadamard_sizes=init == "hadamard")
             if init == "block_hadamard":
                 raise ValueError("kronecker affine: use init hadamard (each factor a Hadamard), not block_hadamard")
             self.factors = nn.ModuleList(
@@ -377,9 +386,9 @@ class Affine(Transform):
         self.requires_grad_(learnable)
 
     @staticmethod
-    def _kron_sizes(dim: int, kron_factors: tuple[int, int] | None) -> tuple[int, int]:
+    def _kron_sizes(dim: int, kron_factors: tuple[int, int] | None, hadamard_sizes: bool) -> tuple[int, int]:
         if kron_factors is None:
-            return _balanced_factors(dim)
+            return _balanced_factors(dim, hadamard_sizes)
         d1, d2 = kron_factors
         if d1 * d2 != dim:
             raise ValueError(f"kron_factors {kron_factors} must multiply to dim={dim}")

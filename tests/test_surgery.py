@@ -1,0 +1,249 @@
+"""Model surgery: function preservation for every family x placement x architecture, outliers, errors."""
+
+import copy
+
+import pytest
+import torch
+
+from latmix.fidelity import function_deviation
+from latmix.models import get_adapter, inject_channel_outliers
+from latmix.quantize import (
+    QuantConfig,
+    QuantLinear,
+    TransformConfig,
+    fp_deviation,
+    freeze_model,
+    prepare_model,
+    quantization_disabled,
+    set_quantization,
+    transforms_of,
+)
+
+ARCHITECTURES = ["llama", "llama_tied", "qwen2", "mistral", "llama_96"]
+# The full family x placement matrix runs on two architectures by default and on all under -m slow;
+# every architecture runs every preset and every placement at once by default.
+MATRIX_ARCHITECTURES = [
+    arch if arch in ("llama", "llama_96") else pytest.param(arch, marks=pytest.mark.slow) for arch in ARCHITECTURES
+]
+
+FAMILIES = {
+    "identity": {"family": "identity"},
+    "hadamard": {"family": "hadamard"},
+    "block_hadamard": {"family": "block_hadamard", "block_size": 32},
+    "rotation": {"family": "rotation"},
+    "rotation_learnable": {"family": "rotation", "learnable": True, "init": "hadamard"},
+    "affine_qr_shift": {"family": "affine", "parametrization": "qr", "init": "random", "shift": True},
+    "affine_lu": {"family": "affine", "parametrization": "lu", "init": "hadamard", "shift": True},
+    "affine_svd": {"family": "affine", "parametrization": "svd", "init": "identity", "shift": True},
+    "affine_kronecker": {"family": "affine", "parametrization": "kronecker", "init": "hadamard", "shift": True},
+    "affine_block_diag": {"family": "affine", "parametrization": "block_diag", "init": "block_hadamard", "shift": True},
+}
+ORTHOGONAL = ["identity", "hadamard", "block_hadamard", "rotation", "rotation_learnable"]
+PLACEMENT_FAMILIES = {
+    "residual": ORTHOGONAL,
+    "pre_linear": list(FAMILIES),
+    "attn_vo": list(FAMILIES),
+    "down_proj": list(FAMILIES),
+    "qk": ORTHOGONAL,
+}
+SINGLE_PLACEMENT_CASES = [
+    pytest.param({placement: FAMILIES[family]}, id=f"{placement}-{family}")
+    for placement, families in PLACEMENT_FAMILIES.items()
+    for family in families
+]
+
+# The presets the harness maps conf/transform/*.yaml onto (LATMiX's approximate T1 is tested separately).
+PRESETS = {
+    "identity": {},
+    "hadamard": {p: {"family": "hadamard"} for p in ("residual", "attn_vo", "down_proj", "qk")},
+    "block_hadamard": {p: {"family": "block_hadamard", "block_size": 32} for p in ("pre_linear", "attn_vo", "down_proj")},
+    "rotation": {
+        "residual": {"family": "rotation", "learnable": True, "init": "hadamard"},
+        "attn_vo": {"family": "rotation", "learnable": True},
+        "down_proj": {"family": "hadamard"},
+    },
+    "flatquant": {p: {"family": "affine", "parametrization": "kronecker"} for p in ("pre_linear", "attn_vo", "down_proj")},
+    "affine_without_t1": {
+        "attn_vo": {"family": "affine", "parametrization": "qr", "init": "hadamard", "shift": True},
+        "down_proj": {"family": "hadamard"},
+    },
+}
+LATMIX = {
+    "residual": {"family": "affine", "parametrization": "qr", "init": "hadamard"},
+    "attn_vo": {"family": "affine", "parametrization": "qr", "init": "hadamard", "shift": True},
+    "down_proj": {"family": "hadamard"},
+}
+
+
+def _relative_error(logits: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((logits - reference).abs().max() / reference.abs().max())
+
+
+def _perturb_learnable_transforms(model, scale: float = 0.02) -> None:
+    """Move every trainable transform parameter off its initialization (a generic, non-trivial point)."""
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for transform in transforms_of(model).values():
+            for param in transform.parameters():
+                if param.requires_grad:
+                    param.add_(scale * torch.randn(param.shape, generator=generator))
+
+
+@torch.no_grad()
+def _assert_preserves_function(make_tiny_model, arch, placements, input_ids, **cfg):
+    model = make_tiny_model(arch)
+    reference = model(input_ids).logits
+    prepare_model(model, TransformConfig(placements, **cfg), QuantConfig())
+    _perturb_learnable_transforms(model)
+    assert _relative_error(model(input_ids).logits, reference) < 1e-5
+    freeze_model(model)
+    assert _relative_error(model(input_ids).logits, reference) < 1e-5
+
+
+@pytest.mark.parametrize("arch", MATRIX_ARCHITECTURES)
+@pytest.mark.parametrize("placements", SINGLE_PLACEMENT_CASES)
+def test_every_family_at_every_placement_preserves_logits(make_tiny_model, arch, placements, input_ids):
+    _assert_preserves_function(make_tiny_model, arch, placements, input_ids)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_every_preset_preserves_logits(make_tiny_model, arch, preset, input_ids):
+    _assert_preserves_function(make_tiny_model, arch, PRESETS[preset], input_ids)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_all_exact_placements_at_once_with_affine_shifts_preserve_logits(make_tiny_model, arch, input_ids):
+    placements = {
+        "residual": FAMILIES["rotation_learnable"],
+        "pre_linear": FAMILIES["affine_qr_shift"],
+        "attn_vo": FAMILIES["affine_lu"],
+        "down_proj": FAMILIES["affine_kronecker"],
+        "qk": FAMILIES["hadamard"],
+    }
+    _assert_preserves_function(make_tiny_model, arch, placements, input_ids)
+
+
+def test_residual_unties_tied_embeddings(make_tiny_model, input_ids):
+    model = make_tiny_model("llama_tied")
+    prepare_model(model, TransformConfig(PRESETS["hadamard"]), QuantConfig())
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    assert model.config.tie_word_embeddings is False
+
+
+def test_attn_vo_shift_becomes_an_o_proj_bias_when_frozen(make_tiny_model, input_ids):
+    model = make_tiny_model("llama")
+    prepare_model(model, TransformConfig({"attn_vo": FAMILIES["affine_qr_shift"]}), QuantConfig())
+    _perturb_learnable_transforms(model)
+    freeze_model(model)
+    o_proj = get_adapter(model).attn_writer(get_adapter(model).layers()[0])
+    assert o_proj.bias is not None and o_proj.bias.abs().max() > 0
+
+
+def test_transforms_are_named_stably_and_learnable_ones_train(make_tiny_model, input_ids):
+    model = make_tiny_model("llama")
+    prepare_model(model, TransformConfig(LATMIX | {"pre_linear": FAMILIES["hadamard"]}, approximate=True), QuantConfig())
+    names = set(transforms_of(model))
+    assert {"residual", "layers.0.attn_vo", "layers.1.down_proj", "layers.0.pre_linear_attn"} <= names
+    assert "layers.1.pre_linear_mlp" in names
+    model(input_ids).logits.pow(2).mean().backward()
+    for name in ("residual", "layers.0.attn_vo", "layers.1.attn_vo"):
+        grads = [p.grad for p in transforms_of(model)[name].parameters()]
+        assert grads and all(g is not None and g.abs().sum() > 0 for g in grads), name
+
+
+def test_fixed_transforms_are_folded_at_once(make_tiny_model):
+    model = make_tiny_model("llama")
+    prepare_model(model, TransformConfig(PRESETS["hadamard"]), QuantConfig("mxfp4", "mxfp4"))
+    q_proj = get_adapter(model).attn_readers(get_adapter(model).layers()[0])[0]
+    assert isinstance(q_proj, QuantLinear) and q_proj.frozen and len(q_proj.folded_in) == 0
+    assert isinstance(model.model.embed_tokens, torch.nn.Embedding)
+    assert set(transforms_of(model)) == {f"layers.{i}.{p}" for i in range(2) for p in ("down_proj", "qk")}
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_quantized_presets_run_and_switch_back_to_full_precision(make_tiny_model, preset, input_ids):
+    model = make_tiny_model("qwen2")
+    reference = model(input_ids).logits.detach()
+    prepare_model(model, TransformConfig(PRESETS[preset]), QuantConfig("mxfp4", "mxfp4", kv_format="mxfp8"))
+    with torch.no_grad():
+        quantized = model(input_ids).logits
+        with quantization_disabled(model):
+            full_precision = model(input_ids).logits
+        again = model(input_ids).logits
+    assert torch.isfinite(quantized).all()
+    assert _relative_error(quantized, reference) > 1e-3
+    assert _relative_error(full_precision, reference) < 1e-5
+    torch.testing.assert_close(again, quantized)
+
+
+def test_kv_cache_quantization_changes_only_attention(make_tiny_model, input_ids):
+    model = make_tiny_model("llama")
+    reference = model(input_ids).logits.detach()
+    prepare_model(model, TransformConfig({"qk": FAMILIES["hadamard"]}), QuantConfig(kv_format="mxfp4"))
+    with torch.no_grad():
+        kv_quantized = model(input_ids).logits
+        set_quantization(model, weights=False, acts=False)
+        full_precision = model(input_ids).logits
+    assert _relative_error(kv_quantized, reference) > 1e-3
+    assert _relative_error(full_precision, reference) < 1e-5
+
+
+def test_gptq_leaves_weights_unquantized_until_written(make_tiny_model, input_ids):
+    model = make_tiny_model("llama")
+    reference = model(input_ids).logits.detach()
+    prepare_model(model, TransformConfig(PRESETS["hadamard"]), QuantConfig("mxfp4", None, weight_quantizer="gptq"))
+    with torch.no_grad():
+        assert _relative_error(model(input_ids).logits, reference) < 1e-5
+        q_proj = get_adapter(model).attn_readers(get_adapter(model).layers()[0])[0]
+        q_proj.set_weight(torch.zeros_like(q_proj.weight))
+        assert q_proj.weight_is_quantized and q_proj.weight.abs().max() == 0
+        assert _relative_error(model(input_ids).logits, reference) > 1e-3
+
+
+@torch.no_grad()
+def test_inject_channel_outliers_preserves_logits_and_creates_outliers(make_tiny_model, input_ids):
+    model = make_tiny_model("llama")
+    reference = model(input_ids).logits
+    channels = inject_channel_outliers(model, n_channels=2, scale=50.0, seed=0)
+    assert _relative_error(model(input_ids).logits, reference) < 1e-5
+    norm = get_adapter(model).input_norm(get_adapter(model).layers()[0])
+    others = torch.ones(norm.weight.shape[0], dtype=torch.bool)
+    others[channels] = False
+    assert norm.weight[channels].abs().min() > 10 * norm.weight[others].abs().max()
+
+
+@torch.no_grad()
+def test_hadamard_and_block_hadamard_reduce_mxfp4_error_on_an_outlier_model(make_tiny_model):
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    reference = make_tiny_model("llama")(ids).logits
+    errors = {}
+    for preset in ("identity", "hadamard", "block_hadamard"):
+        model = make_tiny_model("llama")
+        inject_channel_outliers(model, n_channels=2, scale=50.0, seed=0)
+        prepare_model(model, TransformConfig(PRESETS[preset]), QuantConfig("mxfp4", "mxfp4"))
+        logits = model(ids).logits
+        errors[preset] = float((logits - reference).norm() / reference.norm())
+    # Measured: identity 0.52, hadamard 0.19, block_hadamard 0.20.
+    assert errors["hadamard"] < 0.5 * errors["identity"]
+    assert errors["block_hadamard"] < 0.5 * errors["identity"]
+
+
+@torch.no_grad()
+def test_approximate_residual_affine_deviates_slightly_and_reports_it(make_tiny_model, input_ids):
+    original = make_tiny_model("llama")
+    model = copy.deepcopy(original)
+    prepare_model(model, TransformConfig(LATMIX, approximate=True), QuantConfig("mxfp4", "mxfp4"), deviation_ids=input_ids)
+    assert model.latmix_fp_deviation["max_rel_logit_error"] < 1e-5  # T1 starts orthogonal (Hadamard)
+
+    residual = transforms_of(model)["residual"]
+    residual.factors[0].log_scale.copy_(0.05 * torch.randn(residual.dim, generator=torch.Generator().manual_seed(3)))
+    assert residual.condition_number() > 1.05
+    reported = fp_deviation(model)
+    with quantization_disabled(model):
+        measured = function_deviation(model, original, input_ids)
+    assert 1e-4 < measured["max_rel_logit_error"] < 0.05
+    assert 0 < measured["kl"] < 1e-2
+    assert measured["ppl"] == pytest.approx(measured["ref_ppl"], rel=0.05)
+    for key, value in reported.items():
+        assert value == pytest.approx(measured[key], rel=1e-4, abs=1e-7), key
