@@ -10,11 +10,14 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from latmix.preemption import slurm_task
+
 # A config that cannot work exits with one line and status 2; a real bug keeps its traceback.
 CONFIG_ERROR_EXIT = 2
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
+@slurm_task
 def main(cfg: DictConfig) -> None:
     from latmix.experiment import run
 

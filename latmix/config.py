@@ -148,6 +148,7 @@ def build_eval_settings(values: dict[str, Any]) -> EvalSettings:
         ppl_datasets=tuple(values.get("ppl_datasets") or ()),
         max_seq_len=int(values.get("max_seq_len", 2048)),
         batch_size=values.get("batch_size", 8),
+        max_ppl_tokens=values.get("max_ppl_tokens"),
         limit=values.get("limit"),
         num_fewshot=int(values.get("num_fewshot", 0)),
     )

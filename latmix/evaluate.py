@@ -36,6 +36,7 @@ class EvalSettings:
     ppl_datasets: tuple[str, ...]
     max_seq_len: int
     batch_size: int | str
+    max_ppl_tokens: int | None  # evaluate perplexity on the first this-many tokens (None = all)
     limit: int | None
     num_fewshot: int
 
@@ -163,8 +164,10 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, settings: EvalSettings) -> 
     model.eval()
     seq_len = eval_seq_len(model, settings.max_seq_len)
     result = EvalResult(lm_eval_version=lm_eval.__version__)
+    ppl_batch = settings.batch_size if isinstance(settings.batch_size, int) else 1
     for dataset in settings.ppl_datasets:
-        result.ppl[dataset] = perplexity(model, perplexity_stream(tokenizer, dataset), seq_len)
+        stream = perplexity_stream(tokenizer, dataset)[: settings.max_ppl_tokens]
+        result.ppl[dataset] = perplexity(model, stream, seq_len, ppl_batch)
         log.info("ppl %s = %.3f (seq_len %d)", dataset, result.ppl[dataset], seq_len)
     if settings.tasks == ():
         return result

@@ -103,8 +103,9 @@ def reader_inputs(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.
     def hook(name: str, module: torch.nn.Module):
         def capture(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             x = args[0]
-            online = getattr(module, "online_in", None)
-            captured[name] = (online(x) if online is not None else x).detach().float().cpu()
+            for transform in getattr(module, "online_in", ()):  # a QuantLinear's online maps
+                x = transform(x)
+            captured[name] = x.detach().float().cpu()
 
         return capture
 
@@ -188,8 +189,25 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     log.info("run %s: model=%s quant=%s transform=%s seed=%d on %s",
              rid, exp.model.name, exp.quant_name, exp.transform_name, exp.seed, exp.device)
+    tracker = start_tracker(exp, rid, resolved)
+    try:
+        rec, figure_paths = execute(exp, resolved, rid, tracker)
+        record.write_record(path, rec)
+        log.info("record written to %s (%.1f s in all)", path, rec["timing"]["total"])
+        tracker.log_summary({"metrics": rec["metrics"], "timing": rec["timing"], "fidelity": rec["fidelity"] or {}})
+        tracker.log_calibration(rec["calibration"]["per_layer"])
+        if exp.logger.log_figures:
+            tracker.log_figures(figure_paths)
+    finally:
+        tracker.finish()
+    return rec
+
+
+def execute(
+    exp: Experiment, resolved: dict[str, Any], rid: str, tracker: Tracker
+) -> tuple[dict[str, Any], dict[str, Path]]:
+    """The pipeline proper: returns the record (not yet written) and the figures it saved."""
     seed_everything(exp.seed)
-    output_dir = hydra_output_dir() or exp.results_dir / "outputs" / rid
     timer = StageTimer()
     start = time.perf_counter()
 
@@ -198,8 +216,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if exp.model.outliers is not None:
             inject_channel_outliers(model, **exp.model.outliers)
         fp_model = copy.deepcopy(model).eval().requires_grad_(False)
-        calib_ids, calib_sha = calibration_batches(
-            tokenizer, exp.calib.source, exp.calib.n_samples, exp.calib.seq_len, exp.seed
+        calib = exp.calib
+        calib_ids, calib_sha = calibration_batches(tokenizer, calib.source, calib.n_samples, calib.seq_len, exp.seed)
+        heldout_ids, _ = calibration_batches(
+            tokenizer, calib.source, PROBE_SEQUENCES, calib.seq_len, exp.seed, split="validation"
         )
         probe_ids = calib_ids[:PROBE_SEQUENCES].to(exp.device)
         acts_before = reader_inputs(fp_model, probe_ids)
@@ -208,7 +228,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         prepare_model(model, exp.transform, exp.quant, deviation_ids=probe_ids)
 
     with timer.stage("calibrate"):
-        report = calibrate(model, fp_model, calib_ids, exp.calib, exp.optim, exp.results_dir / "ckpt" / rid)
+        report = calibrate(
+            model, fp_model, calib_ids, exp.calib, exp.optim, exp.results_dir / "ckpt" / rid,
+            heldout_ids=heldout_ids, on_step=tracker.log_step,
+        )
         calibration = {**report.as_record(), "data_sha256": calib_sha}
 
     with timer.stage("quantize"):
@@ -231,12 +254,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     timer.seconds["total"] = round(time.perf_counter() - start, 3)
     rec = build_record(exp, resolved, rid, evaluation, calibration, fidelity, timer.seconds)
-    record.write_record(path, rec)
-    log.info("record written to %s (%.1f s in all)", path, timer.seconds["total"])
-
-    figure_paths = save_figures(acts_before, acts_after, calibration.get("per_layer", []), output_dir)
-    track(exp, rid, rec, figure_paths)
-    return rec
+    output_dir = hydra_output_dir() or exp.results_dir / "outputs" / rid
+    return rec, save_figures(acts_before, acts_after, calibration["per_layer"], output_dir)
 
 
 def save_figures(
@@ -248,21 +267,14 @@ def save_figures(
     return paths
 
 
-def track(exp: Experiment, rid: str, rec: dict[str, Any], figure_paths: dict[str, Path]) -> None:
-    """Send the finished run to W&B; every failure inside is a warning (the record is already on disk)."""
+def start_tracker(exp: Experiment, rid: str, resolved: dict[str, Any]) -> Tracker:
+    """A W&B run grouped by sweep and tagged by model, quant and transform (a no-op when disabled)."""
     settings = exp.logger
     tracker = Tracker(settings.mode, settings.project, settings.entity, exp.results_dir / "wandb")
     tracker.start(
         name=f"{exp.model.name}-{exp.quant_name}-{exp.transform_name}-s{exp.seed}",
-        config={"run_id": rid, **rec["config"]},
+        config={"run_id": rid, **resolved},
         group=settings.group or sweep_group(),
         tags=[exp.model.name, exp.quant_name, exp.transform_name, *settings.tags],
     )
-    try:
-        tracker.log_calibration(rec["calibration"].get("per_layer", []))
-        tracker.log_summary({"metrics": rec["metrics"], "timing": rec["timing"], "run_id": rid,
-                             "fidelity": rec["fidelity"] or {}})
-        if settings.log_figures:
-            tracker.log_figures(figure_paths)
-    finally:
-        tracker.finish()
+    return tracker

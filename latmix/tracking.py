@@ -21,6 +21,11 @@ from typing import Any, TypeVar
 log = logging.getLogger(__name__)
 
 WANDB_HOST = "api.wandb.ai"
+# Per-layer series of the calibration report drawn as curves over depth.
+PER_LAYER_CURVES = {
+    "loss_per_layer": ("loss_before", "loss_after"),
+    "bound_vs_error": ("bound_before", "error_before", "bound_after", "error_after"),
+}
 T = TypeVar("T")
 
 
@@ -111,17 +116,29 @@ class Tracker:
         )
 
     @_guarded
+    def log_step(self, progress: Mapping[str, Any]) -> None:
+        """One calibration step (end to end) or block (layer-wise): the live loss curve."""
+        self.run.log({f"calibration/{k}": v for k, v in progress.items() if _is_scalar(v)})
+
+    @_guarded
     def log_calibration(self, per_layer: list[Mapping[str, Any]]) -> None:
-        """Per-layer calibration curves (one step per layer) and the bound-vs-error table."""
+        """The per-layer table (losses, bound vs measured error, conditioning) and its curves over depth."""
         import wandb
 
         if not per_layer:
             return
         columns = sorted({key for row in per_layer for key in row if _is_scalar(row[key])})
         table = wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in per_layer])
-        self.run.log({"calibration/per_layer": table})
-        for row in per_layer:
-            self.run.log({f"calibration/{k}": v for k, v in row.items() if _is_scalar(v)})
+        plots = {}
+        for title, keys in PER_LAYER_CURVES.items():
+            keys = [k for k in keys if any(isinstance(row.get(k), (int, float)) for row in per_layer)]
+            if keys:
+                plots[f"calibration/{title}"] = wandb.plot.line_series(
+                    xs=list(range(len(per_layer))),
+                    ys=[[_number(row.get(k)) for row in per_layer] for k in keys],
+                    keys=keys, title=title, xname="quantization point",
+                )
+        self.run.log({"calibration/per_layer": table, **plots})
 
     @_guarded
     def log_summary(self, values: Mapping[str, Any]) -> None:
@@ -141,6 +158,10 @@ class Tracker:
     @property
     def run_dir(self) -> Path | None:
         return Path(self.run.dir).parent if self.run is not None else None
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) else float("nan")
 
 
 def _is_scalar(value: Any) -> bool:

@@ -123,7 +123,7 @@ def test_local_suite_runs_lm_eval_on_the_in_memory_model(tiny_checkpoint):
     tokenizer = PreTrainedTokenizerFast.from_pretrained(tiny_checkpoint)
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint).eval()
     settings = EvalSettings(suite="local", tasks=None, ppl_datasets=("heldout",), max_seq_len=128,
-                            batch_size=8, limit=8, num_fewshot=0)
+                            batch_size=8, max_ppl_tokens=4096, limit=8, num_fewshot=0)
     result = evaluate.evaluate(model, tokenizer, settings)
     assert set(result.tasks) == set(local_tasks.LOCAL_TASKS)
     assert all(0.0 <= scores["acc"] <= 1.0 for scores in result.tasks.values())

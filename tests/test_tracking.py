@@ -47,14 +47,18 @@ def test_an_offline_run_holds_summary_config_group_and_tags(no_credentials, tmp_
     tracker = tracking.Tracker("auto", "latmix-test", None, tmp_path / "wandb")
     tracker.start("tiny-mxfp4-affine-s0", {"quant": {"block_size": 32}, "seed": 0}, "sweep-1", ["tiny", "affine"])
     run_dir = tracker.run_dir
-    tracker.log_calibration([{"layer": 0, "loss_before": 2.0, "loss_after": 1.0, "bound_after": 0.5}])
+    tracker.log_step({"step": 1, "loss": 0.5})
+    tracker.log_calibration([{"layer": "layers.0.q", "loss_before": 2.0, "loss_after": 1.0, "bound_after": 0.5}])
     tracker.log_summary({"metrics": {"ppl": {"heldout": 12.5}}, "run_id": "abc"})
     tracker.finish()
 
     logged = tracking.read_offline_run(run_dir)
     assert logged["summary"]["metrics/ppl/heldout"] == 12.5
     assert logged["summary"]["run_id"] == "abc"
-    assert logged["summary"]["calibration/loss_after"] == 1.0
+    assert logged["summary"]["calibration/loss"] == 0.5
+    assert logged["summary"]["calibration/per_layer/_type"] == "table-file"
+    assert logged["summary"]["calibration/per_layer/nrows"] == 1
+    assert logged["summary"]["calibration/bound_vs_error_table/_type"] == "table-file"
     assert logged["config"]["quant.block_size"] == 32
     assert logged["group"] == "sweep-1"
     assert sorted(logged["tags"]) == ["affine", "tiny"]

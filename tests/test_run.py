@@ -1,0 +1,148 @@
+"""The pipeline end to end: one run writes a valid record; reruns skip; force reruns; sweeps; W&B offline.
+
+Every test here runs the whole pipeline (seconds on an idle CPU on a random tiny Llama, shrunk
+calibration and evaluation), so all are marked slow; `make test` runs them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from test_evaluate import build_tiny_checkpoint
+
+from latmix import record, tracking
+from latmix.experiment import run
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGES = {"load", "transform", "calibrate", "quantize", "evaluate", "total"}
+
+
+def shrunk(checkpoint: Path, results_dir: Path) -> list[str]:
+    """Overrides that keep the pipeline whole but make it take seconds on a random tiny model."""
+    return [
+        f"model.name_or_path={checkpoint}",
+        f"paths.results_dir={results_dir}",
+        "quant.weight_quantizer=rtn",
+        "calib.n_samples=4", "calib.seq_len=64", "calib.batch_size=2", "calib.steps=2",
+        "eval=quick", "eval.max_seq_len=256", "eval.max_ppl_tokens=512", "eval.limit=4",
+    ]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture
+def offline_wandb(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "absent-netrc"))
+
+
+def compose_run(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+@pytest.mark.slow
+def test_one_run_writes_a_valid_record_then_skips_then_reruns_when_forced(checkpoint, tmp_path, caplog):
+    overrides = [*shrunk(checkpoint, tmp_path), "logger=none"]
+    rec = run(compose_run(*overrides))
+
+    path = record.record_path(tmp_path, rec["run_id"])
+    assert record.read_record(path) == json.loads(json.dumps(rec))
+    assert (rec["model"], rec["quant"], rec["transform"], rec["weight_quantizer"]) == ("tiny", "mxfp4", "affine", "rtn")
+    assert set(rec["timing"]) == STAGES and all(v >= 0 for v in rec["timing"].values())
+    assert rec["metrics"]["ppl"]["heldout"] > 1
+    assert set(rec["metrics"]["tasks"]) == {"tiny_lambada", "tiny_hellaswag", "tiny_wordorder"}
+    assert rec["calibration"]["per_layer"] and rec["calibration"]["data_sha256"]
+    assert rec["fidelity"]["after_calibration"]["kl"] >= 0  # affine T1 is approximate: measured
+    assert rec["eval"]["lm_eval_version"] and rec["env"]["torch"]
+    assert (tmp_path / "outputs" / rec["run_id"] / "activations.png").exists()
+
+    written = path.stat().st_mtime_ns
+    with caplog.at_level("INFO", logger="latmix.experiment"):
+        again = run(compose_run(*overrides))
+    assert again == record.read_record(path) and path.stat().st_mtime_ns == written
+    assert "already recorded" in caplog.text
+
+    forced = run(compose_run(*overrides, "force=true"))
+    assert forced["run_id"] == rec["run_id"] and path.stat().st_mtime_ns != written
+    assert forced["metrics"]["ppl"] == pytest.approx(rec["metrics"]["ppl"])  # seeded: reproducible
+
+
+@pytest.mark.slow
+def test_a_corrupted_record_is_replaced_by_a_rerun(checkpoint, tmp_path):
+    overrides = [*shrunk(checkpoint, tmp_path), "logger=none", "transform=identity"]
+    rid = record.run_id(OmegaConf.to_container(compose_run(*overrides), resolve=True))
+    path = record.record_path(tmp_path, rid)
+    path.parent.mkdir(parents=True)
+    path.write_text("{truncated")
+    rec = run(compose_run(*overrides))
+    assert rec["run_id"] == rid and record.read_record(path)["transform"] == "identity"
+
+
+@pytest.mark.slow
+def test_an_offline_wandb_run_holds_the_records_metrics(checkpoint, tmp_path, offline_wandb):
+    rec = run(compose_run(*shrunk(checkpoint, tmp_path), "transform=hadamard"))
+    run_dirs = list((tmp_path / "wandb" / "wandb").glob("offline-run-*"))
+    assert len(run_dirs) == 1
+    logged = tracking.read_offline_run(run_dirs[0])
+    assert logged["summary"]["metrics/ppl/heldout"] == pytest.approx(rec["metrics"]["ppl"]["heldout"])
+    assert logged["summary"]["timing/total"] == pytest.approx(rec["timing"]["total"])
+    assert logged["config"]["run_id"] == rec["run_id"]
+    assert set(logged["tags"]) >= {"tiny", "mxfp4", "hadamard"}
+
+
+@pytest.mark.slow
+def test_a_wandb_failure_never_loses_the_run(checkpoint, tmp_path, monkeypatch):
+    import wandb
+
+    def unreachable(**_kwargs):
+        raise ConnectionError("api.wandb.ai unreachable")
+
+    monkeypatch.setattr(wandb, "init", unreachable)
+    rec = run(compose_run(*shrunk(checkpoint, tmp_path), "transform=identity", "logger.mode=online"))
+    assert record.read_record(record.record_path(tmp_path, rec["run_id"]))["transform"] == "identity"
+
+
+def cli(*args: str, cwd: Path = ROOT, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    env.pop("WANDB_API_KEY", None)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=timeout)
+
+
+@pytest.mark.slow
+def test_a_sweep_over_three_transforms_writes_three_records_and_a_three_row_table(checkpoint, tmp_path):
+    out = cli(str(ROOT / "run.py"), "-m", *shrunk(checkpoint, tmp_path), "logger=none",
+              "transform=identity,hadamard,affine", "hydra/launcher=local", f"hydra.sweep.dir={tmp_path}/sweep")
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = [r for r in record.iter_records(tmp_path) if isinstance(r, dict)]
+    assert sorted(r["transform"] for r in records) == ["affine", "hadamard", "identity"]
+    assert len({r["run_id"] for r in records}) == 3
+
+    out = cli(str(ROOT / "scripts" / "make_tables.py"), "--results-dir", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    table = pd.read_csv(tmp_path / "tables" / "results.csv")
+    assert sorted(table["method"]) == ["affine+rtn", "hadamard+rtn", "identity+rtn"]
+
+
+@pytest.mark.slow
+def test_the_default_command_runs_end_to_end_on_the_embedded_model(tmp_path):
+    out = cli(str(ROOT / "run.py"), f"paths.results_dir={tmp_path}", f"hydra.run.dir={tmp_path}/out")
+    assert out.returncode == 0, out.stderr[-3000:]
+    (rec,) = [r for r in record.iter_records(tmp_path) if isinstance(r, dict)]
+    assert (rec["model"], rec["quant"], rec["transform"]) == ("tiny", "mxfp4", "affine")
+    assert rec["timing"]["total"] < 180
+    for stage in ("load", "calibrate", "quantize", "evaluate"):
+        assert f"stage {stage}" in out.stdout + out.stderr  # the per-stage time is in the log
+    assert list((tmp_path / "wandb" / "wandb").glob("offline-run-*"))
