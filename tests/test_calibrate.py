@@ -149,10 +149,10 @@ def summary(report, model, fp_model, heldout_ids) -> dict[str, float]:
 
 
 @pytest.mark.parametrize(
-    # Measured (calibration KL, held-out KL, mean block error) as fractions of the best fixed family:
-    # end_to_end 0.87 / 0.95 / 0.94, layer_wise 0.70 / 0.91 / 0.75.
+    # Measured (calibration KL, held-out KL, mean block error) as fractions of the best fixed family
+    # (deterministic: fixed seeds, one thread): end_to_end 0.83 / 0.94 / 0.92, layer_wise 0.88 / 0.86 / 0.82.
     ("mode", "objective", "kl_ratio", "heldout_ratio", "block_ratio"),
-    [("end_to_end", "kl", 0.93, 0.98, 1.0), ("layer_wise", "block_mse", 0.8, 0.96, 0.85)],
+    [("end_to_end", "kl", 0.9, 0.97, 0.96), ("layer_wise", "block_mse", 0.93, 0.92, 0.88)],
 )
 def test_calibrated_affine_beats_every_fixed_transform_under_mxfp4(
     make_tiny_model, ordering_data, fixed_baselines, mode, objective, kl_ratio, heldout_ratio, block_ratio
@@ -163,7 +163,7 @@ def test_calibrated_affine_beats_every_fixed_transform_under_mxfp4(
         model_with_outliers(make_tiny_model), TransformConfig(placements("affine", init="hadamard")), W4A4
     )
     cfg = quick_config(mode=mode, objective=objective, epochs=10, batch_size=8)
-    report = calibrate(model, fp_model, calib_ids, cfg, OptimConfig(lr=1e-2), None)
+    report = calibrate(model, fp_model, calib_ids, cfg, OptimConfig(lr=5e-3), None)
     learned = summary(report, model, fp_model, heldout_ids)
     for metric, ratio in (("kl", kl_ratio), ("heldout_kl", heldout_ratio), ("block_error", block_ratio)):
         best_fixed = min(result[metric] for result in fixed_baselines.values())
