@@ -1,9 +1,10 @@
 """hydra/launcher=slurm and =local, and the requeue glue, specified against a real Slurm.
 
 The `slurm` tests need the one-node cluster of scripts/slurm/start_local_slurm.sh (`make slurm-test`
-and .ci/run start it); they drive tests/slurm_app/app.py, a stand-in for run.py with the same
-checkpoint-per-block shape, through `python app.py -m hydra/launcher=...` in a subprocess, exactly
-as users launch sweeps. Each test gets its own submitit folder and results dir.
+and .ci/run start it). Most drive tests/slurm_app/app.py, a stand-in for run.py with the same
+checkpoint-per-block shape that runs in seconds; the last one preempts run.py itself on a tiny model.
+Both are launched as users launch sweeps, `python ... -m hydra/launcher=slurm` in a subprocess, each
+test with its own submitit folder and results dir.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from latmix.preemption import RequeueLimitError, check_requeue_limit, slurm_task
 
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "tests" / "slurm_app" / "app.py"
+RUN_PY = REPO / "run.py"
 SLURM_CONF = Path(os.environ.get("LATMIX_SLURM_DIR", "/tmp/latmix-slurm")) / "etc" / "slurm.conf"
 # What the local cluster can give a job; everything else comes from conf/hydra/launcher/slurm.yaml.
 LOCAL_CLUSTER_OVERRIDES = (
@@ -36,10 +38,10 @@ LOCAL_CLUSTER_OVERRIDES = (
 PREEMPTIBLE_TIMEOUT_MIN = 60
 
 
-def app_command(tmp_path: Path, launcher: str, *overrides: str) -> list[str]:
+def app_command(tmp_path: Path, launcher: str, *overrides: str, app: Path = APP) -> list[str]:
     return [
         sys.executable,
-        str(APP),
+        str(app),
         "-m",
         f"hydra/launcher={launcher}",
         f"hydra.searchpath=[file://{REPO / 'conf'}]",
@@ -168,13 +170,14 @@ def slurm() -> Callable[..., subprocess.Popen]:
     if ping.returncode != 0:
         pytest.fail(f"the local Slurm cluster does not answer ({ping.stderr.strip()}): start it again")
 
-    def launch(tmp_path: Path, *overrides: str) -> subprocess.Popen:
+    def launch(tmp_path: Path, *overrides: str, app: Path = APP) -> subprocess.Popen:
         command = app_command(
             tmp_path,
             "slurm",
             f"hydra.launcher.submitit_folder={tmp_path / 'submitit' / '%j'}",
             *LOCAL_CLUSTER_OVERRIDES,
             *overrides,
+            app=app,
         )
         return subprocess.Popen(
             command, env=slurm_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -265,3 +268,104 @@ def test_a_cancelled_job_is_reported_as_cancelled_not_awaited_forever(slurm, tmp
     returncode, output = finish(run, timeout_s=90)
     assert returncode != 0
     assert "CANCELLED" in output
+
+
+# --- run.py itself ---
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A 2-layer random Llama and a byte-level BPE tokenizer trained on the shipped calibration text.
+
+    model=tiny loads it through model.name_or_path: the launcher path does not need the embedded
+    model's trained weights, only a model that run.py loads, calibrates and evaluates in seconds.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train([str(REPO / "data" / "text" / "calibration.txt")], trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def run_py_overrides(tmp_path: Path, model_dir: Path) -> tuple[str, ...]:
+    """The cheapest run.py that still learns transforms, checkpointing after every step."""
+    return (
+        f"paths.output_dir={tmp_path / 'outputs'}",
+        "model=tiny",
+        f"model.name_or_path={model_dir}",
+        "transform=affine",
+        "calib.n_samples=4",
+        "calib.seq_len=64",
+        "calib.batch_size=1",
+        "calib.steps=4",
+        "calib.checkpoint_every=1",
+        "eval=quick",
+        "eval.tasks=[]",
+        "logger=none",
+        f"hydra.launcher.timeout_min={PREEMPTIBLE_TIMEOUT_MIN}",
+    )
+
+
+def without_execution_facts(record: dict) -> dict:
+    """The record minus what differs between two executions of one run: when, how long, where its
+    files went, the commit checked out when it ended, and whether it resumed."""
+    calibration = {
+        k: v for k, v in record["calibration"].items() if k not in ("seconds", "resumed_from_step")
+    }
+    config = {k: v for k, v in record["config"].items() if k != "paths"}
+    kept = {k: v for k, v in record.items() if k not in ("created", "timing", "git_sha")}
+    return {**kept, "calibration": calibration, "config": config}
+
+
+def calibration_checkpoints(tmp_path: Path) -> list[Path]:
+    return list((tmp_path / "results" / "ckpt").glob("*/calibration.pt"))
+
+
+@pytest.mark.slurm
+def test_run_py_preempted_mid_calibration_resumes_and_records_what_an_uninterrupted_run_records(
+    slurm, tmp_path, tiny_llama_dir
+):
+    name = f"run-py-{uuid.uuid4().hex[:8]}"
+    preempted = slurm(
+        tmp_path / "preempted",
+        *run_py_overrides(tmp_path / "preempted", tiny_llama_dir),
+        f"hydra.launcher.name={name}",
+        app=RUN_PY,
+    )
+    uninterrupted = slurm(
+        tmp_path / "uninterrupted", *run_py_overrides(tmp_path / "uninterrupted", tiny_llama_dir), app=RUN_PY
+    )
+    wait_for(
+        lambda: calibration_checkpoints(tmp_path / "preempted"), "a calibration checkpoint", timeout_s=300
+    )
+    signal_job(name)
+    returncode, output = finish(preempted, timeout_s=600)
+    assert returncode == 0, output
+    returncode, output = finish(uninterrupted, timeout_s=600)
+    assert returncode == 0, output
+
+    (resumed,) = records(tmp_path / "preempted")
+    (reference,) = records(tmp_path / "uninterrupted")
+    assert resumed["calibration"]["resumed_from_step"] >= 1
+    assert reference["calibration"]["resumed_from_step"] is None
+    assert without_execution_facts(resumed) == without_execution_facts(reference)
