@@ -607,12 +607,18 @@ def _gradient_checkpointing(model: nn.Module, cfg: CalibConfig) -> Iterator[None
         yield
         return
     was_training = model.training
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers 5 renamed gradient checkpointing to activation checkpointing; 4.x has only the old name.
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        disable = model.activation_checkpointing_disable
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        disable = model.gradient_checkpointing_disable
     model.train()
     try:
         yield
     finally:
-        model.gradient_checkpointing_disable()
+        disable()
         model.train(was_training)
 
 
@@ -629,11 +635,11 @@ def _end_to_end_loss(
         ref_logits = fp_model(ids.to(_device(fp_model))).logits.to(device)
     if cfg.objective == "bound":
         with _captured_operands(model, points) as operands, _autocast(cfg, device):
-            model(ids.to(device))
+            model(ids.to(device), use_cache=False)
         loss = bound_loss(operands)
     else:
         with _autocast(cfg, device):
-            logits = model(ids.to(device)).logits
+            logits = model(ids.to(device), use_cache=False).logits
         loss = next_token_kl(logits, ref_logits)
     return loss + cfg.reg_weight * volume_regularizer(transforms).to(loss.device)
 
