@@ -28,7 +28,14 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 from latmix import mx
 from latmix.fidelity import logit_deviation
 from latmix.models import LINEAR_ROLES, get_adapter
-from latmix.transforms import TRANSFORMS, Headwise, Transform, build_transform, transform_kwargs
+from latmix.transforms import (
+    TRANSFORMS,
+    Headwise,
+    Transform,
+    build_transform,
+    cached_transforms,
+    transform_kwargs,
+)
 
 __all__ = [
     "PLACEMENTS",
@@ -449,7 +456,9 @@ def prepare_model(
 
     model.latmix_transforms = make.built
     model.latmix_adapter = adapter
-    if not any(p.requires_grad for t in make.built.values() for p in t.parameters()):
+    if any(p.requires_grad for t in make.built.values() for p in t.parameters()):
+        _cache_transforms_per_forward(model)
+    else:
         freeze_model(model)
     if reference is not None:
         model.latmix_reference = reference
@@ -465,6 +474,20 @@ def fp_deviation(model: nn.Module) -> dict[str, float]:
     with quantization_disabled(model):
         logits = _logits(model, input_ids).cpu()
     return logit_deviation(logits, ref_logits, input_ids)
+
+
+def _cache_transforms_per_forward(model: nn.Module) -> None:
+    """Each forward builds every learnable transform's matrices once, not once per linear folding it."""
+
+    def enter(module, args):
+        module.latmix_cache_context = cached_transforms()
+        module.latmix_cache_context.__enter__()
+
+    def leave(module, args, output):
+        module.latmix_cache_context.__exit__(None, None, None)
+
+    model.register_forward_pre_hook(enter)
+    model.register_forward_hook(leave, always_call=True)
 
 
 def _attach_attention_extras(attention: nn.Module, qk: Transform | None, quant_cfg: QuantConfig) -> None:

@@ -8,12 +8,14 @@ dtype of the transform's own tensors); inputs are cast back to their dtype on th
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrizations
+from torch.nn.utils import parametrizations, parametrize
 
 from latmix.hadamard import (
     hadamard_factorization,
@@ -34,6 +36,7 @@ __all__ = [
     "Rotation",
     "Transform",
     "build_transform",
+    "cached_transforms",
     "random_orthogonal",
     "transform_kwargs",
 ]
@@ -41,6 +44,35 @@ __all__ = [
 INITS = ("identity", "hadamard", "block_hadamard", "random")
 AFFINE_PARAMETRIZATIONS = ("qr", "lu", "svd", "kronecker", "block_diag")
 _FACTOR_PARAMETRIZATIONS = ("qr", "lu", "svd")
+
+
+_matrix_cache: dict[tuple[int, str], list[torch.Tensor]] | None = None
+
+
+@contextlib.contextmanager
+def cached_transforms() -> Iterator[None]:
+    """Inside the block each learnable transform builds its matrices once, however many linears fold it.
+
+    Meant for one forward pass (the shared residual map is folded into every reader and writer);
+    gradients still flow through the cached tensors. Leave the block before parameters change.
+    """
+    global _matrix_cache
+    outer = _matrix_cache
+    _matrix_cache = {} if outer is None else outer
+    try:
+        with parametrize.cached():
+            yield
+    finally:
+        _matrix_cache = outer
+
+
+def _cached(owner: nn.Module, kind: str, build: Callable[[], list[torch.Tensor]]) -> list[torch.Tensor]:
+    if _matrix_cache is None:
+        return build()
+    key = (id(owner), kind)
+    if key not in _matrix_cache:
+        _matrix_cache[key] = build()
+    return _matrix_cache[key]
 
 
 class Transform(nn.Module):
@@ -413,10 +445,10 @@ class Affine(Transform):
         return torch.einsum(pattern, grid, blocks).reshape(x.shape)
 
     def _matrices(self) -> list[torch.Tensor]:
-        return [f.matrices() for f in self.factors]
+        return _cached(self, "matrices", lambda: [f.matrices() for f in self.factors])
 
     def _inverse_matrices(self) -> list[torch.Tensor]:
-        return [f.inverse_matrices() for f in self.factors]
+        return _cached(self, "inverse", lambda: [f.inverse_matrices() for f in self.factors])
 
     def _assemble(self, mats: list[torch.Tensor]) -> torch.Tensor:
         if self.kronecker:

@@ -152,6 +152,19 @@ def test_transforms_are_named_stably_and_learnable_ones_train(make_tiny_model, i
         assert grads and all(g is not None and g.abs().sum() > 0 for g in grads), name
 
 
+def test_a_forward_builds_each_learnable_transform_once(make_tiny_model, input_ids):
+    model = make_tiny_model("llama")
+    prepare_model(model, TransformConfig(LATMIX, approximate=True), QuantConfig("mxfp4", "mxfp4"))
+    blocks = transforms_of(model)["residual"].factors[0]
+    calls = []
+    build = blocks.matrices
+    blocks.matrices = lambda: calls.append("matrices") or build()
+    model(input_ids).logits.sum().backward()
+    # Without the per-forward cache the residual map would be rebuilt by each of its 15 folds.
+    assert calls == ["matrices"]
+    assert all(p.grad is not None for p in blocks.parameters())
+
+
 def test_fixed_transforms_are_folded_at_once(make_tiny_model):
     model = make_tiny_model("llama")
     prepare_model(model, TransformConfig(PRESETS["hadamard"]), QuantConfig("mxfp4", "mxfp4"))
