@@ -13,6 +13,8 @@ LOG_DIR="$LATMIX_SLURM_DIR/log"
 MUNGE_DIR="$LATMIX_SLURM_DIR/munge"
 MARIADB_DIR="$LATMIX_SLURM_DIR/mariadb"
 export SLURM_CONF="$ETC_DIR/slurm.conf"
+# The daemons live in /usr/sbin, which a CI runner's PATH may lack.
+export PATH="$PATH:/usr/sbin:/sbin"
 
 # The daemons in the order they start; stop walks it backwards.
 DAEMONS=(munged mariadbd slurmdbd slurmctld slurmd)
