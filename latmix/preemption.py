@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import traceback
 from typing import Any
 
@@ -69,7 +70,11 @@ def slurm_task(task_function: TaskFunction) -> TaskFunction:
         try:
             return task_function(cfg)
         except Exception as err:
-            err.add_note(f"Traceback in Slurm job {slurm_job_id()}:\n" + traceback.format_exc().rstrip())
+            note = f"Traceback in Slurm job {slurm_job_id()}:\n" + traceback.format_exc().rstrip()
+            if sys.version_info >= (3, 11):
+                err.add_note(note)
+            else:  # no exception notes before 3.11: the traceback stays in the job's stderr log
+                print(note, file=sys.stderr)
             raise
 
     return guarded
