@@ -62,6 +62,7 @@ E8M0_MAX_EXP = 127
 
 _F32_MANTISSA_BITS = 23
 _F32_EXP_BIAS = 127
+_F32_EXPONENT_MASK = 0x7F800000
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -203,14 +204,17 @@ def _exp2(exponent: Tensor) -> Tensor:
 def _round_to_element(values: Tensor, element: ElementFormat) -> Tensor:
     """Round float32 values to the nearest element value (ties to even), saturating at max_normal.
 
-    Each value is scaled so that one step of its binade (the subnormal step below min_normal) is 1,
-    rounded by torch.round (half to even), and scaled back: all scalings are exact powers of two.
-    NaN stays NaN.
+    The classic magic-number rounding: adding C = 2^(23 + step exponent) to |v| lands the sum in the
+    float32 binade whose spacing is exactly the element step of |v|'s binade (the subnormal step below
+    min_normal), so the float32 addition itself rounds half to even, and subtracting C is exact.
+    C is built from |v|'s exponent bits. NaN stays NaN.
     """
-    binade = _floor_log2(values.abs()).clamp(min=element.emin)
-    step_exponent = binade - element.mbits
-    rounded = torch.round(values * _exp2(-step_exponent)) * _exp2(step_exponent)
-    return rounded.clamp(-element.max_normal, element.max_normal)
+    magnitude = values.abs()
+    smallest_binade = (element.emin + _F32_EXP_BIAS) << _F32_MANTISSA_BITS
+    binade = (magnitude.view(torch.int32) & _F32_EXPONENT_MASK).clamp(min=smallest_binade)
+    magic = (binade + ((_F32_MANTISSA_BITS - element.mbits) << _F32_MANTISSA_BITS)).view(torch.float32)
+    rounded = (magnitude + magic) - magic
+    return torch.copysign(rounded.clamp(max=element.max_normal), values)
 
 
 def _fake_quantize_e8m0(blocks: Tensor, element: ElementFormat) -> Tensor:
