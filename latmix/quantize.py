@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -27,7 +27,7 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from latmix import mx
 from latmix.fidelity import logit_deviation
-from latmix.models import LINEAR_ROLES, get_adapter
+from latmix.models import LINEAR_ROLES, LlamaFamilyAdapter, get_adapter
 from latmix.transforms import (
     TRANSFORMS,
     Headwise,
@@ -307,7 +307,7 @@ class TransformedEmbedding(nn.Module):
 # --- quantized KV cache and the qk transform, through transformers' attention interface ----------------
 
 
-def _latmix_attention(base: str):
+def _latmix_attention(base: str) -> Callable:
     def attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
         qk = getattr(module, "latmix_qk", None)
         if qk is not None:
@@ -365,7 +365,7 @@ def _present(*transforms: Transform | None) -> list[Transform]:
     return [t for t in transforms if t is not None]
 
 
-def _check_block_sizes(adapter, quant_cfg: QuantConfig) -> None:
+def _check_block_sizes(adapter: LlamaFamilyAdapter, quant_cfg: QuantConfig) -> None:
     layer = adapter.layers()[0]
     for role in quant_cfg.quantized_roles:
         in_features = adapter.linear(layer, role).in_features
