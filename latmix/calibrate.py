@@ -614,12 +614,21 @@ def _gradient_checkpointing(model: nn.Module, cfg: CalibConfig) -> Iterator[None
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         disable = model.gradient_checkpointing_disable
+    # Workaround: latmix.mx's lazily compiled quantizer can pick a different compiled graph when the
+    # checkpointed block is recomputed, which torch.utils.checkpoint rejects (CheckpointError); the
+    # eager quantizer computes the same values, so calibration with checkpointing stays eager.
+    compile_setting = os.environ.get("LATMIX_MX_COMPILE")
+    os.environ["LATMIX_MX_COMPILE"] = "0"
     model.train()
     try:
         yield
     finally:
         disable()
         model.train(was_training)
+        if compile_setting is None:
+            del os.environ["LATMIX_MX_COMPILE"]
+        else:
+            os.environ["LATMIX_MX_COMPILE"] = compile_setting
 
 
 # --- end to end ----------------------------------------------------------------------------------
