@@ -3,13 +3,13 @@
 A Hadamard matrix of order n is an n x n matrix of +-1 entries with H H^T = n I. We build
 H_n = H_m ⊗ H_{2^k} where the power-of-two factor is Sylvester's construction (applied in
 O(n log n) by butterflies, never materialized on the fast path) and the small factor H_m comes from
-Paley's constructions over a prime field:
+Paley's constructions over a finite field GF(q), q a prime or a prime square or cube:
 
-- Paley I: q prime, q ≡ 3 (mod 4) gives order q + 1 (12, 20, 24, 44, 48, 60, 108, 140, ...);
-- Paley II: q prime, q ≡ 1 (mod 4) gives order 2 (q + 1) (28, 36, 60, 76, 108, 148, ...).
+- Paley I: q ≡ 3 (mod 4) gives order q + 1 (12, 20, 24, 28, 44, 48, 60, 108, 140, ...);
+- Paley II: q ≡ 1 (mod 4) gives order 2 (q + 1) (20, 28, 36, 52, 60, 76, 100, 108, 148, ...).
 
-Prime powers (e.g. q = 25 for order 52) and Williamson-type orders (156, 172, ...) are not built;
-asking for such a size is an error that points to block_hadamard.
+Williamson-type orders (156, 172, ...) are not built; asking for such a size is an error that points
+to block_hadamard.
 """
 
 from __future__ import annotations
@@ -35,25 +35,57 @@ def _is_prime(q: int) -> bool:
     return all(q % p for p in range(2, math.isqrt(q) + 1))
 
 
-def _quadratic_character(q: int) -> list[int]:
-    """chi(a) for a in GF(q), q prime: 0 at 0, +1 on squares, -1 otherwise."""
-    squares = {(a * a) % q for a in range(1, q)}
-    return [0] + [1 if a in squares else -1 for a in range(1, q)]
+def _prime_power(q: int) -> tuple[int, int] | None:
+    """(p, k) with q = p^k, p prime, k <= 3 (where irreducibility is just having no root); else None."""
+    for k in (1, 2, 3):
+        p = round(q ** (1 / k))
+        if p**k == q and _is_prime(p):
+            return p, k
+    return None
+
+
+def _irreducible_tail(p: int, k: int) -> tuple[int, ...]:
+    """Coefficients c_0..c_{k-1} of a monic irreducible x^k + ... over GF(p) (degree <= 3: no roots)."""
+    for code in range(p**k):
+        tail = tuple((code // p**i) % p for i in range(k))
+        if k == 1 or all((x**k + sum(c * x**i for i, c in enumerate(tail))) % p for x in range(p)):
+            return tail
+    raise AssertionError(f"no irreducible polynomial of degree {k} over GF({p})")
+
+
+def _field_square(a: tuple[int, ...], p: int, tail: tuple[int, ...]) -> tuple[int, ...]:
+    """a * a in GF(p^k) = GF(p)[x] / (x^k + tail)."""
+    k = len(a)
+    product = [0] * (2 * k - 1)
+    for i, ai in enumerate(a):
+        for j, aj in enumerate(a):
+            product[i + j] += ai * aj
+    for degree in range(2 * k - 2, k - 1, -1):  # x^k = -tail
+        lead, product[degree] = product[degree], 0
+        for i, c in enumerate(tail):
+            product[degree - k + i] -= lead * c
+    return tuple(c % p for c in product[:k])
 
 
 def _jacobsthal(q: int) -> torch.Tensor:
-    chi = torch.tensor(_quadratic_character(q), dtype=torch.float64)
-    idx = torch.arange(q)
-    return chi[(idx[None, :] - idx[:, None]) % q]
+    """Q[i, j] = chi(x_j - x_i) over GF(q), chi the quadratic character, elements x_i in base-p order."""
+    p, k = _prime_power(q)
+    tail = _irreducible_tail(p, k)
+    elements = [tuple((e // p**i) % p for i in range(k)) for e in range(q)]
+    squares = {_field_square(a, p, tail) for a in elements[1:]}
+    chi = torch.tensor([0.0] + [1.0 if a in squares else -1.0 for a in elements[1:]], dtype=torch.float64)
+    coefficients = torch.tensor(elements)
+    differences = (coefficients[None, :, :] - coefficients[:, None, :]) % p
+    return chi[(differences * p ** torch.arange(k)).sum(-1)]
 
 
 def _paley_construction(m: int) -> str | None:
     """Which Paley construction yields order m, if any ("I", "II" or None)."""
     if m % 4 != 0:
         return None
-    if _is_prime(m - 1) and (m - 1) % 4 == 3:
+    if _prime_power(m - 1) and (m - 1) % 4 == 3:
         return "I"
-    if m % 2 == 0 and _is_prime(m // 2 - 1) and (m // 2 - 1) % 4 == 1:
+    if _prime_power(m // 2 - 1) and (m // 2 - 1) % 4 == 1:
         return "II"
     return None
 
@@ -99,8 +131,8 @@ def is_hadamard_size(n: int) -> bool:
 def _unsupported_size_error(n: int) -> ValueError:
     return ValueError(
         f"no Hadamard construction for size {n}: supported sizes are 2^k * m with m = 1 or a Paley order "
-        "(q+1 for a prime q ≡ 3 mod 4, 2(q+1) for a prime q ≡ 1 mod 4). Use family block_hadamard "
-        "(block = the MX block size) or rotation for this dimension."
+        "(q+1 for q ≡ 3 mod 4, 2(q+1) for q ≡ 1 mod 4, q a prime, prime square or prime cube). "
+        "Use family block_hadamard (block = the MX block size) or rotation for this dimension."
     )
 
 

@@ -172,7 +172,7 @@ def test_registry_holds_the_five_families():
     ("build", "message"),
     [
         (lambda: build_transform("givens", DIM), "unknown transform family"),
-        (lambda: build_transform("hadamard", 52), "block_hadamard"),
+        (lambda: build_transform("hadamard", 156), "block_hadamard"),
         (lambda: build_transform("block_hadamard", DIM, block_size=64), "must divide"),
         (lambda: build_transform("affine", DIM, parametrization="cholesky"), "unknown affine parametrization"),
         (lambda: build_transform("affine", DIM, init="orthogonal"), "unknown init"),
