@@ -47,6 +47,7 @@ from latmix.losses import (
 from latmix.models import get_adapter
 from latmix.optim import OptimConfig, build_optimizer, clip_gradients, set_lr
 from latmix.quantize import QuantLinear, freeze_model, quantization_disabled, transforms_of
+from latmix.transforms import Transform, cached_transforms
 
 __all__ = [
     "MODES",
@@ -614,21 +615,12 @@ def _gradient_checkpointing(model: nn.Module, cfg: CalibConfig) -> Iterator[None
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         disable = model.gradient_checkpointing_disable
-    # Workaround: latmix.mx's lazily compiled quantizer can pick a different compiled graph when the
-    # checkpointed block is recomputed, which torch.utils.checkpoint rejects (CheckpointError); the
-    # eager quantizer computes the same values, so calibration with checkpointing stays eager.
-    compile_setting = os.environ.get("LATMIX_MX_COMPILE")
-    os.environ["LATMIX_MX_COMPILE"] = "0"
     model.train()
     try:
         yield
     finally:
         disable()
         model.train(was_training)
-        if compile_setting is None:
-            del os.environ["LATMIX_MX_COMPILE"]
-        else:
-            os.environ["LATMIX_MX_COMPILE"] = compile_setting
 
 
 # --- end to end ----------------------------------------------------------------------------------
@@ -653,6 +645,22 @@ def _end_to_end_loss(
     return loss + cfg.reg_weight * volume_regularizer(transforms).to(loss.device)
 
 
+@contextlib.contextmanager
+def _matrices_built_once(learned: list[Transform]) -> Iterator[None]:
+    """Build every learned map's matrices once, before the forward, and keep them through the backward.
+
+    transforms.cached_transforms shares them across the linears that fold the same map. Building them
+    up front, outside any checkpointed block, keeps the tensors a checkpointed block saves the same in
+    its forward and in its recomputation during backward (torch.utils.checkpoint checks this).
+    """
+    with cached_transforms():
+        for transform in learned:
+            transform.matrix()
+            if not transform.orthogonal:
+                transform.inverse_matrix()
+        yield
+
+
 def _run_end_to_end(
     model, fp_model, calib_ids, cfg, optim_cfg, groups, ckpt_dir, fingerprint, resume, on_step
 ) -> tuple[int, list[str]]:
@@ -670,7 +678,8 @@ def _run_end_to_end(
     with _gradient_checkpointing(model, cfg), _finite_guard(model, trainer.params):
         for step in progress:
             ids = calib_ids[_batch_indices(cfg, calib_ids.shape[0], step)]
-            loss = trainer.step(step, _end_to_end_loss(model, fp_model, ids, cfg, points, learned))
+            with _matrices_built_once(learned):
+                loss = trainer.step(step, _end_to_end_loss(model, fp_model, ids, cfg, points, learned))
             progress.set_postfix(
                 loss=f"{loss:.4g}", epoch=step // _batches_per_epoch(cfg, calib_ids.shape[0])
             )
