@@ -415,22 +415,6 @@ def _block_outputs(model: nn.Module, ids: torch.Tensor) -> tuple[list[torch.Tens
     return outputs, logits
 
 
-@contextlib.contextmanager
-def _full_precision(model: nn.Module) -> Iterator[None]:
-    """quantization_disabled, and afterwards repair QuantLinear's weight cache.
-
-    Workaround: a frozen float32 QuantLinear run unquantized under no_grad caches its weight
-    Parameter itself as `_cached_weight`, which nn.Module then registers as a parameter, and the next
-    quantized forward fails assigning a tensor to it (reported to the quantize.py owner).
-    """
-    with quantization_disabled(model):
-        yield
-    for m in model.modules():
-        if isinstance(m, QuantLinear) and "_cached_weight" in m._parameters:
-            del m._parameters["_cached_weight"]
-            m.register_buffer("_cached_weight", None, persistent=False)
-
-
 @torch.no_grad()
 def _measure_losses(model: nn.Module, fp_model: nn.Module, ids: torch.Tensor) -> tuple[float, list[float]]:
     """(next-token KL to the full-precision model, normalized MSE of every block's output) on ids.
@@ -439,7 +423,7 @@ def _measure_losses(model: nn.Module, fp_model: nn.Module, ids: torch.Tensor) ->
     function in the transformed basis (T1 may already be folded away), exactly for orthogonal T1.
     """
     outputs, logits = _block_outputs(model, ids)
-    with _full_precision(model):
+    with quantization_disabled(model):
         references, _ = _block_outputs(model, ids)
     with torch.no_grad():
         fp_logits = fp_model(ids.to(_device(fp_model))).logits.to(logits.device)
