@@ -207,11 +207,13 @@ def _round_to_element(values: Tensor, element: ElementFormat) -> Tensor:
     The classic magic-number rounding: adding C = 2^(23 + step exponent) to |v| lands the sum in the
     float32 binade whose spacing is exactly the element step of |v|'s binade (the subnormal step below
     min_normal), so the float32 addition itself rounds half to even, and subtracting C is exact.
-    C is built from |v|'s exponent bits. NaN stays NaN.
+    C is built from |v|'s exponent bits; capping them at the top binade keeps Inf/NaN from overflowing
+    int32 (those saturate or stay NaN either way). NaN stays NaN.
     """
     magnitude = values.abs()
     smallest_binade = (element.emin + _F32_EXP_BIAS) << _F32_MANTISSA_BITS
-    binade = (magnitude.view(torch.int32) & _F32_EXPONENT_MASK).clamp(min=smallest_binade)
+    largest_binade = (element.emax + _F32_EXP_BIAS) << _F32_MANTISSA_BITS
+    binade = (magnitude.view(torch.int32) & _F32_EXPONENT_MASK).clamp(smallest_binade, largest_binade)
     magic = (binade + ((_F32_MANTISSA_BITS - element.mbits) << _F32_MANTISSA_BITS)).view(torch.float32)
     rounded = (magnitude + magic) - magic
     return torch.copysign(rounded.clamp(max=element.max_normal), values)
