@@ -8,7 +8,7 @@ import torch
 from latmix.calibrate import CalibConfig, CheckpointMismatch, NonFiniteError, calibrate
 from latmix.fidelity import function_deviation
 from latmix.models import inject_channel_outliers
-from latmix.optim import OptimConfig
+from latmix.optim import OptimConfig, build_optimizer, lr_factor
 from latmix.quantize import QuantConfig, TransformConfig, prepare_model, transforms_of
 
 W4A4 = QuantConfig(weight_format="mxfp4", act_format="mxfp4")
@@ -288,3 +288,41 @@ def test_bound_objective_lowers_the_bound(make_tiny_model):
     before = sum(row["bound_before"] for row in report.per_layer)
     after = sum(row["bound_after"] for row in report.per_layer)
     assert after < 0.9 * before
+
+
+# --- optimizers -----------------------------------------------------------------------------------
+
+
+def test_cayley_sgd_stays_on_the_stiefel_manifold_and_descends():
+    q, _ = torch.linalg.qr(torch.randn(16, 16, generator=torch.Generator().manual_seed(0)))
+    rotation = torch.nn.Parameter(q)
+    shift = torch.nn.Parameter(torch.zeros(16))
+    target = torch.eye(16)
+    optimizer = build_optimizer([rotation, shift], OptimConfig(name="cayley_sgd", lr=0.1))
+    losses = []
+    for _ in range(30):
+        loss = (rotation - target).pow(2).sum() + (shift - 1).pow(2).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert torch.allclose(rotation.T @ rotation, torch.eye(16), atol=1e-5)
+    assert losses[-1] < 0.5 * losses[0]
+    assert torch.allclose(shift, torch.ones(16), atol=0.2)
+
+
+def test_learning_rate_schedule_depends_on_the_step_alone():
+    cosine = OptimConfig(warmup=2)
+    assert lr_factor(0, 10, cosine) == pytest.approx(1 / 3)
+    assert lr_factor(2, 10, cosine) == pytest.approx(1.0)
+    assert lr_factor(10, 10, cosine) == pytest.approx(0.0)
+    assert lr_factor(7, 10, OptimConfig(schedule="constant")) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [({"name": "adam"}, "optim.name='adam'"), ({"lr": 0.0}, "optim.lr"), ({"grad_clip": -1.0}, "grad_clip")],
+)
+def test_bad_optimizer_settings_say_what_to_change(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        OptimConfig(**overrides)
