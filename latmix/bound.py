@@ -97,13 +97,14 @@ def bound_of_transformed(
 
 
 def error_of_transformed(
-    y: torch.Tensor, A_inv: torch.Tensor, fmt: MXFormat | str, block_size: int | None = None
+    y: torch.Tensor, A_inv: torch.Tensor | None, fmt: MXFormat | str, block_size: int | None = None
 ) -> torch.Tensor:
-    """The actual RMS (over tokens) of ||A^-1 (Q(y) - y)||."""
+    """The actual RMS (over tokens) of ||A^-1 (Q(y) - y)|| (A_inv None: no transform, A = I)."""
     fmt = get_format(fmt)
     y32 = y.detach().float()
-    residual = (quantize(y32, fmt, _block_size(fmt, block_size)) - y32).to(torch.float64)
-    e = residual @ A_inv.detach().to(torch.float64).T
+    e = (quantize(y32, fmt, _block_size(fmt, block_size)) - y32).to(torch.float64)
+    if A_inv is not None:
+        e = e @ A_inv.detach().to(torch.float64).T
     return e.pow(2).sum(dim=-1).mean().sqrt()
 
 

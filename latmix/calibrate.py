@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
-from latmix.bound import bound_of_transformed, error_of_transformed, inverse_spectral_norm
+from latmix.bound import bound_of_transformed, error_of_transformed
 from latmix.losses import (
     OBJECTIVES,
     QuantizedOperand,
@@ -347,6 +347,15 @@ def _load_params(params: dict[str, nn.Parameter], state: dict[str, torch.Tensor]
 # --- measurement: bound, error, losses -----------------------------------------------------------
 
 
+def _inverse_and_conditioning(A: torch.Tensor | None) -> tuple[float, torch.Tensor | None, float]:
+    """(||A^-1||_2, A^-1, condition number) in float64; (1, None, 1) where no map stands in front."""
+    if A is None:
+        return 1.0, None, 1.0
+    A = A.detach().double()
+    sigma = torch.linalg.svdvals(A)
+    return float(1.0 / sigma.min()), torch.linalg.inv(A), float(sigma.max() / sigma.min())
+
+
 @torch.no_grad()
 def _measure_points(
     model: nn.Module, ids: torch.Tensor | None, params: dict[str, nn.Parameter]
@@ -369,14 +378,7 @@ def _measure_points(
                 )
             key = (module.in_features, *(id(t) for t in (*module.folded_in, *module.online_in)))
             if key not in inverse_cache:
-                A = _composite_matrix(module)
-                A = torch.eye(module.in_features, device=y.device) if A is None else A.detach().double()
-                sigma = torch.linalg.svdvals(A)
-                inverse_cache[key] = (
-                    inverse_spectral_norm(A),
-                    torch.linalg.inv(A),
-                    float(sigma.max() / sigma.min()),
-                )
+                inverse_cache[key] = _inverse_and_conditioning(_composite_matrix(module))
             inv_norm, A_inv, cond = inverse_cache[key]
             stats[name] = {
                 "bound": float(bound_of_transformed(y, inv_norm, module.act_format, module.act_block_size)),
