@@ -36,6 +36,7 @@ from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from latmix.bound import bound_of_transformed, error_of_transformed
+from latmix.data import SOURCES
 from latmix.losses import (
     OBJECTIVES,
     QuantizedOperand,
@@ -62,7 +63,7 @@ __all__ = [
 ]
 
 MODES = ("end_to_end", "layer_wise", "none")
-SOURCES = ("local", "wikitext2", "c4")
+
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 CHECKPOINT_FILE = "calibration.pt"
 # Sequences used to measure bound, error and losses before and after learning.
@@ -194,7 +195,7 @@ def _captured_operands(model: nn.Module, points: list[tuple[str, int, QuantLinea
     """Record, for every activation-quantized point, its operand y (differentiable) during forwards."""
     operands: list[QuantizedOperand] = []
 
-    def hook_for(name: str, linear: QuantLinear):
+    def hook_for(name: str):
         def hook(module, args):
             if not module.quantize_acts:
                 return
@@ -207,7 +208,7 @@ def _captured_operands(model: nn.Module, points: list[tuple[str, int, QuantLinea
 
         return hook
 
-    handles = [m.register_forward_pre_hook(hook_for(n, m)) for n, _, m in points]
+    handles = [m.register_forward_pre_hook(hook_for(n)) for n, _, m in points]
     try:
         yield operands
     finally:
