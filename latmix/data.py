@@ -51,8 +51,7 @@ def _load_hub_texts(source: str, split: str) -> list[str]:
         ) from err
     try:
         if source == "wikitext2":
-            hf_split = {"train": "train", "validation": "validation", "test": "test"}[split]
-            rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=hf_split)
+            rows = datasets.load_dataset("Salesforce/wikitext", "wikitext-2-raw-v1", split=split)
             # WikiText-2 is evaluated as one stream of its lines joined by blank lines (GPTQ, QuaRot).
             return ["\n\n".join(rows["text"])]
         if split not in C4_SHARDS:
