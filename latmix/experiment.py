@@ -100,19 +100,17 @@ def reader_inputs(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.
     adapter = get_adapter(model)
     captured: dict[str, torch.Tensor] = {}
 
-    def hook(name: str, module: torch.nn.Module):
-        def capture(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+    def capture(name: str):
+        def pre_hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             x = args[0]
             for transform in getattr(module, "online_in", ()):  # a QuantLinear's online maps
                 x = transform(x)
             captured[name] = x.detach().float().cpu()
 
-        return capture
+        return pre_hook
 
-    handles = [
-        adapter.attn_readers(layer)[0].register_forward_pre_hook(hook(f"layer{i}", adapter.attn_readers(layer)[0]))
-        for i, layer in enumerate(adapter.layers())
-    ]
+    readers = [adapter.attn_readers(layer)[0] for layer in adapter.layers()]
+    handles = [q.register_forward_pre_hook(capture(f"layer{i}")) for i, q in enumerate(readers)]
     try:
         model(ids)
     finally:
