@@ -83,7 +83,8 @@ def test_qk_rotation_joins_only_when_the_kv_cache_is_quantized():
 
 
 def test_flatquant_calibrates_layer_wise():
-    assert compose_config("transform=flatquant").calib.objective == "layer_wise"
+    calib = compose_config("transform=flatquant").calib
+    assert (calib.mode, calib.objective) == ("layer_wise", "block_mse")
 
 
 def test_the_seed_reaches_the_transforms():
