@@ -2,35 +2,82 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
 from latmix.models.adapter import get_adapter
 
-__all__ = ["inject_channel_outliers"]
+__all__ = ["OUTLIER_POINTS", "inject_channel_outliers"]
+
+# Where outliers can be planted, each by an exact rescale of a (producer, consumer) pair of weights:
+#   norm     RMSNorm weight channels up, the readers' (q/k/v, gate/up) columns down: residual-stream
+#            outliers at the inputs of q/k/v and gate/up (undone by any preset that folds the norms)
+#   mlp      up_proj rows up, the matching down_proj columns down: outliers at down_proj's input
+#   attn_vo  v_proj rows (and bias) up, the o_proj columns of every query head reading that KV head
+#            down: outliers at o_proj's input
+OUTLIER_POINTS = ("norm", "mlp", "attn_vo")
 
 
 @torch.no_grad()
-def inject_channel_outliers(model: nn.Module, n_channels: int, scale: float, seed: int) -> torch.Tensor:
-    """Scale chosen RMSNorm weight channels up by `scale` and their readers' columns down by it.
+def inject_channel_outliers(
+    model: nn.Module, n_channels: int, scale: float, seed: int, *, points: Iterable[str] = ("norm",)
+) -> torch.Tensor:
+    """Scale chosen channels up by `scale` where they are produced and down by it where they are read.
 
-    Applied to every decoder block's two norms (the same channels everywhere, like real massive
-    activations). Logits are unchanged; the activations the quantized linears see get outlier channels.
-    Returns the chosen channel indices.
+    `points` (any of OUTLIER_POINTS, see there) says where. "norm" uses the same hidden channels in
+    every block (like real massive activations); "mlp" and "attn_vo" choose `n_channels` channels per
+    layer (of the intermediate size and of num_kv_heads * head_dim). All come from one generator
+    seeded with `seed`, in a fixed order that does not depend on `points`: the hidden channels first
+    (so the default is the original behaviour), then per layer the mlp and the attn_vo channels. Each
+    rescale is exact up to rounding: SwiGLU's product and attention's output are linear in up_proj's
+    and v_proj's outputs. Logits are unchanged; the quantized linears' inputs get outlier channels.
+    Returns the hidden channels (those planted by "norm").
     """
     adapter = get_adapter(model)
-    if not 0 < n_channels <= adapter.hidden_size:
-        raise ValueError(f"n_channels must be in [1, hidden_size={adapter.hidden_size}], got {n_channels}")
+    points = (points,) if isinstance(points, str) else tuple(points)
+    unknown = [p for p in points if p not in OUTLIER_POINTS]
+    if unknown or not points:
+        raise ValueError(f"unknown outlier point(s) {unknown} in points={points}; choose from {OUTLIER_POINTS}")
+    v_size = adapter.num_kv_heads * adapter.head_dim
+    for point, size, what in (
+        ("norm", adapter.hidden_size, "hidden_size"),
+        ("mlp", adapter.intermediate_size, "intermediate_size"),
+        ("attn_vo", v_size, "num_kv_heads * head_dim"),
+    ):
+        if point in points and not 0 < n_channels <= size:
+            raise ValueError(f"n_channels must be in [1, {what}={size}] for point {point!r}, got {n_channels}")
     if scale <= 0:
         raise ValueError(f"scale must be positive, got {scale}")
     generator = torch.Generator().manual_seed(seed)
     channels = torch.randperm(adapter.hidden_size, generator=generator)[:n_channels]
+    n_rep = adapter.num_heads // adapter.num_kv_heads  # query heads per KV head (GQA)
     for layer in adapter.layers():
-        for norm, readers in (
-            (adapter.input_norm(layer), adapter.attn_readers(layer)),
-            (adapter.post_attention_norm(layer), adapter.mlp_readers(layer)),
-        ):
-            norm.weight[channels.to(norm.weight.device)] *= scale
-            for linear in readers:
-                linear.weight[:, channels.to(linear.weight.device)] /= scale
+        mlp_channels = torch.randperm(adapter.intermediate_size, generator=generator)[:n_channels]
+        v_channels = torch.randperm(v_size, generator=generator)[:n_channels]
+        if "norm" in points:
+            for norm, readers in (
+                (adapter.input_norm(layer), adapter.attn_readers(layer)),
+                (adapter.post_attention_norm(layer), adapter.mlp_readers(layer)),
+            ):
+                norm.weight[channels.to(norm.weight.device)] *= scale
+                for linear in readers:
+                    linear.weight[:, channels.to(linear.weight.device)] /= scale
+        if "mlp" in points:
+            _rescale(adapter.linear(layer, "up"), mlp_channels, adapter.mlp_writer(layer), mlp_channels, scale)
+        if "attn_vo" in points:
+            # v channel (g, d) is read by query heads g * n_rep + r, whose o_proj input is column h * head_dim + d.
+            kv_head, dim = v_channels // adapter.head_dim, v_channels % adapter.head_dim
+            heads = kv_head[:, None] * n_rep + torch.arange(n_rep)[None, :]
+            o_columns = (heads * adapter.head_dim + dim[:, None]).flatten()
+            _rescale(adapter.value_proj(layer), v_channels, adapter.attn_writer(layer), o_columns, scale)
     return channels
+
+
+def _rescale(producer: nn.Module, rows: torch.Tensor, consumer: nn.Module, columns: torch.Tensor, scale: float) -> None:
+    """producer's output rows (and bias) *= scale, consumer's input columns /= scale."""
+    producer.weight[rows.to(producer.weight.device)] *= scale
+    if getattr(producer, "bias", None) is not None:
+        producer.bias[rows.to(producer.bias.device)] *= scale
+    consumer.weight[:, columns.to(consumer.weight.device)] /= scale
