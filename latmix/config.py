@@ -108,8 +108,8 @@ def build_model_settings(values: dict[str, Any]) -> ModelSettings:
     if dtype not in DTYPES:
         raise ConfigError(f"model.dtype={dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
     outliers = values.get("outliers")
-    if outliers is not None and not {"n_channels", "scale"} <= set(outliers):
-        raise ConfigError("model.outliers needs n_channels and scale (and optionally seed), or null")
+    if outliers is not None and not {"n_channels", "scale", "seed"} <= set(outliers):
+        raise ConfigError("model.outliers needs n_channels, scale and seed (and optionally points), or null")
     return ModelSettings(
         name=str(values["name"]),
         name_or_path=resolve_local_path(str(values["name_or_path"])),

@@ -72,7 +72,7 @@ def test_a_local_directory_replaces_the_hub_id(tmp_path):
 def test_tiny_outliers_is_labelled_as_such():
     exp = config.build_experiment(compose_config("model=tiny_outliers"))
     assert exp.model.name == "tiny_outliers"
-    assert exp.model.outliers == {"n_channels": 4, "scale": 20.0, "seed": 0}
+    assert exp.model.outliers == {"n_channels": 4, "scale": 20.0, "seed": 0, "points": ["mlp", "attn_vo"]}
 
 
 def test_qk_rotation_joins_only_when_the_kv_cache_is_quantized():
