@@ -498,6 +498,9 @@ def test_clip_ratio_gradient_flows_to_the_ratio_and_stops_at_clipped_elements():
 @pytest.fixture
 def fused_everywhere(monkeypatch):
     """Route every call through torch.compile, with a fresh compile cache."""
+    # Dynamo caches graphs per code object for the whole process: without a reset, a graph compiled by
+    # an earlier test (any module) is reused and the frame counts below depend on test order.
+    torch._dynamo.reset()
     monkeypatch.setenv("LATMIX_MX_COMPILE", "1")
     monkeypatch.setattr(mx, "FUSED_MIN_NUMEL", 0)
     monkeypatch.setattr(mx, "_compiled", {})
