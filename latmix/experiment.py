@@ -232,18 +232,20 @@ def execute(
         )
         calibration = {**report.as_record(), "data_sha256": calib_sha}
 
+    fidelity = None
+    if hasattr(model, "latmix_fp_deviation"):
+        # A non-orthogonal residual map changes the full-precision function: by how much, before and
+        # after calibration (before GPTQ writes quantized weights, which no switch undoes), on
+        # sequences the calibration also saw.
+        with quantization_disabled(model):
+            after = function_deviation(model, fp_model, probe_ids)
+        fidelity = {"before_calibration": model.latmix_fp_deviation, "after_calibration": after}
+
     with timer.stage("quantize"):
         if exp.quant.weight_quantizer == "gptq" and exp.quant.weight_format is not None:
             gptq_quantize_model(model, calib_ids, exp.quant)
         set_quantization(model, weights=exp.quant.weight_format is not None, acts=exp.quant.act_format is not None)
 
-    fidelity = None
-    if hasattr(model, "latmix_fp_deviation"):
-        # A non-orthogonal residual map changes the full-precision function: by how much, before and
-        # after calibration, on sequences the calibration also saw.
-        with quantization_disabled(model):
-            after = function_deviation(model, fp_model, probe_ids)
-        fidelity = {"before_calibration": model.latmix_fp_deviation, "after_calibration": after}
     acts_after = reader_inputs(model, probe_ids)
     del fp_model
 
