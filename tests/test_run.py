@@ -92,7 +92,11 @@ def test_a_corrupted_record_is_replaced_by_a_rerun(checkpoint, tmp_path):
 
 @pytest.mark.slow
 def test_an_offline_wandb_run_holds_the_records_metrics(checkpoint, tmp_path, offline_wandb):
+    import wandb
+
     rec = run(compose_run(*shrunk(checkpoint, tmp_path), "transform=hadamard"))
+    # The .wandb file is written by wandb's service process: stop it so everything it holds is on disk.
+    wandb.teardown()
     run_dirs = list((tmp_path / "wandb" / "wandb").glob("offline-run-*"))
     assert len(run_dirs) == 1
     logged = tracking.read_offline_run(run_dirs[0])
