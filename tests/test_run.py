@@ -95,7 +95,8 @@ def test_an_offline_wandb_run_holds_the_records_metrics(checkpoint, tmp_path, of
     import wandb
 
     rec = run(compose_run(*shrunk(checkpoint, tmp_path), "transform=hadamard"))
-    # The .wandb file is written by wandb's service process: stop it so everything it holds is on disk.
+    # The .wandb file is written by wandb's service process: stop it so everything it holds is on disk
+    # (offline summaries have gone missing before that: wandb/wandb#7227; failed once here too).
     wandb.teardown()
     run_dirs = list((tmp_path / "wandb" / "wandb").glob("offline-run-*"))
     assert len(run_dirs) == 1
