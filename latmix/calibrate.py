@@ -184,6 +184,11 @@ def _composite_matrix(linear: QuantLinear) -> torch.Tensor | None:
     return A
 
 
+def _chain_key(linear: QuantLinear) -> tuple[int, ...]:
+    """Names the map chain in front of a linear: linears with equal keys quantize through the same A."""
+    return (linear.in_features, *(id(t) for t in (*linear.folded_in, *linear.online_in)))
+
+
 def _online(linear: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     for transform in linear.online_in:
         x = transform(x)
@@ -194,16 +199,20 @@ def _online(linear: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 def _captured_operands(model: nn.Module, points: list[tuple[str, int, QuantLinear]]) -> Iterator[list]:
     """Record, for every activation-quantized point, its operand y (differentiable) during forwards."""
     operands: list[QuantizedOperand] = []
+    # Linears behind the same chain (q/k/v, gate/up) share one composite matrix per forward.
+    composites: dict[tuple[int, ...], torch.Tensor] = {}
 
     def hook_for(name: str):
         def hook(module, args):
             if not module.quantize_acts:
                 return
             y = _online(module, args[0])
-            A = _composite_matrix(module)
-            eye = torch.eye(y.shape[-1], device=y.device)
+            key = _chain_key(module)
+            if key not in composites:
+                A = _composite_matrix(module)
+                composites[key] = torch.eye(y.shape[-1], device=y.device) if A is None else A
             operands.append(
-                QuantizedOperand(name, y, eye if A is None else A, module.act_format, module.act_block_size)
+                QuantizedOperand(name, y, composites[key], module.act_format, module.act_block_size)
             )
 
         return hook
@@ -377,7 +386,7 @@ def _measure_points(
                 raise NonFiniteError(
                     f"non-finite activation at the quantized input of {name}; {_describe_parameters(params)}"
                 )
-            key = (module.in_features, *(id(t) for t in (*module.folded_in, *module.online_in)))
+            key = _chain_key(module)
             if key not in inverse_cache:
                 inverse_cache[key] = _inverse_and_conditioning(_composite_matrix(module))
             inv_norm, A_inv, cond = inverse_cache[key]
