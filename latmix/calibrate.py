@@ -726,10 +726,9 @@ def _firstblock_inputs(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tenso
 
 def block_inputs(model: nn.Module, calib_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
     """Block-0 inputs of every calibration sequence, and the shared block kwargs (from one sequence)."""
-    hidden = torch.cat(
-        [_firstblock_inputs(model, calib_ids[i : i + 1])[0] for i in range(calib_ids.shape[0])]
-    )
-    return hidden, _firstblock_inputs(model, calib_ids[:1])[1]
+    first, kwargs = _firstblock_inputs(model, calib_ids[:1])
+    rest = [_firstblock_inputs(model, calib_ids[i : i + 1])[0] for i in range(1, calib_ids.shape[0])]
+    return torch.cat([first, *rest]), kwargs
 
 
 @torch.no_grad()
