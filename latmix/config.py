@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from latmix.calibrate import CalibConfig
-from latmix.evaluate import EvalSettings
+from latmix.evaluate import PPL_DATASETS, EvalSettings
 from latmix.optim import OptimConfig
 from latmix.quantize import QuantConfig, TransformConfig
 from latmix.tracking import LoggerSettings
@@ -142,10 +142,15 @@ def build_eval_settings(values: dict[str, Any]) -> EvalSettings:
     tasks = values.get("tasks")
     if suite == "lm_eval" and not tasks:
         raise ConfigError("eval.suite=lm_eval needs a list of lm-eval task names in eval.tasks")
+    # Checked here, not when evaluation starts: a typo must not cost a calibration first.
+    ppl_datasets = tuple(values.get("ppl_datasets") or ())
+    unknown = [name for name in ppl_datasets if name not in PPL_DATASETS]
+    if unknown:
+        raise ConfigError(f"eval.ppl_datasets: unknown {unknown}; choose from {', '.join(PPL_DATASETS)}")
     return EvalSettings(
         suite=suite,
         tasks=None if tasks is None else tuple(tasks),
-        ppl_datasets=tuple(values.get("ppl_datasets") or ()),
+        ppl_datasets=ppl_datasets,
         max_seq_len=int(values.get("max_seq_len", 2048)),
         batch_size=values.get("batch_size", 8),
         max_ppl_tokens=values.get("max_ppl_tokens"),

@@ -27,6 +27,7 @@ AVG6_TASKS = ("piqa", "hellaswag", "arc_easy", "arc_challenge", "winogrande", "l
 # SpinQuant: eight commonsense tasks.
 AVG8_TASKS = ("boolq", "piqa", "social_iqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 LOCAL_PPL_DATASETS = ("heldout", "ood")
+PPL_DATASETS = ("wikitext2", *LOCAL_PPL_DATASETS)
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ def perplexity_stream(tokenizer: Any, dataset: str) -> torch.Tensor:
         text = Path(local_tasks.text_path(dataset)).read_text(encoding="utf-8")
         return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     raise ValueError(
-        f"unknown perplexity dataset {dataset!r}; choose from wikitext2, {', '.join(LOCAL_PPL_DATASETS)}"
+        f"unknown perplexity dataset {dataset!r}; choose from {', '.join(PPL_DATASETS)}"
     )
 
 

@@ -99,6 +99,7 @@ def test_the_seed_reaches_the_transforms():
         ("+quant.group_size=128", "quant: unknown key.*group_size"),
         ("transform.placements.residual.family=spin", "transform: .*spin"),
         ("eval.suite=helm", "eval.suite='helm'"),
+        ("eval.ppl_datasets=[heldout,wikitext3]", "eval.ppl_datasets: unknown .*wikitext3"),
         ("logger.mode=cloud", "logger.mode='cloud'"),
         ("model.dtype=int4", "model.dtype='int4'"),
         ("device=tpu9", "device='tpu9'"),
