@@ -129,7 +129,6 @@ class _HessianAccumulator:
     """Running H = 2/n X^T X of one linear's operand, as the quantized model feeds it (GPTQ's add_batch)."""
 
     def __init__(self, linear: QuantLinear) -> None:
-        self.linear = linear
         self.H = torch.zeros(linear.in_features, linear.in_features, device=linear.weight.device)
         self.rows = 0
 
