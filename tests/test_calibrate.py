@@ -116,14 +116,35 @@ def test_mode_none_still_measures_bound_and_error_per_layer(make_tiny_model):
 # --- learned affine beats every fixed transform ---------------------------------------------------
 
 
+@torch.no_grad()
+def sampled_text(model: torch.nn.Module, n: int, length: int, seed: int) -> torch.Tensor:
+    """n sequences drawn from the model's own next-token distribution.
+
+    On text the full-precision model generates, E[-log q] = H(p) + KL(p || q): held-out perplexity
+    measures the quantized model's KL to it, as it does on natural text for a trained model. Uniformly
+    random tokens have no such link (a quantized model can "improve" their perplexity by chance).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (n, 1), generator=generator)
+    for _ in range(length - 1):
+        probs = torch.softmax(model(ids).logits[:, -1].float(), dim=-1)
+        ids = torch.cat([ids, torch.multinomial(probs, 1, generator=generator)], dim=1)
+    return ids
+
+
 @pytest.fixture(scope="module")
 def ordering_data():
-    return token_ids(32, 32, seed=10), token_ids(32, 32, seed=11)
+    """64 calibration and 256 held-out sequences of 32 tokens sampled from the outlier model."""
+    from conftest import build_tiny_model
+
+    torch.set_num_threads(1)
+    fp_model = model_with_outliers(build_tiny_model)
+    return sampled_text(fp_model, 64, 32, seed=10), sampled_text(fp_model, 256, 32, seed=11)
 
 
 @pytest.fixture(scope="module")
 def fixed_baselines(ordering_data):
-    """Calibration KL, held-out KL and per-block output error of every fixed family (and no transform)."""
+    """The metrics of `summary` for every fixed family, and for no transform."""
     from conftest import build_tiny_model
 
     calib_ids, heldout_ids = ordering_data
@@ -140,24 +161,31 @@ def fixed_baselines(ordering_data):
 
 
 def summary(report, model, fp_model, heldout_ids) -> dict[str, float]:
+    """Calibration KL, held-out KL, held-out perplexity above full precision, mean block output error."""
     blocks = {row["block"]: row["loss_after"] for row in report.per_layer}
+    heldout = function_deviation(model, fp_model, heldout_ids)
     return {
         "kl": report.loss_after,
-        "heldout_kl": function_deviation(model, fp_model, heldout_ids)["kl"],
+        "heldout_kl": heldout["kl"],
+        "heldout_ppl_excess": heldout["ppl"] - heldout["ref_ppl"],
         "block_error": sum(blocks.values()) / len(blocks),
     }
 
 
 @pytest.mark.parametrize(
-    # Measured (calibration KL, held-out KL, mean block error) as fractions of the best fixed family
-    # (deterministic: fixed seeds, one thread): end_to_end 0.80 / 1.00 / 0.92, layer_wise 0.88 / 0.86 / 0.82.
-    # End to end fits the 32 random-token sequences but its held-out KL only ties the best fixed family
-    # (0.94 to 1.01 across seeds and learning rates): asserted as "no worse", not as a win.
-    ("mode", "objective", "kl_ratio", "heldout_ratio", "block_ratio"),
-    [("end_to_end", "kl", 0.88, 1.03, 0.96), ("layer_wise", "block_mse", 0.93, 0.92, 0.88)],
+    # Each metric of the learned affine maps as a fraction of the best fixed family's (deterministic:
+    # fixed seeds, one thread). Measured here: end_to_end held-out KL 0.85, held-out perplexity excess
+    # 0.84, calibration KL 0.86; layer_wise held-out KL 0.83, perplexity excess 0.78, block error 0.76.
+    # Over 3 model seeds x 2 data seeds they stayed within 0.73-0.91 (KL, perplexity) and 0.76-0.88
+    # (layer-wise block error); end_to_end does not target block error (0.80-0.97), so it is not asserted.
+    ("mode", "objective", "ratios"),
+    [
+        ("end_to_end", "kl", {"kl": 0.93, "heldout_kl": 0.93, "heldout_ppl_excess": 0.93}),
+        ("layer_wise", "block_mse", {"block_error": 0.9, "heldout_kl": 0.93, "heldout_ppl_excess": 0.93}),
+    ],
 )
 def test_calibrated_affine_beats_every_fixed_transform_under_mxfp4(
-    make_tiny_model, ordering_data, fixed_baselines, mode, objective, kl_ratio, heldout_ratio, block_ratio
+    make_tiny_model, ordering_data, fixed_baselines, mode, objective, ratios
 ):
     calib_ids, heldout_ids = ordering_data
     fp_model = model_with_outliers(make_tiny_model)
@@ -167,7 +195,7 @@ def test_calibrated_affine_beats_every_fixed_transform_under_mxfp4(
     cfg = quick_config(mode=mode, objective=objective, epochs=10, batch_size=8)
     report = calibrate(model, fp_model, calib_ids, cfg, OptimConfig(lr=5e-3), None)
     learned = summary(report, model, fp_model, heldout_ids)
-    for metric, ratio in (("kl", kl_ratio), ("heldout_kl", heldout_ratio), ("block_error", block_ratio)):
+    for metric, ratio in ratios.items():
         best_fixed = min(result[metric] for result in fixed_baselines.values())
         assert learned[metric] < ratio * best_fixed, (metric, learned, fixed_baselines)
 
