@@ -46,6 +46,7 @@ from latmix.losses import (
     volume_regularizer,
 )
 from latmix.models import get_adapter
+from latmix.offload import resident
 from latmix.optim import OptimConfig, build_optimizer, clip_gradients, set_lr
 from latmix.quantize import QuantLinear, freeze_model, quantization_disabled, transforms_of
 from latmix.transforms import Transform, cached_transforms
@@ -91,6 +92,7 @@ class CalibConfig:
     seed: int = 0
     grad_checkpointing: bool = True
     autocast_dtype: str | None = "bfloat16"
+    offload: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("calib.mode", self.mode, MODES)
@@ -110,6 +112,11 @@ class CalibConfig:
         if self.mode == "end_to_end" and self.objective == "block_mse":
             raise ValueError(
                 "objective block_mse is the layer_wise loss; use mode=layer_wise or objective kl/bound"
+            )
+        if self.offload and self.mode == "end_to_end":
+            raise ValueError(
+                "calib.offload keeps one block on the GPU, but end_to_end backpropagates through every block "
+                "at once; use mode=layer_wise (or none) with offload, or offload: false"
             )
         if self.mode == "layer_wise" and self.objective == "kl":
             raise ValueError(
@@ -714,7 +721,8 @@ def _firstblock_inputs(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tenso
         captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
         raise _StopForward
 
-    handle = decoder_layers(model)[0].register_forward_pre_hook(hook, with_kwargs=True)
+    # prepend: stop before an offloaded block 0 would be moved to the device for nothing.
+    handle = decoder_layers(model)[0].register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
     try:
         model(ids.to(_device(model)), use_cache=False)
     except _StopForward:
@@ -759,6 +767,26 @@ def _layer_wise_loss(
     return loss + cfg.reg_weight * volume_regularizer(transforms).to(loss.device)
 
 
+def _train_block(
+    trainer: _Trainer,
+    block: nn.Module,
+    data: tuple[torch.Tensor, torch.Tensor, dict[str, Any]],
+    points: list,
+    transforms: dict[str, Transform],
+    index: int,
+) -> None:
+    """All optimizer steps of one block: its quantized inputs x_q against its full-precision targets."""
+    x_q, target, kwargs = data
+    cfg = trainer.cfg
+    learned = [transforms[o] for o in trainer.groups if o in transforms]
+    progress = tqdm(range(trainer.total_steps), desc=f"block {index}", leave=False)
+    with _finite_guard(block, trainer.params):
+        for step in progress:
+            idx = _batch_indices(cfg, x_q.shape[0], step)
+            loss = trainer.step(step, _layer_wise_loss(block, x_q[idx], target[idx], kwargs, cfg, points, learned))
+            progress.set_postfix(loss=f"{loss:.4g}")
+
+
 def _run_layer_wise(
     model, fp_model, calib_ids, cfg, optim_cfg, groups, ckpt_dir, fingerprint, resume, on_step
 ) -> tuple[int, list[str], dict[int, float]]:
@@ -783,29 +811,23 @@ def _run_layer_wise(
     total = _total_steps(cfg, n)
     for i in tqdm(range(len(layers)), desc="calibrate layer_wise", leave=False):
         block = layers[i]
-        x_fp = run_block(fp_layers[i], x_fp, fp_kwargs, cfg.batch_size)
+        with resident(fp_model, fp_layers[i]):
+            x_fp = run_block(fp_layers[i], x_fp, fp_kwargs, cfg.batch_size)
         with torch.no_grad():
             target = x_fp if residual is None else residual(x_fp)
         block_groups = {o: ps for o, ps in groups.items() if _block_index(o) == i and o not in rolled_back}
-        if i >= first and block_groups:
-            started = time.perf_counter()
-            trainer = _Trainer(block_groups, cfg, optim_cfg, total, f"layer-wise calibration of block {i}")
-            learned = [transforms[o] for o in block_groups if o in transforms]
-            block_points = [p for p in points if p[1] == i]
-            progress = tqdm(range(total), desc=f"block {i}", leave=False)
-            with _finite_guard(block, trainer.params):
-                for step in progress:
-                    idx = _batch_indices(cfg, n, step)
-                    loss = trainer.step(
-                        step,
-                        _layer_wise_loss(block, x_q[idx], target[idx], kwargs, cfg, block_points, learned),
-                    )
-                    progress.set_postfix(loss=f"{loss:.4g}")
-            trainer.guard_conditioning(transforms)
-            rolled_back += trainer.rolled_back
-            steps_done += total
-            seconds[i] = time.perf_counter() - started
-        x_q = run_block(block, x_q, kwargs, cfg.batch_size)
+        with resident(model, block):
+            if i >= first and block_groups:
+                started = time.perf_counter()
+                trainer = _Trainer(block_groups, cfg, optim_cfg, total, f"layer-wise calibration of block {i}")
+                _train_block(
+                    trainer, block, (x_q, target, kwargs), [p for p in points if p[1] == i], transforms, i
+                )
+                trainer.guard_conditioning(transforms)
+                rolled_back += trainer.rolled_back
+                steps_done += total
+                seconds[i] = time.perf_counter() - started
+            x_q = run_block(block, x_q, kwargs, cfg.batch_size)
         if i >= first and ckpt_dir is not None:
             _save_checkpoint(
                 ckpt_dir,

@@ -30,6 +30,7 @@ from latmix.evaluate import EvalResult, evaluate
 from latmix.fidelity import function_deviation
 from latmix.gptq import gptq_quantize_model
 from latmix.models import get_adapter, inject_channel_outliers, load_model
+from latmix.offload import offload_blocks
 from latmix.quantize import prepare_model, quantization_disabled, set_quantization
 from latmix.tracking import Tracker
 
@@ -91,7 +92,9 @@ def load_model_checked(exp: Experiment) -> tuple[torch.nn.Module, Any]:
             "--local-dir DIR) and pass model.name_or_path=DIR"
         ) from err
     check_model_dimensions(exp, model_config)
-    return load_model(name, exp.model.dtype, exp.device, trust_remote_code=exp.model.trust_remote_code)
+    # An offloaded model is loaded into CPU memory; offload_blocks then moves what stays on the device.
+    device = "cpu" if exp.calib.offload else exp.device
+    return load_model(name, exp.model.dtype, device, trust_remote_code=exp.model.trust_remote_code)
 
 
 @torch.no_grad()
@@ -214,6 +217,9 @@ def execute(
         if exp.model.outliers is not None:
             inject_channel_outliers(model, **exp.model.outliers)
         fp_model = copy.deepcopy(model).eval().requires_grad_(False)
+        if exp.calib.offload:
+            offload_blocks(model, exp.device)
+            offload_blocks(fp_model, exp.device)
         calib = exp.calib
         calib_ids, calib_sha = calibration_batches(tokenizer, calib.source, calib.n_samples, calib.seq_len, exp.seed)
         heldout_ids, _ = calibration_batches(

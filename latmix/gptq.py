@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from latmix.calibrate import block_inputs, decoder_layers, run_block
 from latmix.mx import MXFormat, get_format, quantize
+from latmix.offload import resident
 from latmix.quantize import QuantConfig, QuantLinear
 
 # A rounder factory: given the current weights of one block (out, k), it fixes that block's scale
@@ -167,17 +168,25 @@ def gptq_quantize_model(
     model.eval()
     hidden, kwargs = block_inputs(model, calib_ids)
     for block in tqdm(decoder_layers(model), desc="gptq", leave=False):
-        linears = [m for m in block.modules() if isinstance(m, QuantLinear) and m.weight_format is not None]
-        accumulators = [_HessianAccumulator(m) for m in linears]
-        handles = [m.register_forward_pre_hook(acc) for m, acc in zip(linears, accumulators, strict=True)]
-        try:
-            run_block(block, hidden, kwargs, batch_size)
-        finally:
-            for handle in handles:
-                handle.remove()
-        for linear, acc in zip(linears, accumulators, strict=True):
-            weight, _ = linear.effective_weight_and_bias()
-            block_size = linear.weight_block_size or linear.weight_format.default_block_size
-            rounder = mx_rounder(linear.weight_format, weight.abs().max())
-            linear.set_weight(gptq_quantize_weight(weight, acc.H, block_size, rounder, damp, act_order))
-        hidden = run_block(block, hidden, kwargs, batch_size)
+        with resident(model, block):
+            _gptq_block(block, hidden, kwargs, batch_size, damp, act_order)
+            hidden = run_block(block, hidden, kwargs, batch_size)
+
+
+def _gptq_block(
+    block: nn.Module, hidden: torch.Tensor, kwargs: dict, batch_size: int, damp: float, act_order: bool
+) -> None:
+    """GPTQ the weight-quantized linears of one block, from the Hessians of its inputs `hidden`."""
+    linears = [m for m in block.modules() if isinstance(m, QuantLinear) and m.weight_format is not None]
+    accumulators = [_HessianAccumulator(m) for m in linears]
+    handles = [m.register_forward_pre_hook(acc) for m, acc in zip(linears, accumulators, strict=True)]
+    try:
+        run_block(block, hidden, kwargs, batch_size)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for linear, acc in zip(linears, accumulators, strict=True):
+        weight, _ = linear.effective_weight_and_bias()
+        block_size = linear.weight_block_size or linear.weight_format.default_block_size
+        rounder = mx_rounder(linear.weight_format, weight.abs().max())
+        linear.set_weight(gptq_quantize_weight(weight, acc.H, block_size, rounder, damp, act_order))

@@ -346,13 +346,15 @@ class _TransformFactory:
         self.device = device
         self.built: dict[str, Transform] = {}
 
-    def __call__(self, placement: str, name: str, dim: int) -> Transform | None:
+    def __call__(
+        self, placement: str, name: str, dim: int, device: torch.device | None = None
+    ) -> Transform | None:
         spec = self.specs.get(placement)
         if spec is None:
             return None
         kwargs = {k: v for k, v in spec.items() if k != "family"}
         kwargs["seed"] = kwargs.get("seed", self.seed) + zlib.crc32(name.encode()) % 100_003
-        transform = build_transform(spec["family"], dim, **kwargs).to(self.device)
+        transform = build_transform(spec["family"], dim, **kwargs).to(device or self.device)
         self.built[name] = transform
         return transform
 
@@ -432,10 +434,12 @@ def prepare_model(
         )
 
     for i, layer in enumerate(adapter.layers()):
-        pre_attn = make("pre_linear", f"layers.{i}.pre_linear_attn", adapter.hidden_size)
-        pre_mlp = make("pre_linear", f"layers.{i}.pre_linear_mlp", adapter.hidden_size)
-        vo = make("attn_vo", f"layers.{i}.attn_vo", adapter.head_dim)
-        down = make("down_proj", f"layers.{i}.down_proj", adapter.intermediate_size)
+        # A block's own maps live where the block does (in CPU storage when its model is offloaded).
+        at = next(layer.parameters()).device
+        pre_attn = make("pre_linear", f"layers.{i}.pre_linear_attn", adapter.hidden_size, at)
+        pre_mlp = make("pre_linear", f"layers.{i}.pre_linear_mlp", adapter.hidden_size, at)
+        vo = make("attn_vo", f"layers.{i}.attn_vo", adapter.head_dim, at)
+        down = make("down_proj", f"layers.{i}.down_proj", adapter.intermediate_size, at)
         for role in ("q", "k"):
             wrap(layer, role, folded_in=_present(residual), online_in=_present(pre_attn))
         v_out = _present(_per_head(vo, adapter.num_kv_heads))
@@ -444,7 +448,7 @@ def prepare_model(
         for role in ("gate", "up"):
             wrap(layer, role, folded_in=_present(residual), online_in=_present(pre_mlp))
         wrap(layer, "down", online_in=_present(down), out_map=_present(residual))
-        _attach_attention_extras(adapter.attention(layer), make("qk", f"layers.{i}.qk", adapter.head_dim), quant_cfg)
+        _attach_attention_extras(adapter.attention(layer), make("qk", f"layers.{i}.qk", adapter.head_dim, at), quant_cfg)
 
     if residual is not None:
         adapter.set_embed_tokens(TransformedEmbedding(adapter.embed_tokens, residual))

@@ -127,6 +127,18 @@ def cli(*args: str, cwd: Path = ROOT, timeout: int = 900) -> subprocess.Complete
 
 
 @pytest.mark.slow
+def test_an_offloaded_layer_wise_run_records_what_the_resident_run_records(checkpoint, tmp_path):
+    overrides = [
+        *shrunk(checkpoint, tmp_path), "logger=none", "transform=flatquant", "quant.weight_quantizer=gptq",
+    ]
+    resident = run(compose_run(*overrides))
+    offloaded = run(compose_run(*overrides, "calib.offload=true"))
+    assert offloaded["run_id"] != resident["run_id"]
+    assert offloaded["metrics"] == resident["metrics"]
+    assert offloaded["calibration"]["loss_after"] == resident["calibration"]["loss_after"]
+
+
+@pytest.mark.slow
 def test_a_sweep_over_three_transforms_writes_three_records_and_a_three_row_table(checkpoint, tmp_path):
     out = cli(str(ROOT / "run.py"), "-m", *shrunk(checkpoint, tmp_path), "logger=none",
               "transform=identity,hadamard,affine", "hydra/launcher=local", f"hydra.sweep.dir={tmp_path}/sweep")
