@@ -196,12 +196,6 @@ def _chain_key(linear: QuantLinear) -> tuple[int, ...]:
     return (linear.in_features, *(id(t) for t in (*linear.folded_in, *linear.online_in)))
 
 
-def _online(linear: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    for transform in linear.online_in:
-        x = transform(x)
-    return x
-
-
 @contextlib.contextmanager
 def _captured_operands(model: nn.Module, points: list[tuple[str, int, QuantLinear]]) -> Iterator[list]:
     """Record, for every activation-quantized point, its operand y (differentiable) during forwards."""
@@ -213,7 +207,7 @@ def _captured_operands(model: nn.Module, points: list[tuple[str, int, QuantLinea
         def hook(module, args):
             if not module.quantize_acts:
                 return
-            y = _online(module, args[0])
+            y = module.transformed_input(args[0])
             key = _chain_key(module)
             if key not in composites:
                 A = _composite_matrix(module)
@@ -388,7 +382,7 @@ def _measure_points(
         def hook(module, args):
             if not module.quantize_acts:
                 return
-            y = _online(module, args[0]).float().reshape(-1, module.in_features)
+            y = module.transformed_input(args[0]).float().reshape(-1, module.in_features)
             if not torch.isfinite(y).all():
                 raise NonFiniteError(
                     f"non-finite activation at the quantized input of {name}; {_describe_parameters(params)}"

@@ -31,7 +31,7 @@ from latmix.fidelity import function_deviation
 from latmix.gptq import gptq_quantize_model
 from latmix.models import get_adapter, inject_channel_outliers, load_model
 from latmix.offload import offload_blocks
-from latmix.quantize import prepare_model, quantization_disabled, set_quantization
+from latmix.quantize import QuantLinear, prepare_model, quantization_disabled, set_quantization
 from latmix.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -105,9 +105,7 @@ def reader_inputs(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.
 
     def capture(name: str):
         def pre_hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0]
-            for transform in getattr(module, "online_in", ()):  # a QuantLinear's online maps
-                x = transform(x)
+            x = module.transformed_input(args[0]) if isinstance(module, QuantLinear) else args[0]
             captured[name] = x.detach().float().cpu()
 
         return pre_hook

@@ -134,12 +134,7 @@ class _HessianAccumulator:
         self.rows = 0
 
     def __call__(self, module: QuantLinear, args: tuple) -> None:
-        x = args[0]
-        for transform in module.online_in:
-            x = transform(x)
-        if module.quantize_acts:
-            x = quantize(x, module.act_format, module.act_block_size, dim=-1, clip_ratio=module.act_clip)
-        X = x.reshape(-1, module.in_features).float()
+        X = module.gemm_input(args[0]).reshape(-1, module.in_features).float()
         total = self.rows + X.shape[0]
         self.H.mul_(self.rows / total).add_(X.T @ X, alpha=2.0 / total)
         self.rows = total

@@ -242,11 +242,21 @@ class QuantLinear(nn.Module):
         clip_key = None if clip is None else (id(clip), clip._version)
         return id(self.weight), self.weight._version, self.weight.device, clip_key
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def transformed_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input after the online maps: the operand activation quantization sees (and the bound measures)."""
         for transform in self.online_in:
             x = transform(x)
+        return x
+
+    def gemm_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as the matrix product receives it: online maps, then MX quantization when it is on."""
+        x = self.transformed_input(x)
         if self.quantize_acts:
             x = mx.quantize(x, self.act_format, self.act_block_size, dim=-1, clip_ratio=self.act_clip)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.gemm_input(x)
         weight, bias = self._forward_weight_and_bias()
         return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
