@@ -10,6 +10,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from latmix.errors import ConfigError
 from latmix.preemption import slurm_task
 
 # A config that cannot work exits with one line and status 2; a real bug keeps its traceback.
@@ -23,7 +24,7 @@ def main(cfg: DictConfig) -> None:
 
     try:
         run(cfg)
-    except ValueError as err:  # latmix raises ValueError (ConfigError among them) for bad settings
+    except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(CONFIG_ERROR_EXIT)
 

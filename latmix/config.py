@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from latmix.calibrate import CalibConfig
+from latmix.errors import ConfigError
 from latmix.evaluate import PPL_DATASETS, EvalSettings
 from latmix.optim import OptimConfig
 from latmix.quantize import QuantConfig, TransformConfig
@@ -27,10 +28,6 @@ EVAL_SUITES = ("local", "lm_eval")
 LOGGER_BACKENDS = ("wandb", "none")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key and what to set instead."""
 
 
 @dataclass(frozen=True)
@@ -183,13 +180,19 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     quant_name = str(quant_values.get("name", "custom"))
     transform_name = str(transform_values.get("name", "custom"))
     quant = build_quant_config(quant_values)
+    calib = build_dataclass(CalibConfig, _section(cfg, "calib"), "calib")
+    if calib.objective == "bound" and calib.mode != "none" and quant.act_format is None:
+        raise ConfigError(
+            "calib.objective=bound measures activation quantization error, but quant.act_format is null; "
+            "quantize activations (e.g. quant=mxfp4) or use objective kl / block_mse"
+        )
     return Experiment(
         model=build_model_settings(_section(cfg, "model")),
         quant_name=quant_name,
         quant=quant,
         transform_name=transform_name,
         transform=build_transform_config(transform_values, kv_quantized=quant.kv_format is not None),
-        calib=build_dataclass(CalibConfig, _section(cfg, "calib"), "calib"),
+        calib=calib,
         optim=build_dataclass(OptimConfig, _section(cfg, "optim"), "optim"),
         eval=build_eval_settings(_section(cfg, "eval")),
         logger=build_logger_settings(_section(cfg, "logger")),

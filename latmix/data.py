@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from latmix.errors import ConfigError
+
 SOURCES = ("local", "wikitext2", "c4")
 SPLITS = ("train", "validation", "test")
 
@@ -46,7 +48,7 @@ def _load_hub_texts(source: str, split: str) -> list[str]:
     try:
         import datasets
     except ImportError as err:
-        raise ValueError(
+        raise ConfigError(
             f"source={source!r} needs the `datasets` package; install it or use source='local'"
         ) from err
     try:
@@ -59,7 +61,7 @@ def _load_hub_texts(source: str, split: str) -> list[str]:
         rows = datasets.load_dataset("allenai/c4", data_files={split: C4_SHARDS[split]}, split=split)
         return list(rows["text"])
     except (ConnectionError, OSError, FileNotFoundError) as err:
-        raise ValueError(
+        raise ConfigError(
             f"could not load {source!r} through `datasets` ({err}); without network or a local HF cache "
             "use source='local' with a text file"
         ) from err
@@ -68,7 +70,7 @@ def _load_hub_texts(source: str, split: str) -> list[str]:
 def _read_local_text(split: str, path: Path | str | None) -> str:
     path = Path(path) if path is not None else LOCAL_TEXTS[split]
     if not path.is_file():
-        raise ValueError(f"local calibration text {path} does not exist; pass an existing text file as path")
+        raise ConfigError(f"local calibration text {path} does not exist; pass an existing text file as path")
     return path.read_text(encoding="utf-8")
 
 
@@ -104,7 +106,7 @@ def sample_windows(stream: torch.Tensor, n_samples: int, seq_len: int, seed: int
     if n_samples < 1 or seq_len < 1:
         raise ValueError(f"need n_samples >= 1 and seq_len >= 1, got {n_samples} and {seq_len}")
     if stream.numel() < seq_len + 1:
-        raise ValueError(
+        raise ConfigError(
             f"the text has {stream.numel()} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
             "lower seq_len or use a longer text"
         )

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from latmix import data, local_tasks
+from latmix.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def perplexity(model: torch.nn.Module, token_ids: torch.Tensor, seq_len: int, ba
     """exp of the mean next-token NLL over non-overlapping seq_len windows of a 1-D token stream."""
     n_windows = token_ids.numel() // seq_len
     if n_windows == 0:
-        raise ValueError(
+        raise ConfigError(
             f"the evaluation text has {token_ids.numel()} tokens, fewer than one window of {seq_len}; "
             "lower eval.max_seq_len or use a longer text"
         )
@@ -85,15 +86,15 @@ def perplexity_stream(tokenizer: Any, dataset: str) -> torch.Tensor:
     if dataset == "wikitext2":
         try:
             return data.token_stream(tokenizer, "wikitext2", "test")
-        except ValueError as err:
-            raise ValueError(
+        except ConfigError as err:
+            raise ConfigError(
                 f"WikiText-2 is not available ({err}). Use eval=local, or put a copy in the Hugging Face "
                 "datasets cache (HF_DATASETS_CACHE) on a machine with network first"
             ) from err
     if dataset in LOCAL_PPL_DATASETS:
         text = Path(local_tasks.text_path(dataset)).read_text(encoding="utf-8")
         return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-    raise ValueError(
+    raise ConfigError(
         f"unknown perplexity dataset {dataset!r}; choose from {', '.join(PPL_DATASETS)}"
     )
 

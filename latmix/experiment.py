@@ -77,6 +77,21 @@ def sweep_group() -> str | None:
     return f"sweep-{sweep_dir.parent.name}_{sweep_dir.name}"
 
 
+@contextlib.contextmanager
+def settings_errors(what: str) -> Iterator[None]:
+    """In the set-up stages every ValueError comes from the settings meeting the model: a ConfigError.
+
+    Later stages raise ConfigError themselves where a setting is at fault, so that any other
+    ValueError there (a bug) keeps its traceback.
+    """
+    try:
+        yield
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(f"{what}: {err}") from err
+
+
 def load_model_checked(exp: Experiment) -> tuple[torch.nn.Module, Any]:
     """Load the model after checking its dimensions against the block sizes; hub failures -> ConfigError."""
     name = exp.model.name_or_path
@@ -210,7 +225,7 @@ def execute(
     timer = StageTimer()
     start = time.perf_counter()
 
-    with timer.stage("load"):
+    with timer.stage("load"), settings_errors("model / calib data"):
         model, tokenizer = load_model_checked(exp)
         if exp.model.outliers is not None:
             inject_channel_outliers(model, **exp.model.outliers)
@@ -226,7 +241,7 @@ def execute(
         probe_ids = calib_ids[:PROBE_SEQUENCES].to(exp.device)
         acts_before = reader_inputs(fp_model, probe_ids)
 
-    with timer.stage("transform"):
+    with timer.stage("transform"), settings_errors(f"transform={exp.transform_name} on this model"):
         prepare_model(model, exp.transform, exp.quant, deviation_ids=probe_ids)
 
     with timer.stage("calibrate"):

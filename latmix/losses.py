@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from latmix.bound import bound_surrogate
+from latmix.errors import ConfigError
 from latmix.fidelity import next_token_kl
 from latmix.mx import MXFormat
 from latmix.transforms import Transform
@@ -51,7 +52,7 @@ def bound_loss(operands: Iterable[QuantizedOperand]) -> torch.Tensor:
         for op in operands
     ]
     if not terms:
-        raise ValueError("objective 'bound' needs quantized activations; set quant.act_format")
+        raise ConfigError("objective 'bound' needs quantized activations; set quant.act_format")
     return torch.stack(terms).mean()
 
 

@@ -110,6 +110,11 @@ def test_bad_values_raise_one_config_error_naming_the_key(override, message):
         config.build_experiment(compose_config(override))
 
 
+def test_the_bound_objective_without_quantized_activations_is_rejected():
+    with pytest.raises(config.ConfigError, match="quant.act_format is null"):
+        config.build_experiment(compose_config("quant=none", "calib.objective=bound"))
+
+
 def test_a_block_size_that_does_not_divide_the_hidden_size_is_rejected_before_loading():
     exp = config.build_experiment(compose_config("quant.block_size=24"))
     model_config = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4)
@@ -148,3 +153,11 @@ def test_a_bad_block_size_fails_on_the_command_line_with_one_line(tmp_path):
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
     assert "does not divide the model's hidden_size=64" in out.stderr
+
+
+def test_a_transform_the_model_cannot_take_fails_with_one_line_naming_the_transform(tmp_path):
+    out = run_cli("transform=block_hadamard", "transform.placements.pre_linear.block_size=48",
+                  f"paths.results_dir={tmp_path}", f"hydra.run.dir={tmp_path}/out", "logger=none")
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert "error: transform=block_hadamard on this model: block_hadamard block_size=48 must divide" in out.stderr
