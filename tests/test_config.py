@@ -111,7 +111,7 @@ def test_bad_values_raise_one_config_error_naming_the_key(override, message):
 
 
 def test_the_bound_objective_without_quantized_activations_is_rejected():
-    with pytest.raises(config.ConfigError, match="quant.act_format is null"):
+    with pytest.raises(config.ConfigError, match=r"quant\.act_format is null"):
         config.build_experiment(compose_config("quant=none", "calib.objective=bound"))
 
 

@@ -12,6 +12,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
 from latmix import evaluate, local_tasks
+from latmix.errors import ConfigError
 from latmix.evaluate import EvalSettings
 
 VOCAB = 384
@@ -106,10 +107,10 @@ def test_averages_follow_the_papers():
 
 def test_wikitext_without_network_says_to_use_local_evaluation(monkeypatch):
     def offline(*_args, **_kwargs):
-        raise ValueError("could not load 'wikitext2'")
+        raise ConfigError("could not load 'wikitext2'")
 
     monkeypatch.setattr(evaluate.data, "token_stream", offline)
-    with pytest.raises(ValueError, match="Use eval=local"):
+    with pytest.raises(ConfigError, match="Use eval=local"):
         evaluate.perplexity_stream(None, "wikitext2")
 
 
