@@ -146,6 +146,18 @@ def bound_surrogate(
     Both replacements are upper bounds of what they replace, so lowering the surrogate lowers a
     ceiling on the bound. Gradients flow to y and to A.
     """
+    return quantization_error_surrogate(y, fmt, block_size, p) / smallest_singular_value(A)
+
+
+def smallest_singular_value(A: torch.Tensor) -> torch.Tensor:
+    """sigma_min(A) = 1 / ||A^-1||_2, differentiable in A."""
+    return torch.linalg.svdvals(A.float()).min()
+
+
+def quantization_error_surrogate(
+    y: torch.Tensor, fmt: MXFormat | str, block_size: int | None = None, p: float = SURROGATE_P
+) -> torch.Tensor:
+    """The bound on ||Q(y) - y|| (RMS over tokens) with each block max replaced by the block p-norm."""
     fmt = get_format(fmt)
     k = _block_size(fmt, block_size)
     blocks = _blocks(y.float(), k)
@@ -153,5 +165,4 @@ def bound_surrogate(
     peak = blocks.detach().abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     smooth_max = peak.squeeze(-1) * (blocks / peak).abs().pow(p).sum(dim=-1).pow(1.0 / p)
     per_token_sq = (k * (format_constant(fmt) * smooth_max) ** 2).sum(dim=-1)
-    sigma_min = torch.linalg.svdvals(A.float()).min()
-    return per_token_sq.mean().sqrt() / sigma_min
+    return per_token_sq.mean().sqrt()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from latmix.bound import bound_surrogate
+from latmix.bound import quantization_error_surrogate, smallest_singular_value
 from latmix.errors import ConfigError
 from latmix.fidelity import next_token_kl
 from latmix.mx import MXFormat
@@ -46,11 +46,14 @@ def bound_loss(operands: Iterable[QuantizedOperand]) -> torch.Tensor:
     Normalizing by the operand's own size (detached) keeps layers with large activations from
     dominating, as the relative block MSE does.
     """
-    terms = [
-        bound_surrogate(op.y, op.A, op.fmt, op.block_size)
-        / op.y.detach().float().pow(2).sum(-1).mean().sqrt()
-        for op in operands
-    ]
+    # Linears behind one map chain (q/k/v, gate/up) share A: one SVD per chain.
+    sigma_min: dict[int, torch.Tensor] = {}
+    terms = []
+    for op in operands:
+        if id(op.A) not in sigma_min:
+            sigma_min[id(op.A)] = smallest_singular_value(op.A)
+        rms = op.y.detach().float().pow(2).sum(-1).mean().sqrt()
+        terms.append(quantization_error_surrogate(op.y, op.fmt, op.block_size) / sigma_min[id(op.A)] / rms)
     if not terms:
         raise ConfigError("objective 'bound' needs quantized activations; set quant.act_format")
     return torch.stack(terms).mean()
