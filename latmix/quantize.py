@@ -28,6 +28,7 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 from latmix import mx
 from latmix.fidelity import logit_deviation
 from latmix.models import LINEAR_ROLES, LlamaFamilyAdapter, get_adapter
+from latmix.offload import resident
 from latmix.transforms import (
     TRANSFORMS,
     Headwise,
@@ -560,9 +561,14 @@ def transforms_of(model: nn.Module) -> dict[str, Transform]:
 
 def freeze_model(model: nn.Module) -> None:
     """Fold every transform into the weights once (end of calibration): only online transforms remain."""
-    for linear in _quant_linears(model):
-        linear.freeze()
     adapter = model.latmix_adapter
+    for layer in adapter.layers():
+        # An offloaded block comes to the device, where a shared map (T1) lives, to fold it.
+        with resident(model, layer):
+            for linear in _quant_linears(layer):
+                linear.freeze()
+    for linear in _quant_linears(model):  # the rest: lm_head
+        linear.freeze()
     if isinstance(adapter.embed_tokens, TransformedEmbedding):
         adapter.set_embed_tokens(adapter.embed_tokens.folded())
     model.latmix_transforms = {

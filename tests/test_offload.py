@@ -114,3 +114,19 @@ def test_on_a_gpu_only_the_working_block_and_the_shared_maps_are_on_it(make_tiny
     with resident(model, blocks[1]):
         assert blocks[1].mlp.down_proj.weight.is_cuda and not blocks[0].mlp.down_proj.weight.is_cuda
     assert transforms_of(model)["residual"].matrix().is_cuda, "the shared map left the device"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_layer_wise_calibration_gptq_and_folding_run_with_one_block_on_it(make_tiny_model):
+    fp_model = make_tiny_model("llama", seed=2)
+    model = prepare_model(make_tiny_model("llama", seed=2), LEARNED, W4A4_GPTQ)
+    offload_blocks(model, "cuda")
+    offload_blocks(fp_model, "cuda")
+    seen = record_blocks_on_device(model)
+    calibrate(model, fp_model, token_ids(4, 16, 0), LAYER_WISE, OptimConfig(lr=1e-2), None)
+    gptq_quantize_model(model, token_ids(4, 16, 1), W4A4_GPTQ)
+    logits = model(token_ids(2, 16, 2).cuda()).logits
+    assert torch.isfinite(logits).all()
+    assert {tuple(blocks) for blocks in seen} == {(0,), (1,)}
+    assert not any(p.is_cuda for block in decoder_layers(model) for p in block.parameters())
