@@ -34,13 +34,12 @@ class BlockOffload:
         self.blocks = get_adapter(model).layers()
         self._held: set[int] = set()
         self._loaded: set[int] = set()
-        self._handles = []
         for module in self._outside_modules():
             _move_own_tensors(module, self.device, keep=set())
         for block in self.blocks:
             self._move(block, self.storage)
-            self._handles.append(block.register_forward_pre_hook(self._arrive))
-            self._handles.append(block.register_forward_hook(self._leave, always_call=True))
+            block.register_forward_pre_hook(self._arrive)
+            block.register_forward_hook(self._leave, always_call=True)
 
     def on_device(self) -> list[int]:
         """Indices of the blocks now moved to the compute device (tracked even where storage is the device)."""
@@ -59,13 +58,6 @@ class BlockOffload:
         finally:
             self._held.discard(id(block))
             self._unload(block)
-
-    def remove(self) -> None:
-        """Remove the hooks; every block is left in storage."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        del self.model.latmix_offload
 
     def _arrive(self, block: nn.Module, args) -> None:
         if id(block) not in self._held:
