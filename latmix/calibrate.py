@@ -15,6 +15,9 @@ steps end to end, after every block layer-wise) hold plain tensors only and are 
 weights_only=True; a second call with the same arguments resumes from them and ends with the same
 transforms as an uninterrupted run. calibrate() ends by folding the transforms (freeze_model), so GPTQ
 or evaluation can follow.
+
+Models whose blocks are offloaded (latmix.offload, calib.offload) work unchanged: layer-wise holds the
+block it calibrates on the device, and whole-model measurements stream the blocks.
 """
 
 from __future__ import annotations
