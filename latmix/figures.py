@@ -1,16 +1,40 @@
-"""Diagnostic figures saved next to each run: activation histograms and the bound vs the measured error."""
+"""Figures, without torch: per run (activation histograms, the bound vs the measured error, saved next
+to each run) and for the tables (metrics per method with seed error bars, per-layer bound vs error).
+
+Drawn with matplotlib's object API (`Figure`, no pyplot): nothing global is set at import and no
+display is needed on cluster nodes. `make_figures` is what `scripts/make_tables.py` draws.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")  # figures are files; no display on cluster nodes
-import matplotlib.pyplot as plt
-import torch
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+
+    from latmix.tables import Table
+
+# The seven quantized linears of a Llama block, in the order data flows through them.
+ROLE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# (record key, colour, line style, legend): bounds dashed, measured errors solid; before blue, after orange.
+PER_LAYER_SERIES = (
+    ("bound_before", "C0", "--", "bound, before"),
+    ("error_before", "C0", "-", "error, before"),
+    ("bound_after", "C1", "--", "bound, after"),
+    ("error_after", "C1", "-", "error, after"),
+)
+FORMATS = ("png", "pdf")
+
+
+# --- per run -------------------------------------------------------------------------------------
 
 
 def activation_histograms(
@@ -23,7 +47,8 @@ def activation_histograms(
     layers = [name for name in before if name in after]
     if not layers:
         raise ValueError("no layer has activations both before and after the transform")
-    fig, axes = plt.subplots(len(layers), 2, figsize=(8, 1.8 * len(layers)), squeeze=False)
+    fig = Figure(figsize=(8, 1.8 * len(layers)), layout="constrained")
+    axes = fig.subplots(len(layers), 2, squeeze=False)
     for row, name in enumerate(layers):
         for col, (label, acts) in enumerate((("before", before[name]), ("after", after[name]))):
             values = acts.detach().float().flatten().cpu()
@@ -32,34 +57,192 @@ def activation_histograms(
             ax.hist(values.numpy(), bins=100, log=True, color="tab:blue" if col == 0 else "tab:orange")
             ax.set_title(f"{name} {label}: max/rms {crest:.1f}", fontsize=8)
             ax.tick_params(labelsize=6)
-    fig.tight_layout()
-    return _save(fig, path)
+    return save(fig, path)
 
 
-def bound_vs_error(per_layer: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+def bound_vs_error(per_layer: Sequence[Mapping[str, Any]], path: str | Path, title: str | None = None) -> Path:
     """Per layer: the error bound and the measured quantization error, before and after calibration."""
-    series = ("bound_before", "error_before", "bound_after", "error_after")
-    rows = [row for row in per_layer if any(row.get(key) is not None for key in series)]
+    return save(per_layer_figure(per_layer, title), path)
+
+
+def layer_role(name: str) -> str:
+    """'model.layers.3.mlp.down_proj' -> 'down_proj'."""
+    return name.rsplit(".", 1)[-1]
+
+
+def _positive(value: Any) -> float:
+    """A value for a log axis: NaN (a gap) for missing, zero or negative."""
+    return float(value) if isinstance(value, (int, float)) and value > 0 else math.nan
+
+
+def per_layer_figure(per_layer: Sequence[Mapping[str, Any]], title: str | None = None) -> Figure:
+    """One panel per linear role (q/k/v/o/gate/up/down), x = block, log y: the bound dashed, the
+    measured error solid, before (blue) and after (orange) calibration. Readable at 200+ layers
+    because each panel holds one point per block."""
+    keys = [series[0] for series in PER_LAYER_SERIES]
+    rows = [row for row in per_layer if any(not math.isnan(_positive(row.get(k))) for k in keys)]
     if not rows:
         raise ValueError("the calibration report has no bound or error measurements per layer")
-    labels = [str(row.get("layer", i)) for i, row in enumerate(rows)]
-    fig, ax = plt.subplots(figsize=(max(5, 0.4 * len(rows)), 3.5))
-    for key, style in zip(series, ("C0--", "C0-o", "C1--", "C1-o"), strict=True):
-        values = [row.get(key) for row in rows]
-        if any(v is not None for v in values):
-            ax.plot(labels, [float("nan") if v is None else v for v in values], style, label=key)
-    ax.set_yscale("log")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("||error||")
-    ax.legend(fontsize=7)
-    ax.tick_params(axis="x", labelrotation=90, labelsize=6)
-    fig.tight_layout()
-    return _save(fig, path)
+    by_role: dict[str, list[Mapping[str, Any]]] = {}
+    for index, row in enumerate(rows):
+        by_role.setdefault(layer_role(str(row.get("layer", index))), []).append(row)
+    roles = sorted(by_role, key=lambda r: (ROLE_ORDER.index(r), "") if r in ROLE_ORDER else (len(ROLE_ORDER), r))
+    ncols = 1 if len(roles) <= 3 else 2
+    nrows = math.ceil(len(roles) / ncols)
+    fig = Figure(figsize=(6.5 * ncols, 2.1 * nrows + 1.0), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True)
+    by_blocks = all(isinstance(row.get("block"), int) for row in rows)
+    for position, role in enumerate(roles):
+        ax = axes[position // ncols][position % ncols]
+        points = by_role[role]
+        xs = [row["block"] for row in points] if by_blocks else list(range(len(points)))
+        for key, colour, style, label in PER_LAYER_SERIES:
+            ys = [_positive(row.get(key)) for row in points]
+            if not all(math.isnan(y) for y in ys):
+                ax.plot(xs, ys, color=colour, linestyle=style, marker="." if len(xs) <= 64 else None,
+                        markersize=3, linewidth=1.2, label=label)
+        ax.set_yscale("log")
+        tightness = sorted(row["tightness_after"] for row in points
+                           if isinstance(row.get("tightness_after"), (int, float)))
+        median = f", median error/bound after {tightness[len(tightness) // 2]:.2f}" if tightness else ""
+        ax.set_title(f"{role} ({len(points)} layers{median})", fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, which="major", alpha=0.3)
+        ax.tick_params(labelsize=7)
+        if position % ncols == 0:
+            ax.set_ylabel("‖error‖", fontsize=8)
+    for position in range(len(roles), nrows * ncols):
+        axes[position // ncols][position % ncols].set_visible(False)
+    for col in range(ncols):
+        bottom = max(r for r in range(nrows) if r * ncols + col < len(roles)) if len(roles) > col else 0
+        axes[bottom][col].set_xlabel("block" if by_blocks else "layer index", fontsize=8)
+        axes[bottom][col].tick_params(labelbottom=True)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=4, fontsize=8)
+    fig.suptitle(title or f"bound vs measured error, {len(rows)} quantized linears", fontsize=10)
+    return fig
 
 
-def _save(fig: Any, path: str | Path) -> Path:
+# --- for the tables ------------------------------------------------------------------------------
+
+
+def row_label(row: Mapping[str, Any], varying: Sequence[str]) -> str:
+    """'mxfp4 · affine+gptq · residual param lu': what tells a table row from the others."""
+    from latmix.tables import short_name
+
+    config = row["config"]
+    extra = [f"{short_name(k)} {config[k]}" for k in varying if k in config and not row["fp_reference"]]
+    return " · ".join([row["quant"], row["method"], *extra])
+
+
+def metrics_figure(table: Table, runs: pd.DataFrame) -> Figure:
+    """One panel per perplexity and per accuracy average: mean ± std over seeds per row of the table
+    (each seed a small cross), the full-precision reference as a dashed line."""
+    from latmix.tables import AVERAGE_COLUMNS, DISPLAY_NAMES, lower_is_better
+
+    metrics = [m for m in table.metrics if m.startswith("ppl_") or m in AVERAGE_COLUMNS]
+    if not metrics:
+        raise ValueError(f"table {table.label} has no perplexity or accuracy average to plot")
+    rows = list(table.rows.to_dict("records"))
+    labels = [row_label(row, table.varying) for row in rows]
+    quants = list(dict.fromkeys(row["quant"] for row in rows if not row["fp_reference"]))
+    fig = Figure(figsize=(3.6 * len(metrics) + 2.5, 0.32 * len(rows) + 1.6), layout="constrained")
+    axes = fig.subplots(1, len(metrics), sharey=True, squeeze=False)[0]
+    ys = list(range(len(rows)))
+    for ax, metric in zip(axes, metrics, strict=True):
+        for y, row in zip(ys, rows, strict=True):
+            if math.isnan(row[metric]):
+                continue
+            colour = "0.4" if row["fp_reference"] else f"C{quants.index(row['quant']) % 10}"
+            std = row[f"{metric}_std"]
+            ax.errorbar([row[metric]], [y], xerr=[0 if math.isnan(std) else std], fmt="o", color=colour,
+                        capsize=3, markersize=4)
+            seeds = runs.loc[runs["config_id"] == row["config_id"], metric].dropna().astype(float)
+            ax.plot(list(seeds), [y] * len(seeds), "x", color=colour, markersize=3, alpha=0.6)
+            if row["fp_reference"]:
+                ax.axvline(row[metric], color="0.4", linestyle="--", linewidth=1)
+        values = [row[metric] for row in rows if not math.isnan(row[metric])]
+        if lower_is_better(metric) and values and min(values) > 0 and max(values) / min(values) > 20:
+            ax.set_xscale("log")
+        better = "lower" if lower_is_better(metric) else "higher"
+        unit = "" if lower_is_better(metric) else " (%)"
+        ax.set_title(f"{DISPLAY_NAMES.get(metric, metric)}{unit}, {better} is better", fontsize=9)
+        ax.grid(True, axis="x", alpha=0.3)
+        ax.tick_params(labelsize=7)
+    axes[0].set_yticks(ys, labels)
+    axes[0].invert_yaxis()
+    fig.suptitle(f"{table.heading}: mean ± std over seeds (x: each seed; dashed: full precision)", fontsize=10)
+    return fig
+
+
+def run_title(rec: Mapping[str, Any], details: str = "") -> str:
+    """The run's identity: model, format, method, seed, run id (and what tells its configuration apart)."""
+    from latmix.tables import record_row
+
+    row = record_row(dict(rec))
+    title = f"{row['model']} · {row['quant']} · {row['method']} · seed {row['seed']} · run {row['run_id']}"
+    return f"{title}\n{details}" if details else title
+
+
+def make_figures(
+    tables: Sequence[Table], runs: pd.DataFrame, records: Mapping[str, Mapping[str, Any]], out_dir: str | Path,
+    run_ids: Iterable[str] | None = None, max_layer_figures: int = 6,
+) -> tuple[dict[str, Path], list[str]]:
+    """What make_tables draws: per table, its metrics figure; per chosen run, per-layer bound vs error
+    (default: the first seed of each configuration that has per-layer data, up to max_layer_figures).
+    PNG and PDF; returns {name: path} and messages for the user."""
+    out_dir = Path(out_dir)
+    paths: dict[str, Path] = {}
+    messages: list[str] = []
+    details: dict[str, str] = {}
+    for table in tables:
+        for row in table.rows.to_dict("records"):
+            details[row["config_id"]] = " · ".join(row_label(row, table.varying).split(" · ")[2:])
+        try:
+            fig = metrics_figure(table, runs)
+        except ValueError as err:
+            messages.append(f"no metrics figure: {err}")
+            continue
+        stem = re.sub(r"[^A-Za-z0-9.-]+", "-", table.label.removeprefix("tab:"))
+        paths.update(save_formats(fig, out_dir / f"{stem}_metrics"))
+    has_layers = {rid for rid, rec in records.items() if rec["calibration"].get("per_layer")}
+    if run_ids:
+        chosen = []
+        for rid in run_ids:
+            if rid not in records:
+                messages.append(f"--run-id {rid}: no such record")
+            elif rid not in has_layers:
+                messages.append(f"--run-id {rid}: the record has no per-layer calibration data")
+            else:
+                chosen.append(rid)
+    else:
+        firsts = runs[runs["run_id"].isin(has_layers)].sort_values("seed").drop_duplicates("config_id")
+        order = {row["config_id"]: i for i, row in enumerate(r for t in tables for r in t.rows.to_dict("records"))}
+        candidates = sorted(firsts.itertuples(), key=lambda r: order.get(r.config_id, len(order)))
+        chosen = [r.run_id for r in candidates[:max_layer_figures]]
+        if len(candidates) > max_layer_figures:
+            messages.append(f"per-layer figures for {max_layer_figures} of {len(candidates)} configurations "
+                            "with per-layer data; choose runs with --run-id")
+    for rid in chosen:
+        rec = records[rid]
+        config_id = runs.loc[runs["run_id"] == rid, "config_id"].iloc[0]
+        title = run_title(rec, details.get(config_id, ""))
+        fig = per_layer_figure(rec["calibration"]["per_layer"], title)
+        paths.update(save_formats(fig, out_dir / f"per_layer_{rid}"))
+    return paths, messages
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+
+def save(fig: Figure, path: str | Path, dpi: int = 110) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    fig.savefig(path, dpi=dpi)
     return path
+
+
+def save_formats(fig: Figure, stem: str | Path, formats: Sequence[str] = FORMATS) -> dict[str, Path]:
+    """<stem>.png and <stem>.pdf; keys 'figure <name>.<fmt>'."""
+    stem = Path(stem)
+    return {f"figure {stem.name}.{fmt}": save(fig, stem.parent / f"{stem.name}.{fmt}", dpi=150) for fmt in formats}

@@ -1,23 +1,56 @@
 """Result records -> the paper's tables (pandas): a pure function of the records on disk.
 
-Rows are methods (transform + weight quantizer), grouped by model and format; columns are the
-perplexities, each task's accuracy (acc_norm where the task has it, else acc, in percent) and the
-averages. Runs that differ only in seed are folded into mean ± std.
+A *configuration* is a record's resolved config minus the seed (and the per-stage seeds that are the
+run seed), minus what only says where or how a run executes (`record.NON_IDENTITY_KEYS`,
+`EXECUTION_KEYS`) and the preset names the row labels already show. Runs of one configuration are
+folded into mean ± std over seeds; runs of different configurations never are.
+
+One table per model and evaluation setting (the `model.*` and `eval.*` keys), so each table has one
+full-precision reference (quant none, identity transform), shown first; then the quantized rows,
+grouped by format, one row per method (transform + weight quantizer). Any other config key that
+differs between rows of a table becomes a column. Columns: perplexities, each task's accuracy
+(acc_norm where the task has it, else acc, in percent), the averages, and the delta vs the
+full-precision row; the best value per format is marked.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
-from latmix.evaluate import headline_accuracy
-from latmix.record import SkippedRecord, iter_records
+from latmix.metrics import headline_accuracy
+from latmix.record import NON_IDENTITY_KEYS, SkippedRecord, canonical_json, iter_records
 
-GROUP_KEYS = ["model", "quant", "method"]
+# Keys that say how a run executes, not what it computes (the results do not depend on them).
+EXECUTION_KEYS = ("device", "calib.offload", "calib.grad_checkpointing", "calib.checkpoint_every")
+# Preset names: shown as the model, quant and method labels of every row.
+NAME_KEYS = ("model.name", "quant.name", "transform.name")
+# Per-stage seeds that interpolate the run seed (`seed: ${seed}`); set to anything else, they count.
+SEED_KEYS = ("calib.seed", "transform.seed")
+# The keys that split tables: one table per model and evaluation setting.
+SETTING_PREFIXES = ("model.", "eval.")
+# Keys that can change the full-precision reference (nothing is calibrated or quantized there).
+FP_REFERENCE_PREFIXES = ("model.", "eval.", "quant.", "transform.")
+# Keys the quant and method labels stand for: shown as a column only where a label does not tell them.
+LABEL_PREFIXES = ("quant.", "transform.")
+
 AVERAGE_COLUMNS = ["avg6", "avg8", "avg"]
 DISPLAY_NAMES = {"ppl_wikitext2": "Wiki2 ppl", "ppl_heldout": "heldout ppl", "ppl_ood": "ood ppl", "avg": "avg (all)"}
+# Row order within a format: least to most expressive transform (DESIGN.md), RTN before GPTQ.
+QUANT_ORDER = ("none", "mxfp8", "mxint8", "mxfp6", "nvfp4", "mxfp4")
+TRANSFORM_ORDER = ("identity", "hadamard", "block_hadamard", "rotation", "flatquant", "affine_block", "affine")
+WEIGHT_QUANTIZER_ORDER = ("rtn", "gptq")
+SHORT_WORDS = {"parametrization": "param", "n_samples": "samples", "max_seq_len": "seq len",
+               "max_ppl_tokens": "ppl tokens", "weight_quantizer": "wq", "reg_weight": "reg",
+               "ppl_datasets": "ppl data", "num_fewshot": "fewshot", "name_or_path": "path"}
+FP_NOTE = "full precision: quant none, identity transform"
 
 
 def method_label(transform: str, weight_quantizer: str, quantized: bool) -> str:
@@ -25,15 +58,73 @@ def method_label(transform: str, weight_quantizer: str, quantized: bool) -> str:
     return f"{transform}+{weight_quantizer}" if quantized else transform
 
 
+# --- one record -> one row -----------------------------------------------------------------------
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists and empty mappings are leaves."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def value_text(value: Any) -> str:
+    """A config value as a table shows it: null, true, 0.001, heldout,ood."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)):
+        return ",".join(value_text(v) for v in value)
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def is_full_precision(rec: Mapping[str, Any]) -> bool:
+    quant = rec["config"].get("quant", {})
+    return all(quant.get(key) is None for key in ("weight_format", "act_format", "kv_format"))
+
+
+def configuration(rec: Mapping[str, Any]) -> dict[str, str]:
+    """What the run computes, as flat 'dotted.key' -> text: the resolved config minus seed, names and
+    where/how keys. The full-precision reference keeps only what can change its numbers."""
+    config = {k: v for k, v in rec["config"].items() if k not in NON_IDENTITY_KEYS and k != "seed"}
+    identity = {}
+    for key, value in flatten(config).items():
+        if key in EXECUTION_KEYS or key in NAME_KEYS or (key in SEED_KEYS and value == rec["seed"]):
+            continue
+        identity[key] = value_text(value)
+    if is_full_precision(rec) and rec["transform"] == "identity":
+        identity = {k: v for k, v in identity.items() if k.startswith(FP_REFERENCE_PREFIXES)}
+    return identity
+
+
+def configuration_id(model: str, quant: str, method: str, config: Mapping[str, str]) -> str:
+    """12 hex chars naming a configuration (the run id without the seed): same config, same id."""
+    identity = {"model": model, "quant": quant, "method": method, "config": dict(config)}
+    return hashlib.sha256(canonical_json(identity).encode()).hexdigest()[:12]
+
+
 def record_row(rec: dict) -> dict:
     """One record flattened to one table row: identity columns, then metrics (accuracies in percent)."""
+    full_precision = is_full_precision(rec)
     quantized = rec["config"].get("quant", {}).get("weight_format") is not None
+    config = configuration(rec)
+    setting = {k: v for k, v in config.items() if k.startswith(SETTING_PREFIXES)}
+    method = method_label(rec["transform"], rec["weight_quantizer"], quantized)
     row = {
         "run_id": rec["run_id"],
         "model": rec["model"],
         "quant": rec["quant"],
-        "method": method_label(rec["transform"], rec["weight_quantizer"], quantized),
+        "method": method,
+        "transform": rec["transform"],
+        "weight_quantizer": rec["weight_quantizer"] if quantized else "",
+        "fp_reference": full_precision and rec["transform"] == "identity",
         "seed": rec["seed"],
+        "config_id": configuration_id(rec["model"], rec["quant"], method, config),
+        "setting_id": configuration_id(rec["model"], "", "", setting),
+        "config": config,
     }
     metrics = rec["metrics"]
     row.update({f"ppl_{name}": value for name, value in metrics["ppl"].items()})
@@ -46,68 +137,337 @@ def record_row(rec: dict) -> dict:
     return row
 
 
+RUN_COLUMNS = ["run_id", "model", "quant", "method", "transform", "weight_quantizer", "fp_reference", "seed",
+               "config_id", "setting_id", "config"]
+
+
 def load_results(results_dir: str | Path) -> tuple[pd.DataFrame, list[SkippedRecord]]:
     """All valid records as a frame (one row per run), and the records skipped with their reasons."""
-    rows, skipped = [], []
+    frame, skipped, _ = load_runs(results_dir)
+    return frame, skipped
+
+
+def load_runs(results_dir: str | Path) -> tuple[pd.DataFrame, list[SkippedRecord], dict[str, dict]]:
+    """load_results, plus the records themselves by run id (the figures need their per-layer data)."""
+    rows, skipped, records = [], [], {}
     for item in iter_records(results_dir):
         if isinstance(item, SkippedRecord):
             skipped.append(item)
         else:
             rows.append(record_row(item))
-    return pd.DataFrame(rows), skipped
+            records[item["run_id"]] = item
+    return pd.DataFrame(rows, columns=None if rows else RUN_COLUMNS), skipped, records
 
 
 def metric_columns(frame: pd.DataFrame) -> list[str]:
     """Perplexities first, then tasks alphabetically, then the averages; only columns with a value."""
-    identity = {*GROUP_KEYS, "run_id", "seed"}
-    present = [c for c in frame.columns if c not in identity and frame[c].notna().any()]
+    identity = set(RUN_COLUMNS) | {"table", "seeds", "runs", "run_ids"}
+    present = [c for c in frame.columns
+               if c not in identity and not c.endswith("_std") and not c.startswith("delta_")
+               and frame[c].notna().any()]
     ppl = sorted(c for c in present if c.startswith("ppl_"))
     tasks = sorted(c for c in present if not c.startswith("ppl_") and c not in AVERAGE_COLUMNS)
     return ppl + tasks + [c for c in AVERAGE_COLUMNS if c in present]
 
 
+def lower_is_better(metric: str) -> bool:
+    return metric.startswith("ppl_")
+
+
+# --- runs -> one row per configuration -----------------------------------------------------------
+
+
+def _rank(value: str, order: tuple[str, ...]) -> tuple[int, str]:
+    return (order.index(value), "") if value in order else (len(order), value)
+
+
 def summarize(frame: pd.DataFrame) -> pd.DataFrame:
-    """Mean and std over seeds per (model, quant, method): columns '<metric>' (mean), '<metric>_std', 'seeds'."""
+    """One row per configuration, in table order: '<metric>' (mean over seeds), '<metric>_std',
+    'delta_<metric>' (vs the table's full-precision reference), 'seeds', 'runs', 'run_ids', 'table'."""
     if frame.empty:
-        return pd.DataFrame(columns=[*GROUP_KEYS, "seeds"])
-    columns = metric_columns(frame)
-    numeric = frame[GROUP_KEYS + columns].astype({c: float for c in columns})
-    grouped = numeric.groupby(GROUP_KEYS, sort=True)
-    means = grouped[columns].mean()
-    stds = grouped[columns].std(ddof=1).add_suffix("_std")
-    seeds = frame.groupby(GROUP_KEYS, sort=True)["seed"].nunique().rename("seeds")
-    return pd.concat([means, stds, seeds], axis=1).reset_index()
+        return pd.DataFrame(columns=[*RUN_COLUMNS[1:], "table", "seeds", "runs", "run_ids"])
+    metrics = metric_columns(frame)
+    rows = []
+    for _, runs in frame.groupby("config_id", sort=False):
+        first = runs.iloc[0]
+        values = runs[metrics].astype(float)
+        row = {key: first[key] for key in RUN_COLUMNS[1:] if key != "seed"}
+        row.update(values.mean().to_dict())
+        row.update(values.std(ddof=1).add_suffix("_std").to_dict())
+        row.update(seeds=runs["seed"].nunique(), runs=len(runs), run_ids=" ".join(sorted(runs["run_id"])))
+        rows.append(row)
+    rows.sort(key=_row_order)
+    summary = pd.DataFrame(rows)
+    summary["table"] = _table_labels(summary)
+    deltas = {f"delta_{m}": [float("nan")] * len(summary) for m in metrics}
+    for _, rows_of_table in summary.groupby("table", sort=False):
+        references = rows_of_table[rows_of_table["fp_reference"]]
+        if references.empty:
+            continue
+        reference = references.sort_values("seeds", ascending=False).iloc[0]
+        for metric in metrics:
+            for index in rows_of_table.index:
+                deltas[f"delta_{metric}"][index] = summary.at[index, metric] - reference[metric]
+    return pd.concat([summary, pd.DataFrame(deltas, index=summary.index)], axis=1)
 
 
-def _format_cell(mean: float, std: float, seeds: int) -> str:
-    if pd.isna(mean):
-        return "–"
-    return f"{mean:.2f} ± {std:.2f}" if seeds > 1 and not pd.isna(std) else f"{mean:.2f}"
+def _row_order(row: Mapping[str, Any]) -> tuple:
+    """Model, then setting; the full-precision reference first; formats, transforms, weight quantizers."""
+    setting = sorted((k, _natural(v)) for k, v in row["config"].items() if k.startswith(SETTING_PREFIXES))
+    return (row["model"], setting, not row["fp_reference"], _rank(row["quant"], QUANT_ORDER),
+            _rank(row["transform"], TRANSFORM_ORDER), _rank(row["weight_quantizer"], WEIGHT_QUANTIZER_ORDER),
+            canonical_json(row["config"]))
 
 
-def display_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """Strings for the paper table: 'mean ± std' over seeds, metric columns under readable names."""
-    columns = [c for c in summary.columns if c not in GROUP_KEYS and c != "seeds" and not c.endswith("_std")]
-    shown = summary[GROUP_KEYS].copy()
-    for column in columns:
-        shown[DISPLAY_NAMES.get(column, column)] = [
-            _format_cell(m, s, n)
-            for m, s, n in zip(summary[column], summary[f"{column}_std"], summary["seeds"], strict=True)
-        ]
-    shown["seeds"] = summary["seeds"]
+def _natural(text: str) -> tuple[int, float, str]:
+    """Numbers in numeric order (128 before 1024), before text."""
+    try:
+        return (0, float(text), "")
+    except ValueError:
+        return (1, 0.0, text)
+
+
+def _table_labels(summary: pd.DataFrame) -> list[str]:
+    """'tab:tiny', or 'tab:tiny-1', 'tab:tiny-2' when a model was evaluated in several settings."""
+    labels, seen = [], {}
+    for model, setting in zip(summary["model"], summary["setting_id"], strict=True):
+        settings = seen.setdefault(model, [])
+        if setting not in settings:
+            settings.append(setting)
+    for model, setting in zip(summary["model"], summary["setting_id"], strict=True):
+        slug = re.sub(r"[^A-Za-z0-9.]+", "-", model).strip("-")
+        several = len(seen[model]) > 1
+        labels.append(f"tab:{slug}-{seen[model].index(setting) + 1}" if several else f"tab:{slug}")
+    return labels
+
+
+# --- configurations -> tables --------------------------------------------------------------------
+
+
+@dataclass
+class Table:
+    label: str  # 'tab:tiny'; also names the table's figure
+    model: str
+    setting: dict[str, str]  # the model.* and eval.* keys this table was run with
+    split_by: dict[str, str]  # those of them that differ between this model's tables
+    rows: pd.DataFrame  # the summary rows, in order
+    varying: list[str]  # config keys shown as columns: they differ between rows
+    metrics: list[str]
+
+    @property
+    def heading(self) -> str:
+        details = ", ".join(f"{short_name(k)} {v}" for k, v in self.split_by.items())
+        return f"{self.model} ({details})" if details else self.model
+
+    @property
+    def notes(self) -> str:
+        """What the table shows, under its heading (markdown) or in its caption (LaTeX)."""
+        shown = [key for key in ("eval.suite", "eval.max_seq_len") if key in self.setting and key not in self.split_by]
+        evaluation = ", ".join(f"{short_name(key)} {self.setting[key]}" for key in shown)
+        return ((f"Evaluation: {evaluation}. " if evaluation else "")
+                + "Mean ± std over seeds; Δ vs full precision (quant none, identity transform); best per format "
+                "in bold (lowest perplexity, highest accuracy); accuracy in percent.")
+
+    @property
+    def caption(self) -> str:
+        return f"{self.heading}. {self.notes}"
+
+
+def short_name(key: str) -> str:
+    """'transform.placements.residual.parametrization' -> 'residual param'; 'eval.max_seq_len' -> 'seq len'."""
+    parts = key.split(".")
+    if parts[:2] == ["transform", "placements"]:
+        parts = parts[2:]
+    elif parts[0] in ("eval", "quant", "model") and len(parts) > 1:
+        parts = parts[1:]
+    return " ".join(SHORT_WORDS.get(part, part) for part in parts)
+
+
+def varying_keys(rows: pd.DataFrame) -> list[str]:
+    """Config keys whose values differ between rows, except the ones the quant/method labels tell.
+
+    The full-precision reference takes part only with the keys that can change its numbers.
+    """
+    configs = list(rows["config"])
+    keys = sorted({key for config in configs for key in config})
+    shown = []
+    for key in keys:
+        values = {}
+        for config, quant, method, fp in zip(configs, rows["quant"], rows["method"], rows["fp_reference"],
+                                             strict=True):
+            if fp and not key.startswith(FP_REFERENCE_PREFIXES):
+                continue
+            values.setdefault((quant, method), set()).add(config.get(key))
+        distinct = set().union(*values.values()) if values else set()
+        if len(distinct) <= 1:
+            continue
+        if key.startswith(LABEL_PREFIXES) and all(len(v) == 1 for v in values.values()):
+            continue  # the quant or method label tells it
+        shown.append(key)
     return shown
 
 
+def build_tables(summary: pd.DataFrame) -> list[Table]:
+    """The summary cut into tables, one per model and evaluation setting, in summary order."""
+    metrics = metric_columns(summary)
+    tables = []
+    settings_of: dict[str, list[dict[str, str]]] = {}
+    for _, rows in summary.groupby("table", sort=False):
+        config = rows.iloc[0]["config"]
+        settings_of.setdefault(rows.iloc[0]["model"], []).append(
+            {k: v for k, v in config.items() if k.startswith(SETTING_PREFIXES)})
+    for label, rows in summary.groupby("table", sort=False):
+        model = rows.iloc[0]["model"]
+        setting = {k: v for k, v in rows.iloc[0]["config"].items() if k.startswith(SETTING_PREFIXES)}
+        siblings = settings_of[model]
+        split_by = {k: v for k, v in setting.items() if len({s.get(k) for s in siblings}) > 1}
+        present = [m for m in metrics if rows[m].notna().any()]
+        tables.append(Table(str(label), model, setting, split_by, rows, varying_keys(rows), present))
+    return tables
+
+
+# --- rendering -----------------------------------------------------------------------------------
+
+
+def _shown_metrics(metrics: list[str]) -> list[tuple[str, bool]]:
+    """(metric, with a Δ column): perplexities and averages get one; the CSV has every delta."""
+    return [(m, m.startswith("ppl_") or m in AVERAGE_COLUMNS) for m in metrics]
+
+
+def _best(table: Table) -> set[tuple[int, str]]:
+    """(row index, metric) of the best value per format among the quantized rows (ties all marked)."""
+    best = set()
+    candidates = table.rows[~table.rows["fp_reference"]]
+    for _, block in candidates.groupby("quant", sort=False):
+        for metric in table.metrics:
+            values = block[metric].dropna().round(2)
+            if len(values) < 2 or values.nunique() < 2:
+                continue
+            target = values.min() if lower_is_better(metric) else values.max()
+            best |= {(index, metric) for index in values.index[values == target]}
+    return best
+
+
+def _cells(table: Table, latex: bool) -> tuple[list[str], list[list[str]], list[str]]:
+    """Header, body rows and column alignment of one table; model/quant not repeated."""
+    pm = " $\\pm$ " if latex else " ± "
+    missing = "--" if latex else "–"
+    text = _latex_escape if latex else str
+    header = ["quant", "method", *(text(short_name(k)) for k in table.varying), "seeds"]
+    align = ["left", "left", *("left" for _ in table.varying), "right"]
+    for metric, delta in _shown_metrics(table.metrics):
+        name = text(DISPLAY_NAMES.get(metric, metric))
+        header.append(name)
+        align.append("right")
+        if delta:
+            header.append(f"Δ {name.removesuffix(' ppl')}" if not latex else f"$\\Delta$ {name.removesuffix(' ppl')}")
+            align.append("right")
+    best = _best(table)
+    body, previous_quant = [], None
+    for index, row in table.rows.iterrows():
+        quant = "" if row["quant"] == previous_quant else row["quant"]
+        previous_quant = row["quant"]
+        cells = [text(quant), text(row["method"])]
+        cells += ["" if row["fp_reference"] and not k.startswith(FP_REFERENCE_PREFIXES) else
+                  text(row["config"].get(k, missing)) for k in table.varying]
+        cells.append(str(row["seeds"]))
+        for metric, delta in _shown_metrics(table.metrics):
+            mean, std = row[metric], row[f"{metric}_std"]
+            if pd.isna(mean):
+                cell = missing
+            else:
+                cell = f"{mean:.2f}{pm}{std:.2f}" if row["seeds"] > 1 and not pd.isna(std) else f"{mean:.2f}"
+                if (index, metric) in best:
+                    cell = f"\\textbf{{{cell}}}" if latex else f"**{cell}**"
+            cells.append(cell)
+            if delta:
+                value = row[f"delta_{metric}"]
+                cells.append("" if row["fp_reference"] or pd.isna(value) else
+                             (f"${value:+.2f}$" if latex else f"{value:+.2f}"))
+        body.append(cells)
+    return header, body, align
+
+
+def table_markdown(table: Table) -> str:
+    header, body, align = _cells(table, latex=False)
+    frame = pd.DataFrame(body, columns=header)
+    rendered = frame.to_markdown(index=False, disable_numparse=True, colalign=align)
+    return f"## {table.heading}\n\n{table.notes}\n\n{rendered}\n"
+
+
+def table_latex(table: Table) -> str:
+    header, body, align = _cells(table, latex=True)
+    spec = "".join("l" if a == "left" else "r" for a in align)
+    caption = _latex_escape(table.caption).replace("±", "$\\pm$").replace("Δ", "$\\Delta$")
+    lines = [
+        "\\begin{table}[t]",
+        "\\centering",
+        "\\small",
+        f"\\caption{{{caption}}}",
+        f"\\label{{{table.label}}}",
+        f"\\begin{{tabular}}{{{spec}}}",
+        "\\toprule",
+        " & ".join(header) + " \\\\",
+    ]
+    quants = list(table.rows["quant"])
+    for position, cells in enumerate(body):
+        if cells[0]:  # first row of a format: a rule, and the format spans its rows
+            span = 1
+            while position + span < len(quants) and quants[position + span] == quants[position]:
+                span += 1
+            lines.append("\\midrule")
+            if span > 1:
+                cells = [f"\\multirow{{{span}}}{{*}}{{{cells[0]}}}", *cells[1:]]
+        lines.append(" & ".join(cells) + " \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}", "\\end{table}", ""]
+    return "\n".join(lines)
+
+
+def _latex_escape(text: str) -> str:
+    return re.sub(r"([&%$#_{}])", r"\\\1", str(text))
+
+
+def tables_markdown(tables: list[Table]) -> str:
+    if not tables:
+        return "# Results\n\nNo result records.\n"
+    return "# Results\n\n" + "\n".join(table_markdown(t) for t in tables)
+
+
+def tables_latex(tables: list[Table]) -> str:
+    preamble = "% generated by scripts/make_tables.py; needs \\usepackage{booktabs} and \\usepackage{multirow}\n\n"
+    return preamble + "\n".join(table_latex(t) for t in tables)
+
+
+def tables_csv(tables: list[Table]) -> pd.DataFrame:
+    """The numbers: one row per configuration, the table it is in, the config keys that differ there."""
+    if not tables:
+        return pd.DataFrame(columns=["table", "model", "quant", "method", "seeds"])
+    parts = []
+    for table in tables:
+        rows = table.rows.drop(columns=["config", "setting_id", "transform", "weight_quantizer"])
+        rows = rows.assign(**{key: [c.get(key) for c in table.rows["config"]] for key in table.varying})
+        parts.append(rows)
+    frame = pd.concat(parts, ignore_index=True)
+    metrics = list(dict.fromkeys(m for table in tables for m in metric_columns(table.rows)))
+    first = ["table", "model", "quant", "method", "fp_reference"]
+    varying = [c for c in frame.columns if "." in c]
+    numbers = [col for m in metrics for col in (m, f"{m}_std", f"delta_{m}")]
+    return frame[first + varying + ["seeds", "runs", *numbers, "config_id", "run_ids"]]
+
+
 def write_tables(summary: pd.DataFrame, out_dir: str | Path, name: str = "results") -> dict[str, Path]:
-    """<name>.md (markdown), <name>.tex (LaTeX) and <name>.csv (numbers: means, stds, seeds)."""
+    """<name>.md (markdown), <name>.tex (LaTeX) and <name>.csv (numbers: means, stds, deltas, seeds)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    shown = display_table(summary)
+    tables = build_tables(summary)
     paths = {fmt: out_dir / f"{name}.{fmt}" for fmt in ("md", "tex", "csv")}
-    paths["md"].write_text(shown.to_markdown(index=False) + "\n")
-    paths["tex"].write_text(shown.to_latex(index=False, escape=True))
-    summary.to_csv(paths["csv"], index=False, float_format="%.6g")
+    paths["md"].write_text(tables_markdown(tables))
+    paths["tex"].write_text(tables_latex(tables))
+    tables_csv(tables).to_csv(paths["csv"], index=False, float_format="%.6g")
     return paths
+
+
+# --- ours vs published ---------------------------------------------------------------------------
 
 
 def load_reference(path: str | Path) -> pd.DataFrame:
@@ -117,6 +477,10 @@ def load_reference(path: str | Path) -> pd.DataFrame:
     if missing:
         raise ValueError(f"{path} lacks column(s) {', '.join(sorted(missing))}; see results/reference/README.md")
     return reference
+
+
+COMPARISON_COLUMNS = ["model", "quant", "method", "table", "metric", "ours", "published", "delta",
+                      "published_format", "source"]
 
 
 def compare_with_reference(
@@ -139,13 +503,59 @@ def compare_with_reference(
             if column not in summary.columns or pd.isna(ours[column]):
                 continue
             rows.append({
-                "model": ours["model"], "quant": ours["quant"], "method": ours["method"], "metric": metric,
-                "ours": ours[column], "published": published["published"],
-                "delta": ours[column] - published["published"], "published_format": published["quant_key"],
-                "source": published["source_id"],
+                "model": ours["model"], "quant": ours["quant"], "method": ours["method"],
+                "table": ours.get("table", ""), "metric": metric, "ours": ours[column],
+                "published": published["published"], "delta": ours[column] - published["published"],
+                "published_format": published["quant_key"], "source": published["source_id"],
             })
-    return pd.DataFrame(rows, columns=["model", "quant", "method", "metric", "ours", "published", "delta",
-                                       "published_format", "source"])
+    return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
+
+
+def _listed(values: Iterable[str]) -> str:
+    values = sorted({v for v in values if v})
+    return ", ".join(values) if values else "nothing"
+
+
+def explain_no_match(summary: pd.DataFrame, reference: pd.DataFrame, match_format: bool = True) -> str:
+    """Why no published number lines up with ours: which models, formats, methods or metrics differ."""
+    if summary.empty:
+        return "There are no result records to compare."
+    ref = reference[pd.to_numeric(reference["value"], errors="coerce").notna()]
+    ours_models, ref_models = set(summary["model"]), set(ref["model_key"])
+    if not ours_models & ref_models:
+        return (f"No model in common: ours {_listed(ours_models)}; the published rows are for "
+                f"{_listed(ref_models)} (`model_key` in the reference CSV).")
+    reasons = []
+    for model in sorted(ours_models & ref_models):
+        mine, theirs = summary[summary["model"] == model], ref[ref["model_key"] == model]
+        if match_format and not set(mine["quant"]) & set(theirs["quant_key"]):
+            reasons.append(f"{model}: our formats {_listed(mine['quant'])}, published {_listed(theirs['quant_key'])} "
+                           "(`--any-format` compares across formats)")
+            continue
+        pairs = set(zip(mine["quant"], mine["method"], strict=True))
+        their_pairs = set(zip(theirs["quant_key"], theirs["method_key"], strict=True))
+        common = {(q, m) for q, m in pairs if any(m == tm and (q == tq or not match_format) for tq, tm in their_pairs)}
+        if not common:
+            reasons.append(f"{model}: our methods {_listed(m for _, m in pairs)}, published "
+                           f"{_listed(m for _, m in their_pairs)}")
+            continue
+        ours_metrics = {m.removeprefix("ppl_") for m in metric_columns(mine)}
+        reasons.append(f"{model}: our metrics {_listed(ours_metrics)}, published {_listed(theirs['metric_key'])}")
+    return "Nothing matches a published number.\n\n" + "\n".join(f"- {r}" for r in reasons)
+
+
+def comparison_markdown(comparison: pd.DataFrame, summary: pd.DataFrame, reference: pd.DataFrame,
+                        match_format: bool = True) -> str:
+    title = "# Ours vs published\n\n"
+    if comparison.empty:
+        return title + explain_no_match(summary, reference, match_format) + "\n"
+    scope = "the same model, format, method and metric" if match_format else \
+        "the same model, method and metric, any format (published_format says which)"
+    note = f"Published rows of {scope}; delta = ours - published.\n\n"
+    return title + note + comparison.to_markdown(index=False, floatfmt=".2f") + "\n"
+
+
+# --- the whole of make_tables.py -----------------------------------------------------------------
 
 
 def format_skipped(skipped: Iterable[SkippedRecord]) -> list[str]:
@@ -154,17 +564,29 @@ def format_skipped(skipped: Iterable[SkippedRecord]) -> list[str]:
 
 def regenerate(
     results_dir: str | Path, out_dir: str | Path, reference: str | Path | None = None,
-    match_format: bool = True,
+    match_format: bool = True, figures: bool = False, run_ids: Iterable[str] | None = None,
+    max_layer_figures: int = 6,
 ) -> tuple[dict[str, Path], list[str]]:
-    """The whole of make_tables.py: read records, write tables (and the comparison), return messages."""
-    frame, skipped = load_results(results_dir)
+    """Read records, write tables (and the comparison, and figures if asked); return paths and messages."""
+    frame, skipped, records = load_runs(results_dir)
     messages = format_skipped(skipped)
     summary = summarize(frame)
     paths = write_tables(summary, out_dir)
+    out_dir = Path(out_dir)
     if reference is not None and Path(reference).exists():
-        comparison = compare_with_reference(summary, load_reference(reference), match_format)
-        paths["vs_published"] = Path(out_dir) / "vs_published.md"
-        paths["vs_published"].write_text(comparison.to_markdown(index=False, floatfmt=".2f") + "\n")
-        comparison.to_csv(Path(out_dir) / "vs_published.csv", index=False, float_format="%.6g")
-    return paths, messages
+        published = load_reference(reference)
+        comparison = compare_with_reference(summary, published, match_format)
+        paths["vs_published"] = out_dir / "vs_published.md"
+        paths["vs_published"].write_text(comparison_markdown(comparison, summary, published, match_format))
+        paths["vs_published_csv"] = out_dir / "vs_published.csv"
+        comparison.to_csv(paths["vs_published_csv"], index=False, float_format="%.6g")
+        if comparison.empty:
+            messages.append(f"no published number matches ours: {paths['vs_published']} says why")
+    if figures:
+        from latmix import figures as plots  # matplotlib only when figures are asked for
 
+        figure_paths, figure_messages = plots.make_figures(
+            build_tables(summary), frame, records, out_dir / "figures", run_ids, max_layer_figures)
+        paths.update(figure_paths)
+        messages += figure_messages
+    return paths, messages
