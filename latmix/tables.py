@@ -423,8 +423,12 @@ def table_latex(table: Table) -> str:
     return "\n".join(lines)
 
 
+LATEX_SPECIALS = {"\\": r"\textbackslash{}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                  **{c: "\\" + c for c in "&%$#_{}"}}
+
+
 def _latex_escape(text: str) -> str:
-    return re.sub(r"([&%$#_{}])", r"\\\1", str(text))
+    return "".join(LATEX_SPECIALS.get(c, c) for c in str(text))
 
 
 def tables_markdown(tables: list[Table]) -> str:
@@ -450,7 +454,7 @@ def tables_csv(tables: list[Table]) -> pd.DataFrame:
     frame = pd.concat(parts, ignore_index=True)
     metrics = list(dict.fromkeys(m for table in tables for m in metric_columns(table.rows)))
     first = ["table", "model", "quant", "method", "fp_reference"]
-    varying = [c for c in frame.columns if "." in c]
+    varying = list(dict.fromkeys(key for table in tables for key in table.varying))
     numbers = [col for m in metrics for col in (m, f"{m}_std", f"delta_{m}")]
     return frame[first + varying + ["seeds", "runs", *numbers, "config_id", "run_ids"]]
 
