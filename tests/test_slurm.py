@@ -61,9 +61,16 @@ def attempts(tmp_path: Path) -> list[int]:
     return [int(line) for line in log.read_text().split()]
 
 
-def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 60) -> None:
+def wait_for(
+    condition: Callable[[], bool], what: str, timeout_s: float = 60, launch: subprocess.Popen | None = None
+) -> None:
+    """Wait until `condition()`; fail at once, with its output, if the `launch` command ends first."""
     deadline = time.monotonic() + timeout_s
     while not condition():
+        if launch is not None and launch.poll() is not None:
+            pytest.fail(
+                f"the sweep ended (status {launch.returncode}) before {what}:\n{launch.stdout.read()}"
+            )
         if time.monotonic() > deadline:
             raise TimeoutError(f"gave up after {timeout_s} s waiting for {what}")
         time.sleep(0.2)
@@ -148,6 +155,65 @@ def test_slurm_task_attaches_the_job_traceback_to_a_failure(monkeypatch):
     assert "in failing_task" in note
 
 
+def line_of(path: Path, code: str) -> int:
+    """The number of the one line of `path` that contains `code`."""
+    (number,) = [n for n, line in enumerate(path.read_text().splitlines(), 1) if code in line]
+    return number
+
+
+SCRIPT_WITH_A_SLURM_TASK = """\
+import sys
+
+import cloudpickle
+
+from latmix.preemption import slurm_task
+
+
+def calibrate(cfg):
+    raise ValueError(f"bad block in {cfg}")
+
+
+@slurm_task
+def main(cfg):
+    calibrate(cfg)
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1], "wb") as out:
+        cloudpickle.dump(main, out)  # what submitit does with the launcher that holds the task
+"""
+
+
+def test_a_scripts_slurm_task_unpickled_in_another_process_reports_the_scripts_file_and_lines(tmp_path):
+    """The launcher cloudpickles the task function of the script being run (`__main__`) into the job.
+    Pickled by value, cloudpickle >= 3.1.2 names its code `<dynamic-code>`: the job imports the script
+    from its file instead, so the job's traceback says where it failed."""
+    script = tmp_path / "scripts" / "my_run.py"
+    script.parent.mkdir()
+    script.write_text(SCRIPT_WITH_A_SLURM_TASK)
+    pickled = tmp_path / "task.pkl"
+    subprocess.run([sys.executable, str(script), str(pickled)], check=True, cwd=tmp_path)
+
+    job = (
+        "import pickle\n"
+        f"task = pickle.loads(open({str(pickled)!r}, 'rb').read())\n"
+        "try:\n    task('cfg-7')\n"
+        "except ValueError as err:\n    print(err.__notes__[0])\n"
+    )
+    env = {**os.environ, "SLURM_JOB_ID": "7"}
+    env.pop("SLURM_ARRAY_JOB_ID", None)
+    env.pop("SLURM_RESTART_COUNT", None)
+    job_run = subprocess.run(
+        [sys.executable, "-c", job], env=env, cwd="/", capture_output=True, text=True, check=True
+    )
+    note = job_run.stdout
+    assert "Traceback in Slurm job 7:" in note
+    assert f'File "{script}", line {line_of(script, "    calibrate(cfg)")}, in main' in note
+    assert f'File "{script}", line {line_of(script, "raise ValueError")}, in calibrate' in note
+    assert "<dynamic-code>" not in note
+    assert note in job_run.stderr  # the job's log has it too
+
+
 @pytest.mark.slow
 def test_local_launcher_runs_the_sweep_on_this_machine(tmp_path):
     subprocess.run(app_command(tmp_path, "local", "seed=0,1,2"), check=True, capture_output=True)
@@ -217,7 +283,9 @@ def test_a_preempted_run_resumes_at_its_next_block_and_ends_with_the_uninterrupt
     name = f"preempt-{uuid.uuid4().hex[:8]}"
     preempted = slurm(tmp_path / "preempted", *run, f"hydra.launcher.name={name}")
     uninterrupted = slurm(tmp_path / "uninterrupted", *run)
-    wait_for(lambda: checkpointed_blocks(tmp_path / "preempted") >= 2, "two calibrated blocks")
+    wait_for(
+        lambda: checkpointed_blocks(tmp_path / "preempted") >= 2, "two calibrated blocks", launch=preempted
+    )
     signal_job(name)
     returncode, output = finish(preempted)
     assert returncode == 0, output
@@ -240,7 +308,7 @@ def test_a_run_requeued_more_often_than_allowed_fails_with_a_clear_message(slurm
         f"hydra.launcher.timeout_min={PREEMPTIBLE_TIMEOUT_MIN}",
         "hydra.launcher.max_num_timeout=0",
     )
-    wait_for(lambda: checkpointed_blocks(tmp_path) >= 1, "a calibrated block")
+    wait_for(lambda: checkpointed_blocks(tmp_path) >= 1, "a calibrated block", launch=run)
     signal_job(name)
     returncode, output = finish(run)
     assert returncode != 0
@@ -254,16 +322,21 @@ def test_a_run_requeued_more_often_than_allowed_fails_with_a_clear_message(slurm
 def test_a_failing_run_reports_the_traceback_from_the_slurm_job(slurm, tmp_path):
     returncode, output = finish(slurm(tmp_path, "fail_at_block=1"))
     assert returncode != 0
-    assert "Traceback in Slurm job" in output
-    assert 'slurm_app/app.py", line' in output
-    assert "ValueError: injected failure in block 1" in output
+    job_traceback = output[output.index("Traceback in Slurm job") :]
+    # The job's frames, with the files and lines they ran from (not cloudpickle's "<dynamic-code>").
+    assert f'File "{APP}", line {line_of(APP, "    run(cfg)")}, in main' in job_traceback
+    assert f'File "{APP}", line {line_of(APP, "raise ValueError")}, in run' in job_traceback
+    assert "<dynamic-code>" not in output
+    assert job_traceback.rstrip().endswith("ValueError: injected failure in block 1")
+    (job_log,) = (tmp_path / "submitit").glob("*/*_log.err")
+    assert f'File "{APP}", line' in job_log.read_text()
 
 
 @pytest.mark.slurm
 def test_a_cancelled_job_is_reported_as_cancelled_not_awaited_forever(slurm, tmp_path):
     name = f"cancel-{uuid.uuid4().hex[:8]}"
     run = slurm(tmp_path, "blocks=100", "seconds_per_block=1", f"hydra.launcher.name={name}")
-    wait_for(lambda: checkpointed_blocks(tmp_path) >= 1, "a calibrated block")
+    wait_for(lambda: checkpointed_blocks(tmp_path) >= 1, "a calibrated block", launch=run)
     subprocess.run(["scancel", "--name", name], env=slurm_env(), check=True)
     returncode, output = finish(run, timeout_s=90)
     assert returncode != 0
@@ -356,7 +429,10 @@ def test_run_py_preempted_mid_calibration_resumes_and_records_what_an_uninterrup
         tmp_path / "uninterrupted", *run_py_overrides(tmp_path / "uninterrupted", tiny_llama_dir), app=RUN_PY
     )
     wait_for(
-        lambda: calibration_checkpoints(tmp_path / "preempted"), "a calibration checkpoint", timeout_s=300
+        lambda: calibration_checkpoints(tmp_path / "preempted"),
+        "a calibration checkpoint",
+        timeout_s=300,
+        launch=preempted,
     )
     signal_job(name)
     returncode, output = finish(preempted, timeout_s=600)
