@@ -24,9 +24,9 @@ from tabulate import tabulate
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from latmix.calibrate import CalibConfig, calibrate
-from latmix.optim import OptimConfig
-from latmix.quantize import QuantConfig, TransformConfig, prepare_model
+from latmix.calibrate import calibrate
+from latmix.quantize import prepare_model
+from latmix.settings import CalibConfig, OptimConfig, QuantConfig, TransformConfig
 
 # (label, family kwargs for residual and attn_vo); affine T1 on the residual needs approximate: true.
 TRANSFORMS = {
@@ -68,7 +68,7 @@ def peak_memory_gib(device: torch.device) -> float:
 def bench_one(d: int, label: str, spec: dict, mode: str, args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     fp_model = one_block_llama(d, args.dtype, device)
-    model = prepare_model(
+    prepared = prepare_model(
         copy.deepcopy(fp_model),
         TransformConfig({"residual": spec, "attn_vo": spec}, approximate=spec["family"] == "affine"),
         QuantConfig(weight_format="mxfp4", act_format="mxfp4"),
@@ -97,7 +97,7 @@ def bench_one(d: int, label: str, spec: dict, mode: str, args: argparse.Namespac
     # Every optimizer step, in either mode, stamps the clock.
     handle = register_optimizer_step_post_hook(lambda *_: stamp())
     try:
-        calibrate(model, fp_model, ids, cfg, OptimConfig(), None)
+        calibrate(prepared, fp_model, ids, cfg, OptimConfig(), None)
     finally:
         handle.remove()
     per_step = [b - a for a, b in itertools.pairwise(stamps)]

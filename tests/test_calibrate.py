@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from latmix.calibrate import CalibConfig, CheckpointMismatch, NonFiniteError, calibrate
-from latmix.fidelity import function_deviation
+from latmix.calibrate import CheckpointMismatch, NonFiniteError, calibrate
+from latmix.fidelity import Reference, deviation
 from latmix.models import inject_channel_outliers
-from latmix.optim import OptimConfig, build_optimizer, lr_factor
-from latmix.quantize import QuantConfig, TransformConfig, prepare_model, transforms_of
+from latmix.optim import build_optimizer, lr_factor
+from latmix.quantize import prepare_model
+from latmix.settings import CalibConfig, OptimConfig, QuantConfig, TransformConfig
 
 W4A4 = QuantConfig(weight_format="mxfp4", act_format="mxfp4")
 FIXED_FAMILIES = ("hadamard", "block_hadamard", "rotation")
@@ -93,9 +94,9 @@ def test_defaults_are_the_project_reading_of_latmix():
 
 def test_mode_none_still_measures_bound_and_error_per_layer(make_tiny_model):
     fp_model = model_with_outliers(make_tiny_model)
-    model = prepare_model(model_with_outliers(make_tiny_model), TransformConfig(placements("hadamard")), W4A4)
+    prepared = prepare_model(model_with_outliers(make_tiny_model), TransformConfig(placements("hadamard")), W4A4)
     report = calibrate(
-        model,
+        prepared,
         fp_model,
         token_ids(2, 16, 0),
         quick_config(mode="none"),
@@ -152,18 +153,18 @@ def fixed_baselines(ordering_data):
     torch.set_num_threads(1)
     for family in (None, *FIXED_FAMILIES):
         fp_model = model_with_outliers(build_tiny_model)
-        model = prepare_model(
+        prepared = prepare_model(
             model_with_outliers(build_tiny_model), TransformConfig(placements(family)), W4A4
         )
-        report = calibrate(model, fp_model, calib_ids, quick_config(mode="none"), OptimConfig(), None)
-        results[family or "identity"] = summary(report, model, fp_model, heldout_ids)
+        report = calibrate(prepared, fp_model, calib_ids, quick_config(mode="none"), OptimConfig(), None)
+        results[family or "identity"] = summary(report, prepared, fp_model, heldout_ids)
     return results
 
 
-def summary(report, model, fp_model, heldout_ids) -> dict[str, float]:
+def summary(report, prepared, fp_model, heldout_ids) -> dict[str, float]:
     """Calibration KL, held-out KL, held-out perplexity above full precision, mean block output error."""
     blocks = {row["block"]: row["loss_after"] for row in report.per_layer}
-    heldout = function_deviation(model, fp_model, heldout_ids)
+    heldout = deviation(prepared.model, Reference.of(fp_model, heldout_ids))
     return {
         "kl": report.loss_after,
         "heldout_kl": heldout["kl"],
@@ -189,12 +190,12 @@ def test_calibrated_affine_beats_every_fixed_transform_under_mxfp4(
 ):
     calib_ids, heldout_ids = ordering_data
     fp_model = model_with_outliers(make_tiny_model)
-    model = prepare_model(
+    prepared = prepare_model(
         model_with_outliers(make_tiny_model), TransformConfig(placements("affine", init="hadamard")), W4A4
     )
     cfg = quick_config(mode=mode, objective=objective, epochs=10, batch_size=8)
-    report = calibrate(model, fp_model, calib_ids, cfg, OptimConfig(lr=5e-3), None)
-    learned = summary(report, model, fp_model, heldout_ids)
+    report = calibrate(prepared, fp_model, calib_ids, cfg, OptimConfig(lr=5e-3), None)
+    learned = summary(report, prepared, fp_model, heldout_ids)
     for metric, ratio in ratios.items():
         best_fixed = min(result[metric] for result in fixed_baselines.values())
         assert learned[metric] < ratio * best_fixed, (metric, learned, fixed_baselines)
@@ -217,12 +218,12 @@ def kill_at(step_or_block: str, value: int):
 
 def run(build, cfg, ckpt_dir, on_step=None):
     fp_model = build("llama", seed=3)
-    model = prepare_model(
+    prepared = prepare_model(
         build("llama", seed=3), TransformConfig(placements("affine", init="hadamard")), W4A4
     )
-    transforms = transforms_of(model)
+    transforms = dict(prepared.transforms)
     report = calibrate(
-        model, fp_model, token_ids(4, 16, 2), cfg, OptimConfig(lr=1e-2), ckpt_dir, on_step=on_step
+        prepared, fp_model, token_ids(4, 16, 2), cfg, OptimConfig(lr=1e-2), ckpt_dir, on_step=on_step
     )
     return report, state_of(transforms)
 
@@ -246,11 +247,9 @@ def test_killed_run_resumes_to_bit_identical_transforms(make_tiny_model, tmp_pat
     for name, tensor in uninterrupted.items():
         assert torch.equal(tensor, resumed[name]), name
     start = state_of(
-        transforms_of(
-            prepare_model(
-                make_tiny_model("llama", seed=3), TransformConfig(placements("affine", init="hadamard")), W4A4
-            )
-        )
+        prepare_model(
+            make_tiny_model("llama", seed=3), TransformConfig(placements("affine", init="hadamard")), W4A4
+        ).transforms
     )
     assert any(not torch.equal(start[name], tensor) for name, tensor in resumed.items()), (
         "training changed nothing"
@@ -268,23 +267,23 @@ def test_a_checkpoint_from_another_calibration_is_refused(make_tiny_model, tmp_p
 
 def test_non_finite_activation_is_caught_and_named(make_tiny_model):
     fp_model = make_tiny_model("llama")
-    model = prepare_model(make_tiny_model("llama"), TransformConfig(placements("affine")), W4A4)
-    broken = transforms_of(model)["layers.1.pre_linear_attn"]
+    prepared = prepare_model(make_tiny_model("llama"), TransformConfig(placements("affine")), W4A4)
+    broken = prepared.transforms["layers.1.pre_linear_attn"]
     with torch.no_grad():
         next(broken.parameters()).view(-1)[0] = float("nan")
     with pytest.raises(NonFiniteError, match=r"model\.layers\.1\.self_attn\.q_proj") as caught:
-        calibrate(model, fp_model, token_ids(2, 16, 0), quick_config(), OptimConfig(), None)
+        calibrate(prepared, fp_model, token_ids(2, 16, 0), quick_config(), OptimConfig(), None)
     assert "layers.1.pre_linear_attn" in str(caught.value)
 
 
 def test_exploding_condition_number_is_rolled_back_and_reported(make_tiny_model):
     fp_model = make_tiny_model("llama")
-    model = prepare_model(make_tiny_model("llama"), TransformConfig(placements("affine")), W4A4)
-    transforms = transforms_of(model)
+    prepared = prepare_model(make_tiny_model("llama"), TransformConfig(placements("affine")), W4A4)
+    transforms = dict(prepared.transforms)
     start = {n: {k: v.clone() for k, v in t.state_dict().items()} for n, t in transforms.items()}
     with pytest.warns(RuntimeWarning, match="cond_limit"):
         report = calibrate(
-            model, fp_model, token_ids(4, 16, 0), quick_config(cond_limit=1.0001), OptimConfig(lr=5e-2), None
+            prepared, fp_model, token_ids(4, 16, 0), quick_config(cond_limit=1.0001), OptimConfig(lr=5e-2), None
         )
     assert report.rolled_back
     for name in report.rolled_back:
@@ -298,11 +297,11 @@ def test_exploding_condition_number_is_rolled_back_and_reported(make_tiny_model)
 
 def test_learned_clipping_ratios_move_from_their_start(make_tiny_model):
     fp_model = make_tiny_model("llama")
-    model = prepare_model(make_tiny_model("llama"), TransformConfig(placements("affine")), W4A4)
+    prepared = prepare_model(make_tiny_model("llama"), TransformConfig(placements("affine")), W4A4)
     calibrate(
-        model, fp_model, token_ids(4, 16, 0), quick_config(learn_clipping=True), OptimConfig(lr=5e-2), None
+        prepared, fp_model, token_ids(4, 16, 0), quick_config(learn_clipping=True), OptimConfig(lr=5e-2), None
     )
-    q_proj = model.model.layers[0].self_attn.q_proj
+    q_proj = prepared.model.model.layers[0].self_attn.q_proj
     assert q_proj.weight_clip.shape == (q_proj.out_features, 1, 1)
     assert not torch.allclose(q_proj.weight_clip, torch.sigmoid(torch.tensor(4.0)))
     assert 0 < float(q_proj.act_clip) < 1
@@ -310,9 +309,9 @@ def test_learned_clipping_ratios_move_from_their_start(make_tiny_model):
 
 def test_bound_objective_lowers_the_bound(make_tiny_model):
     fp_model = model_with_outliers(make_tiny_model)
-    model = prepare_model(model_with_outliers(make_tiny_model), TransformConfig(placements("affine")), W4A4)
+    prepared = prepare_model(model_with_outliers(make_tiny_model), TransformConfig(placements("affine")), W4A4)
     cfg = quick_config(mode="layer_wise", objective="bound", epochs=5)
-    report = calibrate(model, fp_model, token_ids(4, 16, 0), cfg, OptimConfig(lr=1e-2), None)
+    report = calibrate(prepared, fp_model, token_ids(4, 16, 0), cfg, OptimConfig(lr=1e-2), None)
     before = sum(row["bound_before"] for row in report.per_layer)
     after = sum(row["bound_after"] for row in report.per_layer)
     assert after < 0.9 * before
