@@ -10,6 +10,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from latmix.config import build_experiment
 from latmix.errors import ConfigError
 from latmix.preemption import slurm_task
 
@@ -20,9 +21,11 @@ CONFIG_ERROR_EXIT = 2
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 @slurm_task
 def main(cfg: DictConfig) -> None:
-    from latmix.experiment import run
-
     try:
+        # The settings are checked (torch-free) before the pipeline, and torch with it, is imported.
+        build_experiment(cfg)
+        from latmix.experiment import run
+
         run(cfg)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

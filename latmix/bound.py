@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from latmix.mx import ELEMENT_FORMATS, MXFormat, get_format, quantize
+from latmix.formats import ELEMENT_FORMATS, MXFormat, get_format
+from latmix.mx import quantize
 
 E8M0_MIN_SCALE = 2.0**-127
 E4M3 = ELEMENT_FORMATS["fp8_e4m3"]

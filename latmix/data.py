@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from latmix.errors import ConfigError
+from latmix.settings import SOURCES, check_choice
 
-SOURCES = ("local", "wikitext2", "c4")
 SPLITS = ("train", "validation", "test")
 
 # The embedded default: plain text shipped with the project (data/MANIFEST.json), so calibration runs
@@ -37,11 +37,6 @@ def token_digest(ids: torch.Tensor) -> str:
     """sha256 of the token ids (as little-endian int64), independent of device and tensor layout."""
     data = ids.detach().to(device="cpu", dtype=torch.int64).contiguous().numpy().astype("<i8").tobytes()
     return hashlib.sha256(data).hexdigest()
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not supported; choose one of {', '.join(choices)}")
 
 
 def _load_hub_texts(source: str, split: str) -> list[str]:
@@ -89,8 +84,8 @@ def token_stream(
 
     source='local' reads `path` if given (whatever the split), else the embedded file of the split.
     """
-    _check_choice("source", source, SOURCES)
-    _check_choice("split", split, SPLITS)
+    check_choice("source", source, SOURCES)
+    check_choice("split", split, SPLITS)
     if source == "local":
         return torch.tensor(_encode(tokenizer, _read_local_text(split, path)), dtype=torch.long)
     ids: list[int] = []

@@ -10,12 +10,10 @@ import torch
 from latmix.bound import quantization_error_surrogate, smallest_singular_value
 from latmix.errors import ConfigError
 from latmix.fidelity import next_token_kl
-from latmix.mx import MXFormat
+from latmix.formats import MXFormat
 from latmix.transforms import Transform
 
-OBJECTIVES = ("kl", "block_mse", "bound")
-
-__all__ = ["OBJECTIVES", "QuantizedOperand", "block_mse", "bound_loss", "next_token_kl", "volume_regularizer"]
+__all__ = ["QuantizedOperand", "block_mse", "bound_loss", "next_token_kl", "volume_regularizer"]
 
 
 def block_mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

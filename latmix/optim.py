@@ -1,53 +1,23 @@
-"""Optimizers and learning-rate schedules for calibration (the Hydra group optim/).
+"""Optimizers and learning-rate schedules for calibration (the Hydra group optim/, settings.OptimConfig).
 
 AdamW with a cosine schedule is the default; SGD; and Cayley SGD (SpinQuant), which keeps every
 parameter that starts out as an orthogonal matrix on the Stiefel manifold by a Cayley retraction
-and trains the remaining parameters with momentum SGD.
+and trains the remaining parameters with momentum SGD. A learnable `Rotation` needs none of this:
+torch's orthogonal parametrization keeps it exactly orthogonal under any optimizer (its raw parameter
+starts as -I, which Cayley SGD would also hold on the orthogonal group, a constraint it does not need).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-OPTIMIZERS = ("adamw", "sgd", "cayley_sgd")
-SCHEDULES = ("cosine", "constant")
+from latmix.settings import OptimConfig
+
 # A parameter counts as orthogonal when ||Q^T Q - I||_max is below this at construction.
 ORTHOGONALITY_TOLERANCE = 1e-4
-
-
-@dataclass
-class OptimConfig:
-    name: str = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.9
-    schedule: str = "cosine"
-    warmup: int = 0
-    grad_clip: float | None = 1.0
-
-    def __post_init__(self) -> None:
-        if self.name not in OPTIMIZERS:
-            raise ValueError(
-                f"optim.name={self.name!r} is not supported; choose one of {', '.join(OPTIMIZERS)}"
-            )
-        if self.schedule not in SCHEDULES:
-            raise ValueError(
-                f"optim.schedule={self.schedule!r} is not supported; choose one of {', '.join(SCHEDULES)}"
-            )
-        if not self.lr > 0:
-            raise ValueError(f"optim.lr must be positive, got {self.lr}")
-        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
-            raise ValueError(
-                f"need optim.weight_decay >= 0 and 0 <= optim.momentum < 1, got {self.weight_decay}, {self.momentum}"
-            )
-        if self.warmup < 0:
-            raise ValueError(f"optim.warmup must be >= 0 steps, got {self.warmup}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"optim.grad_clip must be positive or null (off), got {self.grad_clip}")
 
 
 def is_orthogonal_matrix(p: torch.Tensor) -> bool:

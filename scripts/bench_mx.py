@@ -19,7 +19,8 @@ from collections.abc import Callable
 import torch
 from tabulate import tabulate
 
-from latmix.mx import FORMATS, get_format, quantize
+from latmix.formats import FORMATS, get_format
+from latmix.mx import quantize
 
 CANONICAL_FORMATS = sorted({fmt.name for fmt in FORMATS.values()}, key=list(FORMATS).index)
 

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from latmix.bound import bound_surrogate, format_constant, measure, mx_error_bound
-from latmix.mx import FORMATS
+from latmix.formats import FORMATS
 
 # Distinct formats (the aliases mxfp4/mxfp6/mxfp8 name formats already in the table).
 FORMAT_NAMES = sorted({fmt.name for fmt in FORMATS.values()})

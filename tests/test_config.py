@@ -9,13 +9,18 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from transformers import LlamaConfig
 
 from latmix import config
+from latmix.models import model_dimensions
+from latmix.settings import TRANSFORM_FAMILIES
+from latmix.transforms import TRANSFORMS, transform_kwargs
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
-GROUPS = ("model", "quant", "transform", "calib", "optim", "eval", "logger")
+GROUPS = ("model", "quant", "transform", "calib", "optim", "gptq", "eval", "logger")
 
 
 def options(group: str) -> list[str]:
@@ -29,10 +34,10 @@ def compose_config(*overrides: str, hydra: bool = False):
 
 def test_the_defaults_are_the_embedded_latmix_run():
     cfg = compose_config()
-    assert (cfg.model.name, cfg.quant.name, cfg.transform.name, cfg.eval.suite, cfg.logger.backend) == (
-        "tiny", "mxfp4", "affine", "local", "wandb"
+    assert (cfg.model.name, cfg.quant.name, cfg.transform.name, cfg.eval.suite, cfg.logger.mode) == (
+        "tiny", "mxfp4", "affine", "local", "auto"
     )
-    assert cfg.logger.mode == "auto"
+    assert (cfg.optim.name, cfg.gptq.damp, cfg.gptq.act_order) == ("adamw", 0.01, False)
 
 
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g)])
@@ -45,11 +50,32 @@ def test_every_option_composes_into_valid_settings(group, option):
         assert getattr(exp, f"{group}_name") == option
 
 
-@pytest.mark.parametrize("experiment", options("experiment"))
-def test_every_experiment_preset_composes_and_declares_a_sweep(experiment):
+def sweep_points(experiment: str) -> list[list[str]]:
+    """The overrides of every run of `-m +experiment=<experiment>`, expanded as Hydra's basic sweeper does."""
     cfg = compose_config(f"+experiment={experiment}", hydra=True)
-    config.build_experiment(cfg)
-    assert cfg.hydra.sweeper.params, f"experiment/{experiment}.yaml sweeps nothing"
+    params = [f"{key}={value}" for key, value in cfg.hydra.sweeper.params.items()]
+    overrides = OverridesParser.create().parse_overrides(params)
+    return [point for batch in BasicSweeper.split_arguments(overrides, max_batch_size=None) for point in batch]
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_every_point_of_every_experiment_sweep_composes_into_valid_settings(experiment):
+    points = sweep_points(experiment)
+    assert len(points) > 1, f"experiment/{experiment}.yaml sweeps nothing"
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        for point in points:
+            cfg = compose("config", overrides=[f"+experiment={experiment}", *point])
+            exp = config.build_experiment(cfg)
+            for override in point:
+                key, value = override.split("=", 1)
+                if key in ("transform", "model", "quant"):
+                    assert {"transform": exp.transform_name, "model": exp.model.name, "quant": exp.quant_name}[key] == value
+
+
+def test_the_table_sweeps_run_every_method_under_rtn_and_gptq_with_three_seeds():
+    points = sweep_points("table_mxfp4")
+    assert len(points) == 6 * 2 * 3
+    assert len({tuple(sorted(point)) for point in points}) == len(points)
 
 
 @pytest.mark.parametrize(
@@ -103,11 +129,15 @@ def test_the_seed_reaches_the_transforms():
         ("logger.mode=cloud", "logger.mode='cloud'"),
         ("model.dtype=int4", "model.dtype='int4'"),
         ("device=tpu9", "device='tpu9'"),
+        ("+optim.momentum=0.9", "optim.momentum is not used by adamw"),
+        ("gptq.damp=0", "gptq.damp must be positive"),
+        ("+logger.backend=wandb", "logger: unknown key.*backend"),
+        ("model=tiny_outliers model.outliers.points=[residual]", "model.outliers.points: unknown"),
     ],
 )
 def test_bad_values_raise_one_config_error_naming_the_key(override, message):
     with pytest.raises(config.ConfigError, match=message):
-        config.build_experiment(compose_config(override))
+        config.build_experiment(compose_config(*override.split()))
 
 
 def test_the_bound_objective_without_quantized_activations_is_rejected():
@@ -119,7 +149,25 @@ def test_a_block_size_that_does_not_divide_the_hidden_size_is_rejected_before_lo
     exp = config.build_experiment(compose_config("quant.block_size=24"))
     model_config = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4)
     with pytest.raises(config.ConfigError, match="block size 24 does not divide the model's hidden_size=64"):
-        config.check_model_dimensions(exp, model_config)
+        exp.quant.check_dimensions(*model_dimensions(model_config))
+
+
+def test_a_kv_block_size_that_does_not_divide_head_dim_is_rejected_before_loading():
+    exp = config.build_experiment(compose_config("quant.kv_format=mxfp4", "quant.block_size=16"))
+    model_config = LlamaConfig(hidden_size=96, intermediate_size=128, num_attention_heads=4)  # head_dim 24
+    with pytest.raises(config.ConfigError, match="kv block size 16 does not divide the model's head_dim=24"):
+        exp.quant.check_dimensions(*model_dimensions(model_config))
+
+
+def test_the_transform_families_table_is_what_the_transform_classes_accept():
+    assert set(TRANSFORM_FAMILIES) == set(TRANSFORMS)
+    for family, accepted in TRANSFORM_FAMILIES.items():
+        assert accepted == transform_kwargs(family), family
+
+
+def test_the_settings_and_the_config_import_no_torch():
+    code = "import sys, latmix.config; sys.exit(any(m.split('.')[0] in ('torch', 'transformers') for m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=60).returncode == 0
 
 
 def run_cli(*overrides: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -136,6 +184,16 @@ def test_an_unknown_option_fails_with_the_available_options_and_no_traceback(gro
     assert out.returncode != 0
     assert f"Could not find '{group}/{option}'" in out.stderr
     assert "Available options" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_bad_value_fails_with_one_line_before_torch_is_imported(tmp_path):
+    out = run_cli("quant.weight_format=bogus", "logger=none", f"hydra.run.dir={tmp_path}/out",
+                  env={"PYTHONPROFILEIMPORTTIME": "1"})
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].startswith("error: quant: unknown MX format 'bogus'")
+    assert "Traceback" not in out.stderr
+    imported = [line.split("|")[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")]
+    assert imported and not any(name.split(".")[0] in ("torch", "transformers") for name in imported)
 
 
 def test_a_hub_model_without_network_fails_with_one_line_saying_what_to_do(tmp_path):

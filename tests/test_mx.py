@@ -19,7 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import latmix.mx as mx
-from latmix.mx import ELEMENT_FORMATS, FORMATS, ElementFormat, get_format, quantize
+from latmix.formats import ELEMENT_FORMATS, FORMATS, ElementFormat, MXFormat, get_format
+from latmix.mx import quantize
 
 MX_FORMATS = ["mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4_e2m1", "mxint8"]
 
@@ -173,7 +174,7 @@ def test_formats_aliases_and_nvfp4():
 
 def test_mxformat_rejects_an_e4m3_scale_without_tensor_scale():
     with pytest.raises(ValueError, match="tensor_scale"):
-        mx.MXFormat("bad", ELEMENT_FORMATS["fp4_e2m1"], scale="e4m3", tensor_scale=False)
+        MXFormat("bad", ELEMENT_FORMATS["fp4_e2m1"], scale="e4m3", tensor_scale=False)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,459 @@
+"""The typed settings of every stage, and the tables of names they are checked against.
+
+Pure Python: nothing here imports torch or transformers, so `run.py` rejects a bad config within a
+second, before the pipeline is imported. Each dataclass checks its own fields when it is built and
+says what to change (a ValueError; `from_values` reports it as a ConfigError naming the config key).
+`latmix.config` builds every one of them from the Hydra config the same way (`from_values`); the
+modules of the pipeline take them as they are. What needs torch (is there a CUDA device?) or the
+model (do the block sizes divide its dimensions?) is checked later, when that is known, by the same
+classes where it can be (`QuantConfig.check_dimensions`).
+
+The name tables below are the single source of the choices: the modules that implement a choice
+import its table from here (a test asserts that TRANSFORM_FAMILIES equals what the transform classes
+accept).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from latmix.errors import ConfigError
+from latmix.formats import get_format
+
+# --- the tables of names ---------------------------------------------------------------------------
+
+# model
+MODEL_DTYPES = ("float32", "float16", "bfloat16")
+# Where outliers can be planted (latmix.models.outliers says how).
+OUTLIER_POINTS = ("norm", "mlp", "attn_vo")
+OUTLIER_KEYS = ("n_channels", "scale", "seed", "points")
+# torch's device types (`device=<type>` or `<type>:<index>`); "auto" = CUDA when there is one, else CPU.
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu", "hpu", "mtia", "xla", "ipu", "hip", "meta")
+
+# quant: the seven linears of a decoder block, in the order data reaches them.
+LINEAR_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+WEIGHT_QUANTIZERS = ("rtn", "gptq")
+
+# transform
+PLACEMENTS = ("residual", "pre_linear", "attn_vo", "down_proj", "qk")
+# family -> the keyword arguments its class takes besides dim (what a placement spec may set).
+TRANSFORM_FAMILIES: dict[str, frozenset[str]] = {
+    "identity": frozenset(),
+    "hadamard": frozenset({"seed"}),
+    "block_hadamard": frozenset({"block_size"}),
+    "rotation": frozenset({"learnable", "init", "seed", "block_size"}),
+    "affine": frozenset(
+        {"parametrization", "init", "shift", "learnable", "seed", "block_size", "factor", "kron_factors"}
+    ),
+}
+ORTHOGONAL_FAMILIES = ("identity", "hadamard", "block_hadamard", "rotation")
+
+# calib
+MODES = ("end_to_end", "layer_wise", "none")
+OBJECTIVES = ("kl", "block_mse", "bound")
+SOURCES = ("local", "wikitext2", "c4")
+AUTOCAST_DTYPES = ("bfloat16", "float16")
+
+# optim
+OPTIMIZERS = ("adamw", "sgd", "cayley_sgd")
+MOMENTUM_OPTIMIZERS = ("sgd", "cayley_sgd")
+SCHEDULES = ("cosine", "constant")
+
+# eval
+EVAL_SUITES = ("local", "lm_eval")
+LOCAL_PPL_DATASETS = ("heldout", "ood")
+PPL_DATASETS = ("wikitext2", *LOCAL_PPL_DATASETS)
+
+# logger: "auto" = online with W&B credentials, offline without; "disabled" = no tracker.
+LOGGER_MODES = ("auto", "online", "offline", "disabled")
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    """ValueError naming the key, the value and the choices, unless value is one of them."""
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {', '.join(map(str, choices))}")
+
+
+def from_values(cls: type, values: Mapping[str, Any], where: str) -> Any:
+    """cls(**values), with unknown keys and rejected values reported as a ConfigError about `where`."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; {cls.__name__} takes {', '.join(sorted(names))}"
+        )
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: {err}") from err
+
+
+def _set(obj: Any, name: str, value: Any) -> None:
+    """Normalize a field of a frozen dataclass in its __post_init__."""
+    object.__setattr__(obj, name, value)
+
+
+# --- model ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Which checkpoint, in which dtype; `outliers` plants outlier channels (a synthetic stress test).
+
+    The checkpoint is name_or_path (a local directory or a hub id) or cache (an entry of
+    latmix.models.cache, resolved to its directory when the model loads): exactly one of the two.
+    """
+
+    name: str
+    name_or_path: str | None = None
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+    outliers: dict[str, Any] | None = None
+    cache: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.name_or_path is None) == (self.cache is None):
+            raise ValueError("set exactly one of model.name_or_path (a directory or hub id) and model.cache")
+        check_choice("model.dtype", self.dtype, MODEL_DTYPES)
+        if self.outliers is not None:
+            keys = set(self.outliers)
+            if not {"n_channels", "scale", "seed"} <= keys or not keys <= set(OUTLIER_KEYS):
+                raise ValueError("model.outliers needs n_channels, scale and seed (and optionally points), or null")
+            points = self.outliers.get("points", ("norm",))
+            points = (points,) if isinstance(points, str) else tuple(points)
+            unknown = [p for p in points if p not in OUTLIER_POINTS]
+            if unknown or not points:
+                raise ValueError(f"model.outliers.points: unknown {unknown}; choose from {', '.join(OUTLIER_POINTS)}")
+
+
+# --- quant ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """MX formats per side (None = high precision), block size (None = format default), which linears.
+
+    layers: "decoder" (all seven linears of every block) or a list of roles from LINEAR_ROLES.
+    weight_quantizer "gptq" leaves weights unquantized until latmix.gptq writes them (with the
+    GPTQSettings of the run). kv_format quantizes K (after RoPE) and V per head along head_dim.
+    """
+
+    weight_format: str | None = None
+    act_format: str | None = None
+    block_size: int | None = None
+    weight_quantizer: str = "rtn"
+    kv_format: str | None = None
+    layers: str | Sequence[str] = "decoder"
+
+    def __post_init__(self) -> None:
+        for fmt in (self.weight_format, self.act_format, self.kv_format):
+            if fmt is not None:
+                get_format(fmt)
+        if self.weight_quantizer not in WEIGHT_QUANTIZERS:
+            raise ValueError(f"unknown weight_quantizer {self.weight_quantizer!r}; choose from {WEIGHT_QUANTIZERS}")
+        if self.block_size is not None and self.block_size < 1:
+            raise ValueError(f"block_size must be a positive integer or None, got {self.block_size}")
+        if isinstance(self.layers, str):
+            if self.layers != "decoder":
+                raise ValueError(f"layers must be 'decoder' or a list of roles from {LINEAR_ROLES}, got {self.layers!r}")
+        else:
+            _set(self, "layers", list(self.layers))
+            unknown = set(self.layers) - set(LINEAR_ROLES)
+            if unknown:
+                raise ValueError(f"unknown layer roles {sorted(unknown)}; choose from {LINEAR_ROLES}")
+
+    @property
+    def quantized_roles(self) -> tuple[str, ...]:
+        return LINEAR_ROLES if self.layers == "decoder" else tuple(self.layers)
+
+    def block_for(self, fmt: str | None) -> int | None:
+        """The block size a side quantizes with (None: that side stays in high precision)."""
+        if fmt is None:
+            return None
+        return self.block_size or get_format(fmt).default_block_size
+
+    def check_dimensions(self, input_dims: Mapping[str, tuple[str, int]], head_dim: int) -> None:
+        """Every quantized input must split into whole MX blocks: ConfigError naming the dimension if not.
+
+        input_dims: role -> (the model's name for that dimension, its size), as latmix.models gives it
+        from the model config (before the weights load) or from the model.
+        """
+        for role in self.quantized_roles:
+            what, dim = input_dims[role]
+            for side, fmt in (("weight", self.weight_format), ("act", self.act_format)):
+                block = self.block_for(fmt)
+                if block is not None and dim % block:
+                    raise ConfigError(
+                        f"quant.block_size: the {side} block size {block} does not divide the model's "
+                        f"{what}={dim}, the input dim of layer role {role!r}; choose a block size that "
+                        f"divides {dim} or drop {role!r} from quant.layers"
+                    )
+        kv_block = self.block_for(self.kv_format)
+        if kv_block is not None and head_dim % kv_block:
+            raise ConfigError(
+                f"quant.block_size: the kv block size {kv_block} does not divide the model's head_dim={head_dim}; "
+                "choose a block size that divides it or set quant.kv_format=null"
+            )
+
+
+# --- gptq -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GPTQSettings:
+    """GPTQ (the Hydra group gptq/, used when quant.weight_quantizer=gptq).
+
+    damp: added to the Hessian's diagonal, as a fraction of its mean (GPTQ's 0.01). act_order: visit
+    the MX blocks, and the columns within each, in order of decreasing Hessian mass.
+    """
+
+    damp: float = 0.01
+    act_order: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.damp > 0:
+            raise ValueError(f"gptq.damp must be positive, got {self.damp}")
+
+
+# --- transform --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TransformConfig:
+    """placements: placement -> {family: ..., family kwargs} or None (off).
+
+        residual    T1 on the residual stream, folded into every reader and writer
+        pre_linear  online after each RMSNorm: one map shared by q/k/v, one by gate/up
+        attn_vo     T2 per head between v and o
+        down_proj   online before down_proj
+        qk          online on q and k after RoPE (orthogonal families only), for a quantized KV cache
+
+    A non-orthogonal family at residual changes the full-precision function (RMSNorm commutes only
+    with orthogonal maps); it is allowed with approximate: true, and the deviation is then measured.
+    """
+
+    placements: dict[str, dict | None] = field(default_factory=dict)
+    approximate: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _set(self, "placements", {name: _validated_spec(name, spec) for name, spec in dict(self.placements).items()})
+        residual = self.placements.get("residual")
+        if residual is not None and residual["family"] not in ORTHOGONAL_FAMILIES and not self.approximate:
+            raise ValueError(
+                f"placement residual with non-orthogonal family {residual['family']!r} does not preserve the "
+                "model's function (RMSNorm commutes only with orthogonal maps); use an orthogonal family or set "
+                "approximate: true to accept and measure the full-precision deviation"
+            )
+
+    def active(self) -> dict[str, dict]:
+        return {name: spec for name, spec in self.placements.items() if spec is not None}
+
+
+def _validated_spec(placement: str, spec: Mapping | None) -> dict | None:
+    if placement not in PLACEMENTS:
+        raise ValueError(f"unknown placement {placement!r}; choose from {PLACEMENTS}")
+    if spec is None:
+        return None
+    spec = dict(spec)
+    family = spec.get("family")
+    if family not in TRANSFORM_FAMILIES:
+        raise ValueError(
+            f"placement {placement}: unknown family {family!r}; choose one of {sorted(TRANSFORM_FAMILIES)}"
+        )
+    accepted = TRANSFORM_FAMILIES[family]
+    unknown = set(spec) - {"family"} - accepted
+    if unknown:
+        raise ValueError(
+            f"placement {placement}: family {family} does not take {sorted(unknown)}; it accepts {sorted(accepted)}"
+        )
+    if "kron_factors" in spec and spec["kron_factors"] is not None:
+        spec["kron_factors"] = tuple(spec["kron_factors"])
+    if placement == "residual" and spec.get("shift"):
+        raise ValueError("placement residual takes no shift (it would pass through RMSNorm); set shift: false")
+    if placement == "qk" and family not in ORTHOGONAL_FAMILIES:
+        raise ValueError(f"placement qk needs an orthogonal family {ORTHOGONAL_FAMILIES}, got {family!r}")
+    return spec
+
+
+# --- calib ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """The calibration settings (the Hydra group calib/); the defaults are the project's reading of LATMiX."""
+
+    mode: str = "end_to_end"
+    objective: str = "kl"
+    epochs: int = 2
+    steps: int | None = None
+    batch_size: int = 4
+    n_samples: int = 128
+    seq_len: int = 2048
+    source: str = "wikitext2"
+    reg_weight: float = 1e-2
+    learn_clipping: bool = False
+    cond_limit: float = 1e4
+    checkpoint_every: int = 50
+    seed: int = 0
+    grad_checkpointing: bool = True
+    autocast_dtype: str | None = "bfloat16"
+    offload: bool = False
+
+    def __post_init__(self) -> None:
+        check_choice("calib.mode", self.mode, MODES)
+        check_choice("calib.objective", self.objective, OBJECTIVES)
+        check_choice("calib.source", self.source, SOURCES)
+        if self.autocast_dtype is not None:
+            check_choice("calib.autocast_dtype", self.autocast_dtype, AUTOCAST_DTYPES)
+        for name in ("epochs", "batch_size", "n_samples", "seq_len", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"calib.{name} must be >= 1, got {getattr(self, name)}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"calib.steps must be >= 1 or null (no cap), got {self.steps}")
+        if self.reg_weight < 0:
+            raise ValueError(f"calib.reg_weight must be >= 0, got {self.reg_weight}")
+        if not self.cond_limit > 1:
+            raise ValueError(f"calib.cond_limit must be > 1 (a condition number), got {self.cond_limit}")
+        if self.mode == "end_to_end" and self.objective == "block_mse":
+            raise ValueError(
+                "objective block_mse is the layer_wise loss; use mode=layer_wise or objective kl/bound"
+            )
+        if self.offload and self.mode == "end_to_end":
+            raise ValueError(
+                "calib.offload keeps one block on the GPU, but end_to_end backpropagates through every block "
+                "at once; use mode=layer_wise (or none) with offload, or offload: false"
+            )
+        if self.mode == "layer_wise" and self.objective == "kl":
+            raise ValueError(
+                "objective kl needs the whole model; use mode=end_to_end or objective block_mse/bound"
+            )
+
+
+# --- optim ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """The optimizer of calibration (the Hydra group optim/).
+
+    momentum is a key of the momentum optimizers (sgd, cayley_sgd; 0.9 when not given) and must stay
+    unset for adamw, which has none.
+    """
+
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float | None = None
+    schedule: str = "cosine"
+    warmup: int = 0
+    grad_clip: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        check_choice("optim.name", self.name, OPTIMIZERS)
+        check_choice("optim.schedule", self.schedule, SCHEDULES)
+        if not self.lr > 0:
+            raise ValueError(f"optim.lr must be positive, got {self.lr}")
+        if self.name in MOMENTUM_OPTIMIZERS:
+            if self.momentum is None:
+                _set(self, "momentum", 0.9)
+        elif self.momentum is not None:
+            raise ValueError(
+                f"optim.momentum is not used by {self.name}; remove it (it is a key of {', '.join(MOMENTUM_OPTIMIZERS)})"
+            )
+        if self.weight_decay < 0 or not 0 <= (self.momentum or 0.0) < 1:
+            raise ValueError(
+                f"need optim.weight_decay >= 0 and 0 <= optim.momentum < 1, got {self.weight_decay}, {self.momentum}"
+            )
+        if self.warmup < 0:
+            raise ValueError(f"optim.warmup must be >= 0 steps, got {self.warmup}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"optim.grad_clip must be positive or null (off), got {self.grad_clip}")
+
+
+# --- eval -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """Perplexity datasets and zero-shot tasks (the Hydra group eval/)."""
+
+    suite: str  # "local": the embedded task directory; "lm_eval": lm-eval's own task registry
+    tasks: tuple[str, ...] | None  # None: every task of the local suite
+    ppl_datasets: tuple[str, ...]
+    max_seq_len: int = 2048
+    batch_size: int | str = 8
+    max_ppl_tokens: int | None = None  # evaluate perplexity on the first this-many tokens (None = all)
+    limit: int | None = None
+    num_fewshot: int = 0
+
+    def __post_init__(self) -> None:
+        check_choice("eval.suite", self.suite, EVAL_SUITES)
+        if self.suite == "lm_eval" and not self.tasks:
+            raise ValueError("eval.suite=lm_eval needs a list of lm-eval task names in eval.tasks")
+        _set(self, "tasks", None if self.tasks is None else tuple(self.tasks))
+        _set(self, "ppl_datasets", tuple(self.ppl_datasets or ()))
+        # Checked here, not when evaluation starts: a typo must not cost a calibration first.
+        unknown = [name for name in self.ppl_datasets if name not in PPL_DATASETS]
+        if unknown:
+            raise ValueError(f"eval.ppl_datasets: unknown {unknown}; choose from {', '.join(PPL_DATASETS)}")
+
+
+# --- logger -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoggerSettings:
+    """The W&B tracker (the Hydra group logger/); mode disabled turns it off."""
+
+    mode: str = "auto"
+    project: str = "latmix"
+    entity: str | None = None
+    group: str | None = None  # None: the sweep's name in a -m run, else ungrouped
+    tags: tuple[str, ...] = ()
+    log_figures: bool = True
+
+    def __post_init__(self) -> None:
+        check_choice("logger.mode", self.mode, LOGGER_MODES)
+        _set(self, "tags", tuple(self.tags or ()))
+
+
+# --- the experiment ---------------------------------------------------------------------------------
+
+_DEVICE = re.compile(rf"^(auto|({'|'.join(DEVICE_TYPES)})(:\d+)?)$")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """Everything one run needs, typed and validated. `device` is a name ("auto" resolved when torch runs)."""
+
+    model: ModelSettings
+    quant_name: str
+    quant: QuantConfig
+    transform_name: str
+    transform: TransformConfig
+    calib: CalibConfig
+    optim: OptimConfig
+    gptq: GPTQSettings
+    eval: EvalSettings
+    logger: LoggerSettings
+    seed: int
+    device: str
+    force: bool
+    results_dir: Path
+
+    def __post_init__(self) -> None:
+        if not _DEVICE.match(self.device):
+            raise ConfigError(f"device={self.device!r} is not a torch device; use auto, cpu, cuda or cuda:N")
+        if self.calib.objective == "bound" and self.calib.mode != "none" and self.quant.act_format is None:
+            raise ConfigError(
+                "calib.objective=bound measures activation quantization error, but quant.act_format is null; "
+                "quantize activations (e.g. quant=mxfp4) or use objective kl / block_mse"
+            )
