@@ -9,19 +9,26 @@ forwards and backwards, and any whole-model forward (measurements, evaluation) s
 
 A tensor is either inside exactly one block or outside every block: tensors reachable from outside
 the blocks (a residual transform folded into every block's readers and into lm_head) never move.
+
+A model's BlockOffload lives as long as the hooks it put on the model's blocks; this module keeps
+only a weak index from the model to it (`offload_of`), so nothing rides on the model and nothing
+outlives it: `resident(model, block)` looks the model up there, and a model not offloaded has none.
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-from latmix.models import get_adapter
+from latmix.models import decoder_layers
 
-__all__ = ["BlockOffload", "offload_blocks", "resident"]
+__all__ = ["BlockOffload", "offload_blocks", "offload_of", "resident"]
+
+_OFFLOADS: weakref.WeakKeyDictionary[nn.Module, weakref.ref[BlockOffload]] = weakref.WeakKeyDictionary()
 
 
 class BlockOffload:
@@ -31,7 +38,7 @@ class BlockOffload:
         self.model = model
         self.device = torch.device(device)
         self.storage = torch.device(storage)
-        self.blocks = get_adapter(model).layers()
+        self.blocks = decoder_layers(model)
         self._held: set[int] = set()
         self._loaded: set[int] = set()
         for module in self._outside_modules():
@@ -114,14 +121,21 @@ def _move_own_tensors(module: nn.Module, device: torch.device, keep: set[int]) -
 def offload_blocks(
     model: nn.Module, device: torch.device | str, storage: torch.device | str = "cpu"
 ) -> BlockOffload:
-    """Install block offload on `model` (once); returns its BlockOffload (also model.latmix_offload)."""
-    if hasattr(model, "latmix_offload"):
+    """Install block offload on `model` (once); returns its BlockOffload (also `offload_of(model)`)."""
+    if offload_of(model) is not None:
         raise ValueError("this model's blocks are already offloaded")
-    model.latmix_offload = BlockOffload(model, device, storage)
-    return model.latmix_offload
+    offload = BlockOffload(model, device, storage)
+    _OFFLOADS[model] = weakref.ref(offload)
+    return offload
+
+
+def offload_of(model: nn.Module) -> BlockOffload | None:
+    """The model's BlockOffload, or None when its blocks are not offloaded."""
+    ref = _OFFLOADS.get(model)
+    return None if ref is None else ref()
 
 
 def resident(model: nn.Module, block: nn.Module) -> contextlib.AbstractContextManager:
     """Hold `block` on the compute device if the model is offloaded; otherwise do nothing."""
-    offload = getattr(model, "latmix_offload", None)
+    offload = offload_of(model)
     return offload.resident(block) if offload is not None else contextlib.nullcontext()

@@ -1,16 +1,25 @@
-"""Per-architecture adapters: the only code that knows module names inside a transformers model."""
+"""Per-architecture adapters: module names and sizes inside a transformers model, and norm folding.
+
+An adapter maps the abstract roles of latmix (the seven linears of a block, LINEAR_ROLES, the norms,
+the embedding and lm_head) onto a model's modules, reads its sizes from its config, and folds RMSNorm
+weights into the linears that read them. Adapters are chosen by config.model_type.
+"""
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-__all__ = ["ADAPTERS", "LINEAR_ROLES", "LlamaFamilyAdapter", "get_adapter"]
+from latmix.settings import LINEAR_ROLES
 
-# Abstract names of the seven linears of a decoder block, in the order data reaches them.
-LINEAR_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+__all__ = ["ADAPTERS", "LINEAR_ROLES", "LlamaFamilyAdapter", "get_adapter", "head_dim", "model_dimensions"]
+
+
+def head_dim(config: Any) -> int:
+    """The attention head size: the config's head_dim where it has one, else hidden_size / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 class LlamaFamilyAdapter:
@@ -49,7 +58,17 @@ class LlamaFamilyAdapter:
 
     @property
     def head_dim(self) -> int:
-        return getattr(self.config, "head_dim", None) or self.hidden_size // self.num_heads
+        return head_dim(self.config)
+
+    @staticmethod
+    def input_dims_of(config: Any) -> dict[str, tuple[str, int]]:
+        """role -> (the config's name for the linear's input size, that size): what MX blocks must divide."""
+        attention_out = ("num_attention_heads * head_dim", config.num_attention_heads * head_dim(config))
+        hidden = ("hidden_size", config.hidden_size)
+        return {
+            "q": hidden, "k": hidden, "v": hidden, "o": attention_out,
+            "gate": hidden, "up": hidden, "down": ("intermediate_size", config.intermediate_size),
+        }
 
     # --- modules ---------------------------------------------------------------------------------
     def layers(self) -> list[nn.Module]:
@@ -138,11 +157,20 @@ ADAPTERS: dict[str, type[LlamaFamilyAdapter]] = {
 }
 
 
-def get_adapter(model: nn.Module) -> LlamaFamilyAdapter:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+def _adapter_class(config: Any) -> type[LlamaFamilyAdapter]:
+    model_type = getattr(config, "model_type", None)
     if model_type not in ADAPTERS:
         raise ValueError(
             f"no adapter for model_type {model_type!r}; supported: {sorted(ADAPTERS)}. "
             "Add an adapter in latmix/models/ for this architecture."
         )
-    return ADAPTERS[model_type](model)
+    return ADAPTERS[model_type]
+
+
+def get_adapter(model: nn.Module) -> LlamaFamilyAdapter:
+    return _adapter_class(getattr(model, "config", None))(model)
+
+
+def model_dimensions(config: Any) -> tuple[dict[str, tuple[str, int]], int]:
+    """(input size of every linear role, head_dim) from a model config, before any weight is loaded."""
+    return _adapter_class(config).input_dims_of(config), head_dim(config)

@@ -8,16 +8,17 @@ import torch
 from torch import nn
 
 from latmix.models.adapter import get_adapter
+from latmix.settings import OUTLIER_POINTS
 
 __all__ = ["OUTLIER_POINTS", "inject_channel_outliers"]
 
-# Where outliers can be planted, each by an exact rescale of a (producer, consumer) pair of weights:
+# Where outliers can be planted (OUTLIER_POINTS), each by an exact rescale of a (producer, consumer)
+# pair of weights:
 #   norm     RMSNorm weight channels up, the readers' (q/k/v, gate/up) columns down: residual-stream
 #            outliers at the inputs of q/k/v and gate/up (undone by any preset that folds the norms)
 #   mlp      up_proj rows up, the matching down_proj columns down: outliers at down_proj's input
 #   attn_vo  v_proj rows (and bias) up, the o_proj columns of every query head reading that KV head
 #            down: outliers at o_proj's input
-OUTLIER_POINTS = ("norm", "mlp", "attn_vo")
 
 
 @torch.no_grad()
