@@ -10,37 +10,21 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from latmix import data, local_tasks
 from latmix.errors import ConfigError
+from latmix.fidelity import next_token_nll
+from latmix.metrics import averages
+from latmix.models import input_device
+from latmix.settings import LOCAL_PPL_DATASETS, PPL_DATASETS, EvalSettings
 
 log = logging.getLogger(__name__)
-
-# QuaRot / FlatQuant: six tasks, acc_norm where the task has it, else acc.
-AVG6_TASKS = ("piqa", "hellaswag", "arc_easy", "arc_challenge", "winogrande", "lambada_openai")
-# SpinQuant: eight commonsense tasks.
-AVG8_TASKS = ("boolq", "piqa", "social_iqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
-LOCAL_PPL_DATASETS = ("heldout", "ood")
-PPL_DATASETS = ("wikitext2", *LOCAL_PPL_DATASETS)
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    suite: str  # "local": the embedded task directory; "lm_eval": lm-eval's own task registry
-    tasks: tuple[str, ...] | None  # None: every task of the local suite
-    ppl_datasets: tuple[str, ...]
-    max_seq_len: int
-    batch_size: int | str
-    max_ppl_tokens: int | None  # evaluate perplexity on the first this-many tokens (None = all)
-    limit: int | None
-    num_fewshot: int
 
 
 @dataclass
@@ -67,16 +51,12 @@ def perplexity(model: torch.nn.Module, token_ids: torch.Tensor, seq_len: int, ba
             f"the evaluation text has {token_ids.numel()} tokens, fewer than one window of {seq_len}; "
             "lower eval.max_seq_len or use a longer text"
         )
-    device = next(model.parameters()).device
+    device = input_device(model)
     windows = token_ids[: n_windows * seq_len].view(n_windows, seq_len)
     total_nll, total_tokens = 0.0, 0
     for start in range(0, n_windows, batch_size):
         batch = windows[start : start + batch_size].to(device)
-        logits = model(batch).logits.float()
-        nll = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="sum"
-        )
-        total_nll += nll.item()
+        total_nll += next_token_nll(model(batch).logits, batch, reduction="sum").item()
         total_tokens += batch[:, 1:].numel()
     return math.exp(total_nll / total_tokens)
 
@@ -107,29 +87,6 @@ def task_scores(task_results: Mapping[str, Any]) -> dict[str, float]:
         if metric in ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr") and isinstance(value, (int, float)):
             scores[metric] = float(value)
     return scores
-
-
-def headline_accuracy(scores: Mapping[str, float]) -> float | None:
-    """acc_norm where the task reports it, else acc (the QuaRot/FlatQuant convention)."""
-    return scores.get("acc_norm", scores.get("acc"))
-
-
-def task_average(tasks: Mapping[str, Mapping[str, float]], names: Sequence[str]) -> float | None:
-    """Mean headline accuracy over `names`; None unless every one of them was evaluated."""
-    values = [headline_accuracy(tasks[name]) for name in names if name in tasks]
-    if len(values) != len(names) or any(v is None for v in values):
-        return None
-    return sum(values) / len(values)
-
-
-def averages(tasks: Mapping[str, Mapping[str, float]]) -> dict[str, float | None]:
-    every = [headline_accuracy(scores) for scores in tasks.values()]
-    every = [v for v in every if v is not None]
-    return {
-        "avg6": task_average(tasks, AVG6_TASKS),
-        "avg8": task_average(tasks, AVG8_TASKS),
-        "mean": sum(every) / len(every) if every else None,
-    }
 
 
 def task_manager(settings: EvalSettings) -> Any:

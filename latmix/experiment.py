@@ -24,14 +24,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from latmix import figures, record
 from latmix.calibrate import calibrate
-from latmix.config import ConfigError, Experiment, build_experiment, check_model_dimensions
+from latmix.config import build_experiment
 from latmix.data import calibration_batches
+from latmix.errors import ConfigError
 from latmix.evaluate import EvalResult, evaluate
-from latmix.fidelity import function_deviation
 from latmix.gptq import gptq_quantize_model
-from latmix.models import get_adapter, inject_channel_outliers, load_model
+from latmix.hooks import Hooks
+from latmix.models import get_adapter, inject_channel_outliers, load_config, load_model, model_dimensions
+from latmix.models.cache import cached_model
 from latmix.offload import offload_blocks
-from latmix.quantize import QuantLinear, prepare_model, quantization_disabled, set_quantization
+from latmix.quantize import QuantLinear, prepare_model, set_quantization
+from latmix.settings import Experiment
 from latmix.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -92,24 +95,21 @@ def settings_errors(what: str) -> Iterator[None]:
         raise ConfigError(f"{what}: {err}") from err
 
 
-def load_model_checked(exp: Experiment) -> tuple[torch.nn.Module, Any]:
+def resolve_device(name: str) -> torch.device:
+    """The device a run computes on: "auto" is the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_model_checked(exp: Experiment, device: torch.device) -> tuple[torch.nn.Module, Any]:
     """Load the model after checking its dimensions against the block sizes; hub failures -> ConfigError."""
-    name = exp.model.name_or_path
-    try:
-        model_config = transformers.AutoConfig.from_pretrained(
-            name, trust_remote_code=exp.model.trust_remote_code
-        )
-    except OSError as err:
-        reason = str(err).strip().splitlines()[0]
-        raise ConfigError(
-            f"model.name_or_path={name!r} is not a local directory and could not be fetched from the "
-            f"Hugging Face hub ({reason}). Download it first (huggingface-cli download {name} "
-            "--local-dir DIR) and pass model.name_or_path=DIR"
-        ) from err
-    check_model_dimensions(exp, model_config)
+    name = exp.model.name_or_path if exp.model.cache is None else str(cached_model(exp.model.cache)[0])
+    model_config = load_config(name, trust_remote_code=exp.model.trust_remote_code)
+    exp.quant.check_dimensions(*model_dimensions(model_config))
     # An offloaded model is loaded into CPU memory; offload_blocks then moves what stays on the device.
-    device = "cpu" if exp.calib.offload else exp.device
-    return load_model(name, exp.model.dtype, device, trust_remote_code=exp.model.trust_remote_code)
+    load_device = "cpu" if exp.calib.offload else device
+    return load_model(name, exp.model.dtype, load_device, trust_remote_code=exp.model.trust_remote_code)
 
 
 @torch.no_grad()
@@ -125,13 +125,10 @@ def reader_inputs(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.
 
         return pre_hook
 
-    readers = [adapter.attn_readers(layer)[0] for layer in adapter.layers()]
-    handles = [q.register_forward_pre_hook(capture(f"layer{i}")) for i, q in enumerate(readers)]
-    try:
+    with Hooks() as hooks:
+        for i, layer in enumerate(adapter.layers()):
+            hooks.pre(adapter.attn_readers(layer)[0], capture(f"layer{i}"))
         model(ids)
-    finally:
-        for handle in handles:
-            handle.remove()
     return captured
 
 
@@ -153,8 +150,9 @@ def build_record(
     rid: str,
     evaluation: EvalResult,
     calibration: dict[str, Any],
-    fidelity: dict[str, Any] | None,
+    fidelity: dict[str, Any],
     timing: dict[str, float],
+    device: torch.device,
 ) -> dict[str, Any]:
     return {
         "schema_version": record.SCHEMA_VERSION,
@@ -176,7 +174,7 @@ def build_record(
         "calibration": calibration,
         "fidelity": fidelity,
         "timing": timing,
-        "env": environment(exp.device),
+        "env": environment(device),
     }
 
 
@@ -201,14 +199,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         log.info("run %s is already recorded at %s; skipping (force=true reruns it)", rid, path)
         return previous
 
+    device = resolve_device(exp.device)
     log.info("run %s: model=%s quant=%s transform=%s seed=%d on %s",
-             rid, exp.model.name, exp.quant_name, exp.transform_name, exp.seed, exp.device)
+             rid, exp.model.name, exp.quant_name, exp.transform_name, exp.seed, device)
     tracker = start_tracker(exp, rid, resolved)
     try:
-        rec, figure_paths = execute(exp, resolved, rid, tracker)
+        rec, figure_paths = execute(exp, device, resolved, rid, tracker)
         record.write_record(path, rec)
         log.info("record written to %s (%.1f s in all)", path, rec["timing"]["total"])
-        tracker.log_summary({"metrics": rec["metrics"], "timing": rec["timing"], "fidelity": rec["fidelity"] or {}})
+        tracker.log_summary({"metrics": rec["metrics"], "timing": rec["timing"], "fidelity": rec["fidelity"]})
         tracker.log_calibration(rec["calibration"]["per_layer"])
         if exp.logger.log_figures:
             tracker.log_figures(figure_paths)
@@ -218,7 +217,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 def execute(
-    exp: Experiment, resolved: dict[str, Any], rid: str, tracker: Tracker
+    exp: Experiment, device: torch.device, resolved: dict[str, Any], rid: str, tracker: Tracker
 ) -> tuple[dict[str, Any], dict[str, Path]]:
     """The pipeline proper: returns the record (not yet written) and the figures it saved."""
     seed_everything(exp.seed)
@@ -226,43 +225,40 @@ def execute(
     start = time.perf_counter()
 
     with timer.stage("load"), settings_errors("model / calib data"):
-        model, tokenizer = load_model_checked(exp)
+        model, tokenizer = load_model_checked(exp, device)
         if exp.model.outliers is not None:
             inject_channel_outliers(model, **exp.model.outliers)
         fp_model = copy.deepcopy(model).eval().requires_grad_(False)
         if exp.calib.offload:
-            offload_blocks(model, exp.device)
-            offload_blocks(fp_model, exp.device)
+            offload_blocks(model, device)
+            offload_blocks(fp_model, device)
         calib = exp.calib
         calib_ids, calib_sha = calibration_batches(tokenizer, calib.source, calib.n_samples, calib.seq_len, exp.seed)
         heldout_ids, _ = calibration_batches(
             tokenizer, calib.source, PROBE_SEQUENCES, calib.seq_len, exp.seed, split="validation"
         )
-        probe_ids = calib_ids[:PROBE_SEQUENCES].to(exp.device)
+        probe_ids = calib_ids[:PROBE_SEQUENCES].to(device)
         acts_before = reader_inputs(fp_model, probe_ids)
 
-    with timer.stage("transform"), settings_errors(f"transform={exp.transform_name} on this model"):
-        prepare_model(model, exp.transform, exp.quant, deviation_ids=probe_ids)
+    # The full-precision deviation from the original model (DESIGN.md: a non-orthogonal residual map
+    # changes the function; ~0 otherwise), on sequences the calibration also sees: after the transforms
+    # are placed, and after calibration (before GPTQ writes quantized weights, which no switch undoes).
+    with timer.stage("transform"):
+        with settings_errors(f"transform={exp.transform_name} on this model"):
+            prepared = prepare_model(model, exp.transform, exp.quant, deviation_ids=probe_ids)
+        deviation_before = prepared.fp_deviation()
 
     with timer.stage("calibrate"):
         report = calibrate(
-            model, fp_model, calib_ids, exp.calib, exp.optim, exp.results_dir / "ckpt" / rid,
+            prepared, fp_model, calib_ids, exp.calib, exp.optim, exp.results_dir / "ckpt" / rid,
             heldout_ids=heldout_ids, on_step=tracker.log_step,
         )
         calibration = {**report.as_record(), "data_sha256": calib_sha}
-
-    fidelity = None
-    if hasattr(model, "latmix_fp_deviation"):
-        # A non-orthogonal residual map changes the full-precision function: by how much, before and
-        # after calibration (before GPTQ writes quantized weights, which no switch undoes), on
-        # sequences the calibration also saw.
-        with quantization_disabled(model):
-            after = function_deviation(model, fp_model, probe_ids)
-        fidelity = {"before_calibration": model.latmix_fp_deviation, "after_calibration": after}
+    fidelity = {"before_calibration": deviation_before, "after_calibration": prepared.fp_deviation()}
 
     with timer.stage("quantize"):
         if exp.quant.weight_quantizer == "gptq" and exp.quant.weight_format is not None:
-            gptq_quantize_model(model, calib_ids, exp.quant)
+            gptq_quantize_model(prepared, calib_ids, exp.quant, exp.gptq)
         set_quantization(model, weights=exp.quant.weight_format is not None, acts=exp.quant.act_format is not None)
 
     acts_after = reader_inputs(model, probe_ids)
@@ -272,7 +268,7 @@ def execute(
         evaluation = evaluate(model, tokenizer, exp.eval)
 
     timer.seconds["total"] = round(time.perf_counter() - start, 3)
-    rec = build_record(exp, resolved, rid, evaluation, calibration, fidelity, timer.seconds)
+    rec = build_record(exp, resolved, rid, evaluation, calibration, fidelity, timer.seconds, device)
     output_dir = hydra_output_dir() or exp.results_dir / "outputs" / rid
     return rec, save_figures(acts_before, acts_after, calibration["per_layer"], output_dir)
 

@@ -1,12 +1,22 @@
-"""How far a model's next-token distribution is from a reference model's."""
+"""How far a model's next-token distribution is from a reference model's.
+
+The full-precision deviation of DESIGN.md is measured here, one way: the original model's logits on
+a few sequences are kept once (`Reference.of`, before the model is transformed), and `deviation`
+compares a model's logits on the same sequences with them (KL, max relative logit error, and both
+perplexities).
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["function_deviation", "logit_deviation", "next_token_kl", "perplexity"]
+from latmix.models import input_device
+
+__all__ = ["Reference", "deviation", "logit_deviation", "next_token_kl", "next_token_nll"]
 
 
 def next_token_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
@@ -18,10 +28,9 @@ def next_token_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tenso
     return F.kl_div(log_p, log_ref, log_target=True, reduction="batchmean")
 
 
-def perplexity(logits: torch.Tensor, input_ids: torch.Tensor) -> float:
-    """exp of the mean next-token cross-entropy of input_ids under logits (batch, seq, vocab)."""
-    loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), input_ids[:, 1:].flatten())
-    return float(torch.exp(loss))
+def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of each next token of input_ids (batch, seq) under logits (batch, seq, vocab), in float32."""
+    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), input_ids[:, 1:].flatten(), reduction=reduction)
 
 
 def logit_deviation(logits: torch.Tensor, ref_logits: torch.Tensor, input_ids: torch.Tensor) -> dict[str, float]:
@@ -30,15 +39,29 @@ def logit_deviation(logits: torch.Tensor, ref_logits: torch.Tensor, input_ids: t
     return {
         "kl": float(next_token_kl(logits, ref_logits)),
         "max_rel_logit_error": float(diff / ref_logits.float().abs().max()),
-        "ppl": perplexity(logits, input_ids),
-        "ref_ppl": perplexity(ref_logits, input_ids),
+        "ppl": float(torch.exp(next_token_nll(logits, input_ids))),
+        "ref_ppl": float(torch.exp(next_token_nll(ref_logits, input_ids))),
     }
 
 
 @torch.no_grad()
-def function_deviation(model: nn.Module, ref_model: nn.Module, input_ids: torch.Tensor) -> dict[str, float]:
-    """logit_deviation of model vs ref_model on input_ids (batch, seq), both run as they are configured."""
-    ids = input_ids.to(next(model.parameters()).device)
-    logits = model(ids).logits
-    ref_logits = ref_model(ids.to(next(ref_model.parameters()).device)).logits.to(logits.device)
-    return logit_deviation(logits, ref_logits, ids)
+def _logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """The model's float32 logits on input_ids, on the CPU."""
+    return model(input_ids.to(input_device(model))).logits.float().cpu()
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The original model's logits on a few short sequences (on the CPU): what deviations are measured against."""
+
+    input_ids: torch.Tensor
+    logits: torch.Tensor
+
+    @classmethod
+    def of(cls, model: nn.Module, input_ids: torch.Tensor) -> Reference:
+        return cls(input_ids.cpu(), _logits(model, input_ids))
+
+
+def deviation(model: nn.Module, reference: Reference) -> dict[str, float]:
+    """logit_deviation of the model, run as it is configured, from the reference on the reference's ids."""
+    return logit_deviation(_logits(model, reference.input_ids), reference.logits, reference.input_ids)

@@ -15,16 +15,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from latmix.calibrate import block_inputs, decoder_layers, run_block
-from latmix.mx import MXFormat, get_format, quantize
-from latmix.offload import resident
-from latmix.quantize import QuantConfig, QuantLinear
+from latmix.formats import MXFormat, get_format
+from latmix.hooks import Hooks
+from latmix.models import block_inputs, decoder_layers, run_block
+from latmix.mx import quantize
+from latmix.quantize import PreparedModel, QuantLinear
+from latmix.settings import GPTQSettings, QuantConfig
 
 # A rounder factory: given the current weights of one block (out, k), it fixes that block's scale
 # and returns the function that rounds one column (out,) of the block with it.
 ColumnRounder = Callable[[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
 
-DEFAULT_DAMP = 0.01
+DEFAULT_DAMP = GPTQSettings().damp
 # Columns updated together before the trailing matrix is (GPTQ's lazy batch); a multiple of any MX block.
 LAZY_BATCH = 128
 
@@ -142,46 +144,47 @@ class _HessianAccumulator:
 
 @torch.no_grad()
 def gptq_quantize_model(
-    model: nn.Module,
+    prepared: PreparedModel,
     calib_ids: torch.Tensor,
     quant_cfg: QuantConfig,
+    settings: GPTQSettings | None = None,
     *,
-    damp: float = DEFAULT_DAMP,
-    act_order: bool = False,
     batch_size: int = 1,
 ) -> None:
     """GPTQ every weight-quantized linear of the decoder, block by block, and install the weights.
 
     Each block sees the outputs of the blocks already quantized before it; each linear's Hessian comes
     from its operand as the model quantizes it (online transforms applied, activations MX-quantized).
-    Run after calibration (transforms folded); the weights go in through QuantLinear.set_weight.
+    Damping and column order are `settings`' (GPTQSettings() if None). Run after calibration (transforms folded); the
+    weights go in through QuantLinear.set_weight.
     """
     if quant_cfg.weight_format is None:
         raise ValueError(
             "GPTQ needs quant.weight_format; with high-precision weights use weight_quantizer=rtn"
         )
-    model.eval()
+    settings = settings or GPTQSettings()
+    model = prepared.model.eval()
     hidden, kwargs = block_inputs(model, calib_ids)
     for block in tqdm(decoder_layers(model), desc="gptq", leave=False):
-        with resident(model, block):
-            _gptq_block(block, hidden, kwargs, batch_size, damp, act_order)
+        with prepared.resident(block):
+            _gptq_block(block, hidden, kwargs, batch_size, settings)
             hidden = run_block(block, hidden, kwargs, batch_size)
 
 
 def _gptq_block(
-    block: nn.Module, hidden: torch.Tensor, kwargs: dict, batch_size: int, damp: float, act_order: bool
+    block: nn.Module, hidden: torch.Tensor, kwargs: dict, batch_size: int, settings: GPTQSettings
 ) -> None:
     """GPTQ the weight-quantized linears of one block, from the Hessians of its inputs `hidden`."""
     linears = [m for m in block.modules() if isinstance(m, QuantLinear) and m.weight_format is not None]
     accumulators = [_HessianAccumulator(m) for m in linears]
-    handles = [m.register_forward_pre_hook(acc) for m, acc in zip(linears, accumulators, strict=True)]
-    try:
+    with Hooks() as hooks:
+        for linear, accumulator in zip(linears, accumulators, strict=True):
+            hooks.pre(linear, accumulator)
         run_block(block, hidden, kwargs, batch_size)
-    finally:
-        for handle in handles:
-            handle.remove()
     for linear, acc in zip(linears, accumulators, strict=True):
         weight, _ = linear.effective_weight_and_bias()
         block_size = linear.weight_block_size or linear.weight_format.default_block_size
         rounder = mx_rounder(linear.weight_format, weight.abs().max())
-        linear.set_weight(gptq_quantize_weight(weight, acc.H, block_size, rounder, damp, act_order))
+        linear.set_weight(
+            gptq_quantize_weight(weight, acc.H, block_size, rounder, settings.damp, settings.act_order)
+        )

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 import yaml
+
+from latmix.files import atomic_write
 
 LOCAL_TASKS: tuple[str, ...] = ("tiny_lambada", "tiny_hellaswag", "tiny_wordorder")
 TEXT_NAMES: tuple[str, ...] = ("calibration", "heldout", "ood")
@@ -47,15 +48,6 @@ def _absolute_task_config(yaml_path: Path) -> dict:
     return config
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    # Several processes (pytest workers, sweep jobs) may materialize into the same cache at once.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def materialize_local_tasks(dest: Path | None = None) -> Path:
     """Write the local task yaml files with absolute data paths into dest; return it as lm-eval's include_path."""
     dest = Path(dest) if dest is not None else default_cache_dir()
@@ -64,5 +56,7 @@ def materialize_local_tasks(dest: Path | None = None) -> Path:
         if not source.is_file():
             raise FileNotFoundError(f"{source} is missing: rebuild the tasks with scripts/build_tasks.py")
         config = _absolute_task_config(source)
-        _write_atomically(dest / task / f"{task}.yaml", yaml.safe_dump(config, sort_keys=False))
+        # Several processes (pytest workers, sweep jobs) may materialize into the same cache at once.
+        text = yaml.safe_dump(config, sort_keys=False)
+        atomic_write(dest / task / f"{task}.yaml", lambda f, text=text: f.write(text.encode()))
     return dest

@@ -1,7 +1,11 @@
 """Model surgery: transforms placed and folded, linears MX-quantized, from a transform and a quant config.
 
-prepare_model(model, transform_cfg, quant_cfg) returns the same model object, transformed and
-quantized, still called as model(input_ids). Placements (DESIGN.md):
+prepare_model(model, transform_cfg, quant_cfg) transforms and quantizes the model in place (it is
+still called as model(input_ids)) and returns a PreparedModel: the handle through which the rest of
+the pipeline reaches what latmix added (the transforms by name, the adapter, the offload state, the
+original model's reference logits). Nothing else rides on the model but the modules latmix put in it:
+QuantLinear for every linear, TransformedEmbedding, and per attention module one AttentionQuant
+(models.attention says where). Placements (DESIGN.md):
 
     residual    T1 on the residual stream: embedding output, folded into every reader (q/k/v, gate/up,
                 lm_head) and every writer (o, down) after RMSNorm weights are folded into the readers
@@ -15,139 +19,34 @@ from __future__ import annotations
 
 import contextlib
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
-from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from latmix import mx
-from latmix.fidelity import logit_deviation
-from latmix.models import LINEAR_ROLES, LlamaFamilyAdapter, get_adapter
-from latmix.offload import resident
-from latmix.transforms import (
-    TRANSFORMS,
-    Headwise,
-    Transform,
-    build_transform,
-    cached_transforms,
-    transform_kwargs,
-)
+from latmix.fidelity import Reference, deviation
+from latmix.formats import get_format
+from latmix.models import LlamaFamilyAdapter, attention, get_adapter, model_dimensions
+from latmix.offload import BlockOffload, offload_of, resident
+from latmix.settings import QuantConfig, TransformConfig
+from latmix.transforms import Headwise, Transform, build_transform, cached_transforms
 
 __all__ = [
-    "PLACEMENTS",
-    "QuantConfig",
+    "AttentionQuant",
+    "PreparedModel",
     "QuantLinear",
-    "TransformConfig",
     "TransformedEmbedding",
-    "fp_deviation",
     "freeze_model",
     "prepare_model",
     "quantization_disabled",
     "set_quantization",
-    "transforms_of",
 ]
 
-PLACEMENTS = ("residual", "pre_linear", "attn_vo", "down_proj", "qk")
+# Placements applied to activations as the model runs: they stay after freeze_model folds the rest.
 _ONLINE_PLACEMENTS = ("pre_linear", "down_proj", "qk")
-_ORTHOGONAL_FAMILIES = ("identity", "hadamard", "block_hadamard", "rotation")
-WEIGHT_QUANTIZERS = ("rtn", "gptq")
-
-
-# --- configs -------------------------------------------------------------------------------------
-
-
-@dataclass
-class TransformConfig:
-    """placements: placement -> {family: ..., family kwargs} or None (off). See the module docstring."""
-
-    placements: dict[str, dict | None] = field(default_factory=dict)
-    approximate: bool = False
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        self.placements = {name: _validated_spec(name, spec) for name, spec in dict(self.placements).items()}
-        residual = self.placements.get("residual")
-        if residual is not None and residual["family"] not in _ORTHOGONAL_FAMILIES and not self.approximate:
-            raise ValueError(
-                f"placement residual with non-orthogonal family {residual['family']!r} does not preserve the "
-                "model's function (RMSNorm commutes only with orthogonal maps); use an orthogonal family or set "
-                "approximate: true to accept and measure the full-precision deviation"
-            )
-
-    def active(self) -> dict[str, dict]:
-        return {name: spec for name, spec in self.placements.items() if spec is not None}
-
-
-def _validated_spec(placement: str, spec: Mapping | None) -> dict | None:
-    if placement not in PLACEMENTS:
-        raise ValueError(f"unknown placement {placement!r}; choose from {PLACEMENTS}")
-    if spec is None:
-        return None
-    spec = dict(spec)
-    family = spec.get("family")
-    if family not in TRANSFORMS:
-        raise ValueError(f"placement {placement}: unknown family {family!r}; choose one of {sorted(TRANSFORMS)}")
-    unknown = set(spec) - {"family"} - transform_kwargs(family)
-    if unknown:
-        raise ValueError(
-            f"placement {placement}: family {family} does not take {sorted(unknown)}; "
-            f"it accepts {sorted(transform_kwargs(family))}"
-        )
-    if "kron_factors" in spec and spec["kron_factors"] is not None:
-        spec["kron_factors"] = tuple(spec["kron_factors"])
-    if placement == "residual" and spec.get("shift"):
-        raise ValueError("placement residual takes no shift (it would pass through RMSNorm); set shift: false")
-    if placement == "qk" and family not in _ORTHOGONAL_FAMILIES:
-        raise ValueError(f"placement qk needs an orthogonal family {_ORTHOGONAL_FAMILIES}, got {family!r}")
-    return spec
-
-
-@dataclass
-class QuantConfig:
-    """MX formats per side (None = high precision), block size (None = format default), which linears.
-
-    layers: "decoder" (all seven linears of every block) or a list of roles from LINEAR_ROLES.
-    weight_quantizer "gptq" leaves weights unquantized until latmix.gptq writes them.
-    kv_format quantizes K (after RoPE) and V per head along head_dim.
-    """
-
-    weight_format: str | None = None
-    act_format: str | None = None
-    block_size: int | None = None
-    weight_quantizer: str = "rtn"
-    kv_format: str | None = None
-    layers: str | Sequence[str] = "decoder"
-
-    def __post_init__(self) -> None:
-        for fmt in (self.weight_format, self.act_format, self.kv_format):
-            if fmt is not None:
-                mx.get_format(fmt)
-        if self.weight_quantizer not in WEIGHT_QUANTIZERS:
-            raise ValueError(f"unknown weight_quantizer {self.weight_quantizer!r}; choose from {WEIGHT_QUANTIZERS}")
-        if self.block_size is not None and self.block_size < 1:
-            raise ValueError(f"block_size must be a positive integer or None, got {self.block_size}")
-        if isinstance(self.layers, str):
-            if self.layers != "decoder":
-                raise ValueError(f"layers must be 'decoder' or a list of roles from {LINEAR_ROLES}, got {self.layers!r}")
-        else:
-            self.layers = list(self.layers)
-            unknown = set(self.layers) - set(LINEAR_ROLES)
-            if unknown:
-                raise ValueError(f"unknown layer roles {sorted(unknown)}; choose from {LINEAR_ROLES}")
-
-    @property
-    def quantized_roles(self) -> tuple[str, ...]:
-        return LINEAR_ROLES if self.layers == "decoder" else tuple(self.layers)
-
-    def block_for(self, fmt: str | None) -> int | None:
-        if fmt is None:
-            return None
-        return self.block_size or mx.get_format(fmt).default_block_size
 
 
 # --- quantized linear ----------------------------------------------------------------------------
@@ -181,8 +80,8 @@ class QuantLinear(nn.Module):
         self.folded_in = nn.ModuleList(folded_in)
         self.online_in = nn.ModuleList(online_in)
         self.out_map = nn.ModuleList(out_map)
-        self.weight_format = None if weight_format is None else mx.get_format(weight_format)
-        self.act_format = None if act_format is None else mx.get_format(act_format)
+        self.weight_format = None if weight_format is None else get_format(weight_format)
+        self.act_format = None if act_format is None else get_format(act_format)
         self.weight_block_size = weight_block_size
         self.act_block_size = act_block_size
         # FlatQuant-style learnable clipping; calibration assigns nn.Parameters here.
@@ -315,37 +214,64 @@ class TransformedEmbedding(nn.Module):
         return self.embedding
 
 
-# --- quantized KV cache and the qk transform, through transformers' attention interface ----------------
+# --- q/k rotation and the quantized KV cache, inside transformers' attention ------------------------
 
 
-def _latmix_attention(base: str) -> Callable:
-    def attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
-        qk = getattr(module, "latmix_qk", None)
-        if qk is not None:
-            # Orthogonal R on both: (q R^T)(k R^T)^T = q k^T, so scores are unchanged.
-            query, key = qk(query), qk(key)
-        if getattr(module, "latmix_quantize_kv", False):
-            fmt, block = module.latmix_kv_format, module.latmix_kv_block_size
-            key = mx.quantize(key, fmt, block, dim=-1)
-            value = mx.quantize(value, fmt, block, dim=-1)
-        base_attention = ALL_ATTENTION_FUNCTIONS.get_interface(base, eager_attention_forward)
-        return base_attention(module, query, key, value, attention_mask, **kwargs)
+class AttentionQuant(nn.Module):
+    """What latmix does between an attention module's projections and its scores (models.attention).
 
-    return attention
+    qk: an orthogonal map applied to q and k after RoPE ((q R^T)(k R^T)^T = q k^T, scores unchanged);
+    kv_format: K and V MX-quantized per head along head_dim while quantize_kv is on.
+    """
 
+    def __init__(self, qk: Transform | None, kv_format: str | None, kv_block_size: int | None) -> None:
+        super().__init__()
+        self.qk = qk
+        self.kv_format = kv_format
+        self.kv_block_size = kv_block_size
+        self.quantize_kv = kv_format is not None
 
-def _install_latmix_attention(model: nn.Module) -> None:
-    base = model.config._attn_implementation or "eager"
-    if base.startswith("latmix_"):
-        return
-    name = f"latmix_{base}"
-    AttentionInterface.register(name, _latmix_attention(base))
-    if base in ALL_MASK_ATTENTION_FUNCTIONS:
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
-    model.config._attn_implementation = name
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+        if self.qk is not None:
+            query, key = self.qk(query), self.qk(key)
+        if self.quantize_kv:
+            key = mx.quantize(key, self.kv_format, self.kv_block_size, dim=-1)
+            value = mx.quantize(value, self.kv_format, self.kv_block_size, dim=-1)
+        return query, key, value
 
 
 # --- the one call --------------------------------------------------------------------------------
+
+
+@dataclass
+class PreparedModel:
+    """A model as prepare_model left it, and what latmix keeps about it.
+
+    transforms: every transform by stable name ("residual", "layers.{i}.pre_linear_attn|pre_linear_mlp|
+    attn_vo|down_proj|qk"); fixed families have no trainable parameters, and after freeze_model only
+    the online ones remain. reference: the original model's logits on prepare_model's deviation_ids.
+    """
+
+    model: nn.Module
+    adapter: LlamaFamilyAdapter
+    transforms: dict[str, Transform]
+    reference: Reference | None = None
+
+    @property
+    def offload(self) -> BlockOffload | None:
+        """The model's block offload (latmix.offload), or None when its blocks stay on the device."""
+        return offload_of(self.model)
+
+    def resident(self, block: nn.Module) -> contextlib.AbstractContextManager:
+        """Hold one decoder block on the compute device for the duration (nothing to do without offload)."""
+        return resident(self.model, block)
+
+    def fp_deviation(self) -> dict[str, float]:
+        """The full-precision deviation from the original model (fidelity.deviation), quantizers off."""
+        if self.reference is None:
+            raise ValueError("no reference logits: pass deviation_ids to prepare_model")
+        with quantization_disabled(self.model):
+            return deviation(self.model, self.reference)
 
 
 class _TransformFactory:
@@ -378,47 +304,26 @@ def _present(*transforms: Transform | None) -> list[Transform]:
     return [t for t in transforms if t is not None]
 
 
-def _check_block_sizes(adapter: LlamaFamilyAdapter, quant_cfg: QuantConfig) -> None:
-    layer = adapter.layers()[0]
-    for role in quant_cfg.quantized_roles:
-        in_features = adapter.linear(layer, role).in_features
-        for side, fmt in (("weight", quant_cfg.weight_format), ("act", quant_cfg.act_format)):
-            block = quant_cfg.block_for(fmt)
-            if block is not None and in_features % block:
-                raise ValueError(
-                    f"{side} block size {block} does not divide the input dim {in_features} of layer role "
-                    f"{role!r}; choose a block size that divides it or drop {role!r} from quant.layers"
-                )
-    kv_block = quant_cfg.block_for(quant_cfg.kv_format)
-    if kv_block is not None and adapter.head_dim % kv_block:
-        raise ValueError(f"kv block size {kv_block} does not divide head_dim {adapter.head_dim}")
-
-
-@torch.no_grad()
-def _logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids.to(next(model.parameters()).device)).logits.float()
-
-
 def prepare_model(
     model: nn.Module,
     transform_cfg: TransformConfig,
     quant_cfg: QuantConfig,
     *,
     deviation_ids: torch.Tensor | None = None,
-) -> nn.Module:
-    """Transform and quantize `model` in place; returns it.
+) -> PreparedModel:
+    """Transform and quantize `model` in place; returns its PreparedModel.
 
     deviation_ids (a few short sequences, e.g. (2, 128)): the original model's logits on them are kept
-    (on the CPU) and the full-precision deviation of the transformed model is recorded as
-    model.latmix_fp_deviation; fp_deviation(model) measures it again later (after calibration). This
-    matters for a non-orthogonal residual transform (approximate: true); it is ~0 otherwise.
+    (on the CPU) as the handle's reference, so that PreparedModel.fp_deviation() measures the
+    full-precision deviation of the transformed model, now or after calibration. This matters for a
+    non-orthogonal residual transform (approximate: true); it is ~0 otherwise.
     If no transform has trainable parameters the model is frozen right away (transforms folded once).
     """
-    if hasattr(model, "latmix_transforms"):
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ValueError("this model was already prepared by latmix; load a fresh copy")
     adapter = get_adapter(model)
-    _check_block_sizes(adapter, quant_cfg)
-    reference = None if deviation_ids is None else (deviation_ids.cpu(), _logits(model, deviation_ids).cpu())
+    quant_cfg.check_dimensions(*model_dimensions(model.config))
+    reference = None if deviation_ids is None else Reference.of(model, deviation_ids)
 
     make = _TransformFactory(transform_cfg, adapter.embed_tokens.weight.device)
     residual = make("residual", "residual", adapter.hidden_size)
@@ -428,6 +333,7 @@ def prepare_model(
         adapter.fold_norms()
     weight_block = quant_cfg.block_for(quant_cfg.weight_format)
     act_block = quant_cfg.block_for(quant_cfg.act_format)
+    kv_block = quant_cfg.block_for(quant_cfg.kv_format)
 
     def wrap(layer, role, **transforms) -> None:
         quantized = role in quant_cfg.quantized_roles
@@ -459,57 +365,39 @@ def prepare_model(
         for role in ("gate", "up"):
             wrap(layer, role, folded_in=_present(residual), online_in=_present(pre_mlp))
         wrap(layer, "down", online_in=_present(down), out_map=_present(residual))
-        _attach_attention_extras(adapter.attention(layer), make("qk", f"layers.{i}.qk", adapter.head_dim, at), quant_cfg)
+        qk = make("qk", f"layers.{i}.qk", adapter.head_dim, at)
+        if qk is not None or quant_cfg.kv_format is not None:
+            attention.attach(adapter.attention(layer), AttentionQuant(qk, quant_cfg.kv_format, kv_block))
 
     if residual is not None:
         adapter.set_embed_tokens(TransformedEmbedding(adapter.embed_tokens, residual))
         adapter.set_lm_head(QuantLinear(adapter.lm_head, folded_in=[residual]))
     if "qk" in transform_cfg.active() or quant_cfg.kv_format is not None:
-        _install_latmix_attention(model)
+        attention.install(model)
     if quant_cfg.weight_quantizer == "gptq":
         set_quantization(model, weights=False, acts=quant_cfg.act_format is not None)
 
-    model.latmix_transforms = make.built
-    model.latmix_adapter = adapter
+    prepared = PreparedModel(model, adapter, make.built, reference)
     if any(p.requires_grad for t in make.built.values() for p in t.parameters()):
         _cache_transforms_per_forward(model)
     else:
-        freeze_model(model)
-    if reference is not None:
-        model.latmix_reference = reference
-        model.latmix_fp_deviation = fp_deviation(model)
-    return model
-
-
-def fp_deviation(model: nn.Module) -> dict[str, float]:
-    """Deviation of the model, run in full precision, from the original on prepare_model's deviation_ids."""
-    if getattr(model, "latmix_reference", None) is None:
-        raise ValueError("no reference logits: pass deviation_ids to prepare_model")
-    input_ids, ref_logits = model.latmix_reference
-    with quantization_disabled(model):
-        logits = _logits(model, input_ids).cpu()
-    return logit_deviation(logits, ref_logits, input_ids)
+        freeze_model(prepared)
+    return prepared
 
 
 def _cache_transforms_per_forward(model: nn.Module) -> None:
     """Each forward builds every learnable transform's matrices once, not once per linear folding it."""
+    open_caches: list[contextlib.AbstractContextManager] = []
 
     def enter(module, args):
-        module.latmix_cache_context = cached_transforms()
-        module.latmix_cache_context.__enter__()
+        open_caches.append(cached_transforms())
+        open_caches[-1].__enter__()
 
     def leave(module, args, output):
-        module.latmix_cache_context.__exit__(None, None, None)
+        open_caches.pop().__exit__(None, None, None)
 
     model.register_forward_pre_hook(enter)
     model.register_forward_hook(leave, always_call=True)
-
-
-def _attach_attention_extras(attention: nn.Module, qk: Transform | None, quant_cfg: QuantConfig) -> None:
-    attention.latmix_qk = qk
-    attention.latmix_kv_format = quant_cfg.kv_format
-    attention.latmix_kv_block_size = quant_cfg.block_for(quant_cfg.kv_format)
-    attention.latmix_quantize_kv = quant_cfg.kv_format is not None
 
 
 # --- model-wide switches -------------------------------------------------------------------------
@@ -519,8 +407,8 @@ def _quant_linears(model: nn.Module) -> Iterator[QuantLinear]:
     return (m for m in model.modules() if isinstance(m, QuantLinear))
 
 
-def _kv_attentions(model: nn.Module) -> Iterator[nn.Module]:
-    return (m for m in model.modules() if getattr(m, "latmix_kv_format", None) is not None)
+def _kv_quantizers(model: nn.Module) -> Iterator[AttentionQuant]:
+    return (m for m in model.modules() if isinstance(m, AttentionQuant) and m.kv_format is not None)
 
 
 def set_quantization(model: nn.Module, weights: bool, acts: bool) -> None:
@@ -528,51 +416,41 @@ def set_quantization(model: nn.Module, weights: bool, acts: bool) -> None:
     for linear in _quant_linears(model):
         linear.quantize_weights = weights and linear.weight_format is not None
         linear.quantize_acts = acts and linear.act_format is not None
-    for attention in _kv_attentions(model):
-        attention.latmix_quantize_kv = acts
+    for attention_quant in _kv_quantizers(model):
+        attention_quant.quantize_kv = acts
 
 
 @contextlib.contextmanager
 def quantization_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the model in full precision inside the block; the previous switches come back after."""
     linears = list(_quant_linears(model))
-    attentions = list(_kv_attentions(model))
+    kv_quantizers = list(_kv_quantizers(model))
     saved = [(m.quantize_weights, m.quantize_acts) for m in linears]
-    saved_kv = [m.latmix_quantize_kv for m in attentions]
+    saved_kv = [m.quantize_kv for m in kv_quantizers]
     set_quantization(model, weights=False, acts=False)
     try:
         yield model
     finally:
         for m, (w, a) in zip(linears, saved, strict=True):
             m.quantize_weights, m.quantize_acts = w, a
-        for m, kv in zip(attentions, saved_kv, strict=True):
-            m.latmix_quantize_kv = kv
+        for m, kv in zip(kv_quantizers, saved_kv, strict=True):
+            m.quantize_kv = kv
 
 
-def transforms_of(model: nn.Module) -> dict[str, Transform]:
-    """Every transform in the model by stable name ("residual", "layers.3.attn_vo", ...).
-
-    Fixed families have no trainable parameters; after freeze_model only the online ones remain.
-    """
-    if not hasattr(model, "latmix_transforms"):
-        raise ValueError("model has no latmix transforms; call prepare_model first")
-    return dict(model.latmix_transforms)
-
-
-def freeze_model(model: nn.Module) -> None:
+def freeze_model(prepared: PreparedModel) -> None:
     """Fold every transform into the weights once (end of calibration): only online transforms remain."""
-    adapter = model.latmix_adapter
+    adapter = prepared.adapter
     for layer in adapter.layers():
         # An offloaded block comes to the device, where a shared map (T1) lives, to fold it.
-        with resident(model, layer):
+        with prepared.resident(layer):
             for linear in _quant_linears(layer):
                 linear.freeze()
-    for linear in _quant_linears(model):  # the rest: lm_head
+    for linear in _quant_linears(prepared.model):  # the rest: lm_head
         linear.freeze()
     if isinstance(adapter.embed_tokens, TransformedEmbedding):
         adapter.set_embed_tokens(adapter.embed_tokens.folded())
-    model.latmix_transforms = {
-        name: t for name, t in model.latmix_transforms.items() if _placement_of(name) in _ONLINE_PLACEMENTS
+    prepared.transforms = {
+        name: t for name, t in prepared.transforms.items() if _placement_of(name) in _ONLINE_PLACEMENTS
     }
 
 

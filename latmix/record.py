@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from latmix.files import atomic_write
 
 SCHEMA_VERSION = 1
 
@@ -115,21 +115,10 @@ def validate_record(rec: Any) -> dict:
 
 
 def write_record(path: str | Path, rec: dict) -> Path:
-    """Validate, then write atomically: a temp file in the same directory, then os.replace."""
+    """Validate, then write atomically (files.atomic_write: a temp file beside it, then os.replace)."""
     validate_record(rec)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(rec, f, indent=2, sort_keys=True, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    text = json.dumps(rec, indent=2, sort_keys=True, default=str)
+    return atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def read_record(path: str | Path) -> dict:

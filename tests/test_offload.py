@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from latmix.calibrate import CalibConfig, calibrate, decoder_layers
+from latmix.calibrate import calibrate
 from latmix.gptq import gptq_quantize_model
-from latmix.offload import offload_blocks, resident
-from latmix.optim import OptimConfig
-from latmix.quantize import QuantConfig, QuantLinear, TransformConfig, prepare_model, transforms_of
+from latmix.models import decoder_layers
+from latmix.offload import offload_blocks, offload_of, resident
+from latmix.quantize import QuantLinear, prepare_model
+from latmix.settings import CalibConfig, OptimConfig, QuantConfig, TransformConfig
 
 W4A4_GPTQ = QuantConfig(weight_format="mxfp4", act_format="mxfp4", weight_quantizer="gptq")
 LEARNED = TransformConfig(
@@ -33,7 +34,7 @@ def record_blocks_on_device(model: torch.nn.Module) -> list[list[int]]:
     """During every block forward from now on, which blocks the offload has on the device."""
     seen: list[list[int]] = []
     for block in decoder_layers(model):
-        block.register_forward_hook(lambda *_: seen.append(model.latmix_offload.on_device()), prepend=True)
+        block.register_forward_hook(lambda *_: seen.append(offload_of(model).on_device()), prepend=True)
     return seen
 
 
@@ -75,16 +76,17 @@ def test_offload_is_refused_for_end_to_end_calibration():
 def calibrate_and_gptq(build, offloaded: bool) -> tuple[dict[str, torch.Tensor], list[list[int]]]:
     """(learned transforms and GPTQ weights, blocks on the device at every block forward if offloaded)."""
     fp_model = build("llama", seed=2)
-    model = prepare_model(build("llama", seed=2), LEARNED, W4A4_GPTQ)
+    prepared = prepare_model(build("llama", seed=2), LEARNED, W4A4_GPTQ)
     seen: list[list[int]] = []
     if offloaded:
-        offload_blocks(model, "cpu")
+        offload_blocks(prepared.model, "cpu")
         offload_blocks(fp_model, "cpu")
-        seen = record_blocks_on_device(model)
-    calibrate(model, fp_model, token_ids(4, 16, 0), LAYER_WISE, OptimConfig(lr=1e-2), None)
-    gptq_quantize_model(model, token_ids(4, 16, 1), W4A4_GPTQ)
-    state = {f"{n}.{k}": v.clone() for n, t in transforms_of(model).items() for k, v in t.state_dict().items()}
-    for name, linear in model.named_modules():
+        assert prepared.offload is offload_of(prepared.model)
+        seen = record_blocks_on_device(prepared.model)
+    calibrate(prepared, fp_model, token_ids(4, 16, 0), LAYER_WISE, OptimConfig(lr=1e-2), None)
+    gptq_quantize_model(prepared, token_ids(4, 16, 1), W4A4_GPTQ)
+    state = {f"{n}.{k}": v.clone() for n, t in prepared.transforms.items() for k, v in t.state_dict().items()}
+    for name, linear in prepared.model.named_modules():
         if isinstance(linear, QuantLinear):
             state[name] = linear.weight.detach().clone()
     return state, seen
@@ -103,29 +105,31 @@ def test_offloaded_layer_wise_calibration_and_gptq_match_the_resident_run(make_t
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_a_gpu_only_the_working_block_and_the_shared_maps_are_on_it(make_tiny_model):
     reference = make_tiny_model("llama")
-    model = prepare_model(make_tiny_model("llama"), LEARNED, QuantConfig())
-    expected = prepare_model(reference, LEARNED, QuantConfig())(token_ids(2, 16, 0)).logits
+    prepared = prepare_model(make_tiny_model("llama"), LEARNED, QuantConfig())
+    model = prepared.model
+    expected = prepare_model(reference, LEARNED, QuantConfig()).model(token_ids(2, 16, 0)).logits
     offload_blocks(model, "cuda")
     blocks = decoder_layers(model)
-    assert model.lm_head.weight.is_cuda and transforms_of(model)["residual"].matrix().is_cuda
+    assert model.lm_head.weight.is_cuda and prepared.transforms["residual"].matrix().is_cuda
     assert all(not p.is_cuda for p in blocks[0].self_attn.o_proj.parameters(recurse=False))
     logits = model(token_ids(2, 16, 0).cuda()).logits
     torch.testing.assert_close(logits.cpu(), expected, rtol=1e-4, atol=1e-4)
     with resident(model, blocks[1]):
         assert blocks[1].mlp.down_proj.weight.is_cuda and not blocks[0].mlp.down_proj.weight.is_cuda
-    assert transforms_of(model)["residual"].matrix().is_cuda, "the shared map left the device"
+    assert prepared.transforms["residual"].matrix().is_cuda, "the shared map left the device"
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_a_gpu_layer_wise_calibration_gptq_and_folding_run_with_one_block_on_it(make_tiny_model):
     fp_model = make_tiny_model("llama", seed=2)
-    model = prepare_model(make_tiny_model("llama", seed=2), LEARNED, W4A4_GPTQ)
+    prepared = prepare_model(make_tiny_model("llama", seed=2), LEARNED, W4A4_GPTQ)
+    model = prepared.model
     offload_blocks(model, "cuda")
     offload_blocks(fp_model, "cuda")
     seen = record_blocks_on_device(model)
-    calibrate(model, fp_model, token_ids(4, 16, 0), LAYER_WISE, OptimConfig(lr=1e-2), None)
-    gptq_quantize_model(model, token_ids(4, 16, 1), W4A4_GPTQ)
+    calibrate(prepared, fp_model, token_ids(4, 16, 0), LAYER_WISE, OptimConfig(lr=1e-2), None)
+    gptq_quantize_model(prepared, token_ids(4, 16, 1), W4A4_GPTQ)
     logits = model(token_ids(2, 16, 2).cuda()).logits
     assert torch.isfinite(logits).all()
     assert {tuple(blocks) for blocks in seen} == {(0,), (1,)}

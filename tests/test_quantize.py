@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models
+from conftest import build_tiny_checkpoint
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
@@ -13,8 +13,9 @@ from transformers import (
 )
 
 from latmix import mx
-from latmix.models import get_adapter, load_model
-from latmix.quantize import QuantConfig, QuantLinear, TransformConfig, prepare_model
+from latmix.models import load_model
+from latmix.quantize import QuantLinear, prepare_model
+from latmix.settings import QuantConfig, TransformConfig
 from latmix.transforms import build_transform
 
 
@@ -121,8 +122,8 @@ def test_set_weight_installs_a_gptq_weight_that_is_not_requantized(linear):
 
 
 def test_only_the_configured_layer_roles_are_quantized(make_tiny_model):
-    model = prepare_model(make_tiny_model("llama"), TransformConfig(), QuantConfig("mxfp4", "mxfp4", layers=["down"]))
-    adapter = get_adapter(model)
+    prepared = prepare_model(make_tiny_model("llama"), TransformConfig(), QuantConfig("mxfp4", "mxfp4", layers=["down"]))
+    adapter = prepared.adapter
     layer = adapter.layers()[0]
     assert adapter.linear(layer, "down").quantize_weights and adapter.linear(layer, "down").quantize_acts
     assert not adapter.linear(layer, "q").quantize_weights and not adapter.linear(layer, "q").quantize_acts
@@ -167,7 +168,7 @@ def test_transform_config_accepts_every_placement_off():
 
 
 def test_a_block_size_that_does_not_divide_a_layer_is_a_clear_error(make_tiny_model):
-    with pytest.raises(ValueError, match=r"does not divide the input dim 96 of layer role 'down'"):
+    with pytest.raises(ValueError, match=r"does not divide the model's intermediate_size=96, the input dim of layer role 'down'"):
         prepare_model(make_tiny_model("llama"), TransformConfig(), QuantConfig("mxfp4", None, block_size=64))
 
 
@@ -186,9 +187,9 @@ def test_an_architecture_with_no_adapter_is_a_clear_error():
 
 
 def test_preparing_a_model_twice_is_refused(make_tiny_model):
-    model = prepare_model(make_tiny_model("llama"), TransformConfig(), QuantConfig())
+    prepared = prepare_model(make_tiny_model("llama"), TransformConfig(), QuantConfig())
     with pytest.raises(ValueError, match="already prepared"):
-        prepare_model(model, TransformConfig(), QuantConfig())
+        prepare_model(prepared.model, TransformConfig(), QuantConfig())
 
 
 def test_load_model_without_hub_access_says_to_pass_a_local_path(tmp_path):
@@ -198,10 +199,8 @@ def test_load_model_without_hub_access_says_to_pass_a_local_path(tmp_path):
 
 def test_load_model_reads_a_local_directory(tmp_path, make_tiny_model, input_ids):
     original = make_tiny_model("qwen2")
-    original.save_pretrained(tmp_path)
-    vocab = {f"t{i}": i for i in range(128)} | {"[UNK]": 0}
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="[UNK]")))
-    tokenizer.save_pretrained(tmp_path)
+    build_tiny_checkpoint(tmp_path, model=original)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tmp_path)
     model, loaded_tokenizer = load_model(str(tmp_path), "float32", original.device)
     assert not model.training and loaded_tokenizer.vocab_size == tokenizer.vocab_size
     with torch.no_grad():

@@ -5,19 +5,10 @@ import copy
 import pytest
 import torch
 
-from latmix.fidelity import function_deviation
+from latmix.fidelity import logit_deviation
 from latmix.models import get_adapter, inject_channel_outliers
-from latmix.quantize import (
-    QuantConfig,
-    QuantLinear,
-    TransformConfig,
-    fp_deviation,
-    freeze_model,
-    prepare_model,
-    quantization_disabled,
-    set_quantization,
-    transforms_of,
-)
+from latmix.quantize import QuantLinear, freeze_model, prepare_model, quantization_disabled, set_quantization
+from latmix.settings import QuantConfig, TransformConfig
 
 ARCHITECTURES = ["llama", "llama_tied", "qwen2", "mistral", "llama_96"]
 # The full family x placement matrix runs on two architectures by default and on all under -m slow;
@@ -79,11 +70,11 @@ def _relative_error(logits: torch.Tensor, reference: torch.Tensor) -> float:
     return float((logits - reference).abs().max() / reference.abs().max())
 
 
-def _perturb_learnable_transforms(model, scale: float = 0.02) -> None:
+def _perturb_learnable_transforms(prepared, scale: float = 0.02) -> None:
     """Move every trainable transform parameter off its initialization (a generic, non-trivial point)."""
     generator = torch.Generator().manual_seed(7)
     with torch.no_grad():
-        for transform in transforms_of(model).values():
+        for transform in prepared.transforms.values():
             for param in transform.parameters():
                 if param.requires_grad:
                     param.add_(scale * torch.randn(param.shape, generator=generator))
@@ -93,10 +84,10 @@ def _perturb_learnable_transforms(model, scale: float = 0.02) -> None:
 def _assert_preserves_function(make_tiny_model, arch, placements, input_ids, **cfg):
     model = make_tiny_model(arch)
     reference = model(input_ids).logits
-    prepare_model(model, TransformConfig(placements, **cfg), QuantConfig())
-    _perturb_learnable_transforms(model)
+    prepared = prepare_model(model, TransformConfig(placements, **cfg), QuantConfig())
+    _perturb_learnable_transforms(prepared)
     assert _relative_error(model(input_ids).logits, reference) < 1e-5
-    freeze_model(model)
+    freeze_model(prepared)
     assert _relative_error(model(input_ids).logits, reference) < 1e-5
 
 
@@ -133,29 +124,31 @@ def test_residual_unties_tied_embeddings(make_tiny_model, input_ids):
 
 def test_attn_vo_shift_becomes_an_o_proj_bias_when_frozen(make_tiny_model, input_ids):
     model = make_tiny_model("llama")
-    prepare_model(model, TransformConfig({"attn_vo": FAMILIES["affine_qr_shift"]}), QuantConfig())
-    _perturb_learnable_transforms(model)
-    freeze_model(model)
+    prepared = prepare_model(model, TransformConfig({"attn_vo": FAMILIES["affine_qr_shift"]}), QuantConfig())
+    _perturb_learnable_transforms(prepared)
+    freeze_model(prepared)
     o_proj = get_adapter(model).attn_writer(get_adapter(model).layers()[0])
     assert o_proj.bias is not None and o_proj.bias.abs().max() > 0
 
 
 def test_transforms_are_named_stably_and_learnable_ones_train(make_tiny_model, input_ids):
     model = make_tiny_model("llama")
-    prepare_model(model, TransformConfig(LATMIX | {"pre_linear": FAMILIES["hadamard"]}, approximate=True), QuantConfig())
-    names = set(transforms_of(model))
+    prepared = prepare_model(
+        model, TransformConfig(LATMIX | {"pre_linear": FAMILIES["hadamard"]}, approximate=True), QuantConfig()
+    )
+    names = set(prepared.transforms)
     assert {"residual", "layers.0.attn_vo", "layers.1.down_proj", "layers.0.pre_linear_attn"} <= names
     assert "layers.1.pre_linear_mlp" in names
     model(input_ids).logits.pow(2).mean().backward()
     for name in ("residual", "layers.0.attn_vo", "layers.1.attn_vo"):
-        grads = [p.grad for p in transforms_of(model)[name].parameters()]
+        grads = [p.grad for p in prepared.transforms[name].parameters()]
         assert grads and all(g is not None and g.abs().sum() > 0 for g in grads), name
 
 
 def test_a_forward_builds_each_learnable_transform_once(make_tiny_model, input_ids):
     model = make_tiny_model("llama")
-    prepare_model(model, TransformConfig(LATMIX, approximate=True), QuantConfig("mxfp4", "mxfp4"))
-    blocks = transforms_of(model)["residual"].factors[0]
+    prepared = prepare_model(model, TransformConfig(LATMIX, approximate=True), QuantConfig("mxfp4", "mxfp4"))
+    blocks = prepared.transforms["residual"].factors[0]
     calls = []
     build = blocks.matrices
     blocks.matrices = lambda: calls.append("matrices") or build()
@@ -167,11 +160,11 @@ def test_a_forward_builds_each_learnable_transform_once(make_tiny_model, input_i
 
 def test_fixed_transforms_are_folded_at_once(make_tiny_model):
     model = make_tiny_model("llama")
-    prepare_model(model, TransformConfig(PRESETS["hadamard"]), QuantConfig("mxfp4", "mxfp4"))
+    prepared = prepare_model(model, TransformConfig(PRESETS["hadamard"]), QuantConfig("mxfp4", "mxfp4"))
     q_proj = get_adapter(model).attn_readers(get_adapter(model).layers()[0])[0]
     assert isinstance(q_proj, QuantLinear) and q_proj.frozen and len(q_proj.folded_in) == 0
     assert isinstance(model.model.embed_tokens, torch.nn.Embedding)
-    assert set(transforms_of(model)) == {f"layers.{i}.{p}" for i in range(2) for p in ("down_proj", "qk")}
+    assert set(prepared.transforms) == {f"layers.{i}.{p}" for i in range(2) for p in ("down_proj", "qk")}
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
@@ -362,15 +355,17 @@ def test_rotations_beat_identity_on_mlp_and_attn_vo_outliers_of_the_trained_tiny
 def test_approximate_residual_affine_deviates_slightly_and_reports_it(make_tiny_model, input_ids):
     original = make_tiny_model("llama")
     model = copy.deepcopy(original)
-    prepare_model(model, TransformConfig(LATMIX, approximate=True), QuantConfig("mxfp4", "mxfp4"), deviation_ids=input_ids)
-    assert model.latmix_fp_deviation["max_rel_logit_error"] < 1e-5  # T1 starts orthogonal (Hadamard)
+    prepared = prepare_model(
+        model, TransformConfig(LATMIX, approximate=True), QuantConfig("mxfp4", "mxfp4"), deviation_ids=input_ids
+    )
+    assert prepared.fp_deviation()["max_rel_logit_error"] < 1e-5  # T1 starts orthogonal (Hadamard)
 
-    residual = transforms_of(model)["residual"]
+    residual = prepared.transforms["residual"]
     residual.factors[0].log_scale.copy_(0.05 * torch.randn(residual.dim, generator=torch.Generator().manual_seed(3)))
     assert residual.condition_number() > 1.05
-    reported = fp_deviation(model)
+    reported = prepared.fp_deviation()
     with quantization_disabled(model):
-        measured = function_deviation(model, original, input_ids)
+        measured = logit_deviation(model(input_ids).logits, original(input_ids).logits, input_ids)
     assert 1e-4 < measured["max_rel_logit_error"] < 0.05
     assert 0 < measured["kl"] < 1e-2
     assert measured["ppl"] == pytest.approx(measured["ref_ppl"], rel=0.05)
