@@ -1,17 +1,30 @@
-"""Shared fixtures: tiny random Llama-family models built from configs (no download).
+"""Shared builders and fixtures: tiny random Llama-family models and checkpoints (no download).
 
 `make_tiny_model(name, seed=0)` builds one of TINY_CONFIGS in float32, eval mode, with randomized
 RMSNorm weights and biases (so norm folding and bias handling are exercised, not hidden by ones/zeros).
 head_dim is 32 everywhere so that per-head MX blocks of 32 fit.
+
+`build_tiny_checkpoint(path)` saves a random tiny Llama (or a given model) with a byte-level BPE
+tokenizer trained on the local text, as a hub model is saved: what run.py and load_model read.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+from latmix import local_tasks
 
 _COMMON = dict(
     vocab_size=128,
@@ -70,3 +83,35 @@ def tiny_llama() -> torch.nn.Module:
 @pytest.fixture
 def input_ids() -> torch.Tensor:
     return torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+CHECKPOINT_VOCAB = 384
+
+
+def build_tiny_checkpoint(path: Path, seed: int = 0, model: torch.nn.Module | None = None) -> Path:
+    """A random tiny Llama (or `model`) and a byte-level BPE tokenizer trained on the local text, saved like a hub model."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=CHECKPOINT_VOCAB,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train([str(local_tasks.text_path("heldout"))], trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>").save_pretrained(path)
+    if model is None:
+        torch.manual_seed(seed)
+        config = LlamaConfig(
+            vocab_size=CHECKPOINT_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
+            bos_token_id=0, eos_token_id=1, tie_word_embeddings=False,
+        )
+        model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"))

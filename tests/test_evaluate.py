@@ -3,44 +3,15 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from latmix import evaluate, local_tasks
+from latmix import evaluate, local_tasks, metrics
 from latmix.errors import ConfigError
-from latmix.evaluate import EvalSettings
-
-VOCAB = 384
-
-
-def build_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
-    """A random tiny Llama and a byte-level BPE tokenizer trained on the local text, saved like a hub model."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tokenizer.train([str(local_tasks.text_path("heldout"))], trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>").save_pretrained(path)
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, head_dim=32, max_position_embeddings=256, bos_token_id=0, eos_token_id=1,
-        tie_word_embeddings=False,
-    )
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"))
+from latmix.settings import EvalSettings
 
 
 class FixedLogits(torch.nn.Module):
@@ -95,14 +66,14 @@ def test_lm_eval_metric_keys_are_parsed():
 
 
 def test_averages_follow_the_papers():
-    tasks = {name: {"acc": 0.5} for name in evaluate.AVG8_TASKS + evaluate.AVG6_TASKS}
+    tasks = {name: {"acc": 0.5} for name in metrics.AVG8_TASKS + metrics.AVG6_TASKS}
     tasks["hellaswag"] = {"acc": 0.4, "acc_norm": 0.6}  # acc_norm where it exists
-    averages = evaluate.averages(tasks)
+    averages = metrics.averages(tasks)
     assert averages["avg6"] == pytest.approx((5 * 0.5 + 0.6) / 6)
     assert averages["avg8"] == pytest.approx((7 * 0.5 + 0.6) / 8)
     del tasks["lambada_openai"]
-    assert evaluate.averages(tasks)["avg6"] is None  # never an average over a partial suite
-    assert evaluate.averages(tasks)["avg8"] is not None
+    assert metrics.averages(tasks)["avg6"] is None  # never an average over a partial suite
+    assert metrics.averages(tasks)["avg8"] is not None
 
 
 def test_wikitext_without_network_says_to_use_local_evaluation(monkeypatch):

@@ -16,29 +16,24 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-from test_evaluate import build_tiny_checkpoint
+from wandb_offline import read_offline_run
 
-from latmix import record, tracking
+from latmix import record
 from latmix.experiment import run
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = {"load", "transform", "calibrate", "quantize", "evaluate", "total"}
 
 
-def shrunk(checkpoint: Path, results_dir: Path) -> list[str]:
+def shrunk(tiny_checkpoint: Path, results_dir: Path) -> list[str]:
     """Overrides that keep the pipeline whole but make it take seconds on a random tiny model."""
     return [
-        f"model.name_or_path={checkpoint}",
+        f"model.name_or_path={tiny_checkpoint}",
         f"paths.results_dir={results_dir}",
         "quant.weight_quantizer=rtn",
         "calib.n_samples=4", "calib.seq_len=64", "calib.batch_size=2", "calib.steps=2",
         "eval=quick", "eval.max_seq_len=256", "eval.max_ppl_tokens=512", "eval.limit=4",
     ]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture
@@ -53,8 +48,8 @@ def compose_run(*overrides: str):
 
 
 @pytest.mark.slow
-def test_one_run_writes_a_valid_record_then_skips_then_reruns_when_forced(checkpoint, tmp_path, caplog):
-    overrides = [*shrunk(checkpoint, tmp_path), "logger=none"]
+def test_one_run_writes_a_valid_record_then_skips_then_reruns_when_forced(tiny_checkpoint, tmp_path, caplog):
+    overrides = [*shrunk(tiny_checkpoint, tmp_path), "logger=none"]
     rec = run(compose_run(*overrides))
 
     path = record.record_path(tmp_path, rec["run_id"])
@@ -80,8 +75,8 @@ def test_one_run_writes_a_valid_record_then_skips_then_reruns_when_forced(checkp
 
 
 @pytest.mark.slow
-def test_a_corrupted_record_is_replaced_by_a_rerun(checkpoint, tmp_path):
-    overrides = [*shrunk(checkpoint, tmp_path), "logger=none", "transform=identity"]
+def test_a_corrupted_record_is_replaced_by_a_rerun(tiny_checkpoint, tmp_path):
+    overrides = [*shrunk(tiny_checkpoint, tmp_path), "logger=none", "transform=identity"]
     rid = record.run_id(OmegaConf.to_container(compose_run(*overrides), resolve=True))
     path = record.record_path(tmp_path, rid)
     path.parent.mkdir(parents=True)
@@ -91,16 +86,16 @@ def test_a_corrupted_record_is_replaced_by_a_rerun(checkpoint, tmp_path):
 
 
 @pytest.mark.slow
-def test_an_offline_wandb_run_holds_the_records_metrics(checkpoint, tmp_path, offline_wandb):
+def test_an_offline_wandb_run_holds_the_records_metrics(tiny_checkpoint, tmp_path, offline_wandb):
     import wandb
 
-    rec = run(compose_run(*shrunk(checkpoint, tmp_path), "transform=hadamard"))
+    rec = run(compose_run(*shrunk(tiny_checkpoint, tmp_path), "transform=hadamard"))
     # The .wandb file is written by wandb's service process: stop it so everything it holds is on disk
     # (offline summaries have gone missing before that: wandb/wandb#7227; failed once here too).
     wandb.teardown()
     run_dirs = list((tmp_path / "wandb" / "wandb").glob("offline-run-*"))
     assert len(run_dirs) == 1
-    logged = tracking.read_offline_run(run_dirs[0])
+    logged = read_offline_run(run_dirs[0])
     assert logged["summary"]["metrics/ppl/heldout"] == pytest.approx(rec["metrics"]["ppl"]["heldout"])
     assert logged["summary"]["timing/total"] == pytest.approx(rec["timing"]["total"])
     assert logged["config"]["run_id"] == rec["run_id"]
@@ -108,14 +103,14 @@ def test_an_offline_wandb_run_holds_the_records_metrics(checkpoint, tmp_path, of
 
 
 @pytest.mark.slow
-def test_a_wandb_failure_never_loses_the_run(checkpoint, tmp_path, monkeypatch):
+def test_a_wandb_failure_never_loses_the_run(tiny_checkpoint, tmp_path, monkeypatch):
     import wandb
 
     def unreachable(**_kwargs):
         raise ConnectionError("api.wandb.ai unreachable")
 
     monkeypatch.setattr(wandb, "init", unreachable)
-    rec = run(compose_run(*shrunk(checkpoint, tmp_path), "transform=identity", "logger.mode=online"))
+    rec = run(compose_run(*shrunk(tiny_checkpoint, tmp_path), "transform=identity", "logger.mode=online"))
     assert record.read_record(record.record_path(tmp_path, rec["run_id"]))["transform"] == "identity"
 
 
@@ -127,9 +122,9 @@ def cli(*args: str, cwd: Path = ROOT, timeout: int = 900) -> subprocess.Complete
 
 
 @pytest.mark.slow
-def test_an_offloaded_layer_wise_run_records_what_the_resident_run_records(checkpoint, tmp_path):
+def test_an_offloaded_layer_wise_run_records_what_the_resident_run_records(tiny_checkpoint, tmp_path):
     overrides = [
-        *shrunk(checkpoint, tmp_path), "logger=none", "transform=flatquant", "quant.weight_quantizer=gptq",
+        *shrunk(tiny_checkpoint, tmp_path), "logger=none", "transform=flatquant", "quant.weight_quantizer=gptq",
     ]
     resident = run(compose_run(*overrides))
     offloaded = run(compose_run(*overrides, "calib.offload=true"))
@@ -161,8 +156,8 @@ def test_learned_block_affine_maps_beat_block_hadamard_on_the_embedded_outlier_m
 
 
 @pytest.mark.slow
-def test_a_sweep_over_three_transforms_writes_three_records_and_a_three_row_table(checkpoint, tmp_path):
-    out = cli(str(ROOT / "run.py"), "-m", *shrunk(checkpoint, tmp_path), "logger=none",
+def test_a_sweep_over_three_transforms_writes_three_records_and_a_three_row_table(tiny_checkpoint, tmp_path):
+    out = cli(str(ROOT / "run.py"), "-m", *shrunk(tiny_checkpoint, tmp_path), "logger=none",
               "transform=identity,hadamard,affine", "hydra/launcher=local", f"hydra.sweep.dir={tmp_path}/sweep")
     assert out.returncode == 0, out.stderr[-3000:]
     records = [r for r in record.iter_records(tmp_path) if isinstance(r, dict)]

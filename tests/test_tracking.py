@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+from wandb_offline import read_offline_run
 
 from latmix import tracking
 
@@ -52,7 +53,7 @@ def test_an_offline_run_holds_summary_config_group_and_tags(no_credentials, tmp_
     tracker.log_summary({"metrics": {"ppl": {"heldout": 12.5}}, "run_id": "abc"})
     tracker.finish()
 
-    logged = tracking.read_offline_run(run_dir)
+    logged = read_offline_run(run_dir)
     assert logged["summary"]["metrics/ppl/heldout"] == 12.5
     assert logged["summary"]["run_id"] == "abc"
     assert logged["summary"]["calibration/loss"] == 0.5
