@@ -116,18 +116,6 @@ def mx_rounder(fmt: MXFormat | str, tensor_amax: torch.Tensor | float) -> Column
     return fix_block
 
 
-def hessian(inputs: torch.Tensor) -> torch.Tensor:
-    """H = 2/n X^T X over the rows of inputs (..., in), in float32 (GPTQ's scaling; damping is relative)."""
-    X = inputs.reshape(-1, inputs.shape[-1]).to(torch.float32)
-    return 2.0 / X.shape[0] * X.T @ X
-
-
-def layer_output_error(W: torch.Tensor, W_q: torch.Tensor, inputs: torch.Tensor) -> float:
-    """Mean squared error of the layer outputs, ||X (W - W_q)^T||^2 / numel."""
-    X = inputs.reshape(-1, inputs.shape[-1]).to(torch.float32)
-    return float((X @ (W.float() - W_q.float()).T).pow(2).mean())
-
-
 class _HessianAccumulator:
     """Running H = 2/n X^T X of one linear's operand, as the quantized model feeds it (GPTQ's add_batch)."""
 

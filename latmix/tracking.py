@@ -141,10 +141,6 @@ class Tracker:
         self.run.finish()
         self.run = None
 
-    @property
-    def run_dir(self) -> Path | None:
-        return Path(self.run.dir).parent if self.run is not None else None
-
 
 def _number(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) else float("nan")

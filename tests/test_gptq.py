@@ -5,10 +5,22 @@ import torch
 
 from latmix.fidelity import Reference, deviation
 from latmix.formats import get_format
-from latmix.gptq import gptq_quantize_model, gptq_quantize_weight, hessian, layer_output_error, mx_rounder
+from latmix.gptq import gptq_quantize_model, gptq_quantize_weight, mx_rounder
 from latmix.mx import quantize
 from latmix.quantize import QuantLinear, prepare_model, set_quantization
 from latmix.settings import QuantConfig, TransformConfig
+
+
+def hessian(inputs: torch.Tensor) -> torch.Tensor:
+    """H = 2/n X^T X over the rows of inputs (..., in), in float32: what GPTQ accumulates for a linear."""
+    X = inputs.reshape(-1, inputs.shape[-1]).to(torch.float32)
+    return 2.0 / X.shape[0] * X.T @ X
+
+
+def layer_output_error(W: torch.Tensor, W_q: torch.Tensor, inputs: torch.Tensor) -> float:
+    """Mean squared error of the layer outputs, ||X (W - W_q)^T||^2 / numel."""
+    X = inputs.reshape(-1, inputs.shape[-1]).to(torch.float32)
+    return float((X @ (W.float() - W_q.float()).T).pow(2).mean())
 
 
 def correlated_inputs(tokens: int, d: int, seed: int) -> torch.Tensor:

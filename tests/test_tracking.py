@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 from wandb_offline import read_offline_run
@@ -47,7 +48,7 @@ def test_config_is_flattened_into_columns():
 def test_an_offline_run_holds_summary_config_group_and_tags(no_credentials, tmp_path):
     tracker = tracking.Tracker("auto", "latmix-test", None, tmp_path / "wandb")
     tracker.start("tiny-mxfp4-affine-s0", {"quant": {"block_size": 32}, "seed": 0}, "sweep-1", ["tiny", "affine"])
-    run_dir = tracker.run_dir
+    run_dir = Path(tracker.run.dir).parent  # the offline run's folder, where its .wandb file goes
     tracker.log_step({"step": 1, "loss": 0.5})
     tracker.log_calibration([{"layer": "layers.0.q", "loss_before": 2.0, "loss_after": 1.0, "bound_after": 0.5}])
     tracker.log_summary({"metrics": {"ppl": {"heldout": 12.5}}, "run_id": "abc"})

@@ -61,15 +61,7 @@ from latmix.calibrate.trainer import (
     trainable,
 )
 from latmix.losses import block_mse, bound_loss, next_token_kl, volume_regularizer
-from latmix.models import (
-    block_index,
-    block_inputs,
-    block_output,
-    decoder_layers,
-    gradient_checkpointing,
-    input_device,
-    run_block,
-)
+from latmix.models import blocks
 from latmix.offload import resident
 from latmix.quantize import PreparedModel, freeze_model
 from latmix.settings import CalibConfig, OptimConfig
@@ -127,9 +119,9 @@ class _Calibration:
 
 def _end_to_end_loss(run: _Calibration, ids: torch.Tensor, transforms: list[Transform]) -> torch.Tensor:
     model, cfg = run.model, run.cfg
-    device = input_device(model)
+    device = blocks.input_device(model)
     with torch.no_grad():
-        ref_logits = run.fp_model(ids.to(input_device(run.fp_model))).logits.to(device)
+        ref_logits = run.fp_model(ids.to(blocks.input_device(run.fp_model))).logits.to(device)
     if cfg.objective == "bound":
         with captured_operands(run.points) as operands, autocast(cfg, device):
             model(ids.to(device), use_cache=False)
@@ -153,7 +145,7 @@ def _run_end_to_end(run: _Calibration) -> tuple[int, list[str]]:
         set_rng_state(run.resume["rng"])
         start = run.resume["step"]
     progress = tqdm(range(start, total), desc="calibrate end_to_end", initial=start, total=total, leave=False)
-    with gradient_checkpointing(model, cfg.grad_checkpointing), finite_guard(model, trainer.params):
+    with blocks.gradient_checkpointing(model, cfg.grad_checkpointing), finite_guard(model, trainer.params):
         for step in progress:
             ids = calib_ids[batch_indices(cfg, calib_ids.shape[0], step)]
             with matrices_built_once(learned):
@@ -187,7 +179,7 @@ def _layer_wise_loss(
         loss = bound_loss(operands)
     else:
         with autocast(cfg, x.device):
-            loss = block_mse(block_output(block(x, **kwargs)), target)
+            loss = block_mse(blocks.block_output(block(x, **kwargs)), target)
     return loss + cfg.reg_weight * volume_regularizer(transforms).to(loss.device)
 
 
@@ -220,9 +212,9 @@ def _run_layer_wise(run: _Calibration) -> tuple[int, list[str], dict[int, float]
     residual = transforms.get("residual")
     if residual is not None:
         residual.requires_grad_(False)
-    layers, fp_layers = decoder_layers(model), decoder_layers(fp_model)
-    x_q, kwargs = block_inputs(model, run.calib_ids)
-    x_fp, fp_kwargs = block_inputs(fp_model, run.calib_ids)
+    layers, fp_layers = blocks.decoder_layers(model), blocks.decoder_layers(fp_model)
+    x_q, kwargs = blocks.block_inputs(model, run.calib_ids)
+    x_fp, fp_kwargs = blocks.block_inputs(fp_model, run.calib_ids)
     first, steps_done, rolled_back, seconds = 0, 0, [], {}
     if run.resume is not None:
         first, steps_done = run.resume["block"], run.resume["steps_done"]
@@ -233,10 +225,10 @@ def _run_layer_wise(run: _Calibration) -> tuple[int, list[str], dict[int, float]
     for i in tqdm(range(len(layers)), desc="calibrate layer_wise", leave=False):
         block = layers[i]
         with resident(fp_model, fp_layers[i]):
-            x_fp = run_block(fp_layers[i], x_fp, fp_kwargs, cfg.batch_size)
+            x_fp = blocks.run_block(fp_layers[i], x_fp, fp_kwargs, cfg.batch_size)
         with torch.no_grad():
             target = x_fp if residual is None else residual(x_fp)
-        block_groups = {o: ps for o, ps in groups.items() if block_index(o) == i and o not in rolled_back}
+        block_groups = {o: ps for o, ps in groups.items() if blocks.block_index(o) == i and o not in rolled_back}
         with run.prepared.resident(block):
             if i >= first and block_groups:
                 started = time.perf_counter()
@@ -247,7 +239,7 @@ def _run_layer_wise(run: _Calibration) -> tuple[int, list[str], dict[int, float]
                 rolled_back += trainer.rolled_back
                 steps_done += total
                 seconds[i] = time.perf_counter() - started
-            x_q = run_block(block, x_q, kwargs, cfg.batch_size)
+            x_q = blocks.run_block(block, x_q, kwargs, cfg.batch_size)
         if i >= first and run.checkpoints.enabled:
             run.checkpoints.save(
                 {
