@@ -52,6 +52,11 @@ TRANSFORM_FAMILIES: dict[str, frozenset[str]] = {
     ),
 }
 ORTHOGONAL_FAMILIES = ("identity", "hadamard", "block_hadamard", "rotation")
+# The named values of those kwargs: where a learnable map starts, how an affine map is parametrized
+# (a block_diag or kronecker map's blocks or factors are each one of FACTOR_PARAMETRIZATIONS).
+INITS = ("identity", "hadamard", "block_hadamard", "random")
+AFFINE_PARAMETRIZATIONS = ("qr", "lu", "svd", "kronecker", "block_diag")
+FACTOR_PARAMETRIZATIONS = ("qr", "lu", "svd")
 
 # calib
 MODES = ("end_to_end", "layer_wise", "none")
@@ -274,6 +279,9 @@ def _validated_spec(placement: str, spec: Mapping | None) -> dict | None:
         raise ValueError(
             f"placement {placement}: family {family} does not take {sorted(unknown)}; it accepts {sorted(accepted)}"
         )
+    for key, choices in (("init", INITS), ("parametrization", AFFINE_PARAMETRIZATIONS), ("factor", FACTOR_PARAMETRIZATIONS)):
+        if key in spec:
+            check_choice(f"placement {placement}: {key}", spec[key], choices)
     if "kron_factors" in spec and spec["kron_factors"] is not None:
         spec["kron_factors"] = tuple(spec["kron_factors"])
     if placement == "residual" and spec.get("shift"):

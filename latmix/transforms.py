@@ -23,10 +23,9 @@ from latmix.hadamard import (
     is_hadamard_size,
     small_hadamard_factor,
 )
+from latmix.settings import AFFINE_PARAMETRIZATIONS, FACTOR_PARAMETRIZATIONS, INITS
 
 __all__ = [
-    "AFFINE_PARAMETRIZATIONS",
-    "INITS",
     "TRANSFORMS",
     "Affine",
     "BlockHadamard",
@@ -40,11 +39,6 @@ __all__ = [
     "random_orthogonal",
     "transform_kwargs",
 ]
-
-INITS = ("identity", "hadamard", "block_hadamard", "random")
-AFFINE_PARAMETRIZATIONS = ("qr", "lu", "svd", "kronecker", "block_diag")
-_FACTOR_PARAMETRIZATIONS = ("qr", "lu", "svd")
-
 
 _matrix_cache: dict[tuple[int, str], list[torch.Tensor]] | None = None
 
@@ -293,8 +287,8 @@ class _InvertibleBlocks(nn.Module):
 
     def __init__(self, parametrization: str, start: torch.Tensor) -> None:
         super().__init__()
-        if parametrization not in _FACTOR_PARAMETRIZATIONS:
-            raise ValueError(f"unknown factor parametrization {parametrization!r}; choose {_FACTOR_PARAMETRIZATIONS}")
+        if parametrization not in FACTOR_PARAMETRIZATIONS:
+            raise ValueError(f"unknown factor parametrization {parametrization!r}; choose {FACTOR_PARAMETRIZATIONS}")
         self.parametrization = parametrization
         n, s, _ = start.shape
         zeros_square = torch.zeros(n, s, s)

@@ -155,6 +155,8 @@ def test_quant_config_rejects_bad_input(kwargs, message):
         ({"residual": {"family": "affine"}}, False, "approximate: true"),
         ({"residual": {"family": "affine", "shift": True}}, True, "no shift"),
         ({"qk": {"family": "affine"}}, False, "orthogonal family"),
+        ({"attn_vo": {"family": "affine", "init": "hadamrd"}}, False, "init='hadamrd' is not supported"),
+        ({"down_proj": {"family": "affine", "parametrization": "block_diag", "factor": "qq"}}, False, "factor='qq'"),
     ],
 )
 def test_transform_config_rejects_bad_input(placements, approximate, message):

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from latmix.settings import AFFINE_PARAMETRIZATIONS
 from latmix.transforms import (
-    AFFINE_PARAMETRIZATIONS,
     TRANSFORMS,
     Affine,
     BlockHadamard,

@@ -5,6 +5,7 @@ blocks      decoder blocks: their inputs, their output format, running one, chec
 attention   latmix's step inside transformers' attention (q/k rotation and KV quantization)
 loading     the config, the model and the tokenizer from a local path or the hub
 outliers    the outlier-injection reparametrization (a synthetic stress test)
+cache       checkpoints built once from a pinned package (SmolLM2-135M), verified on use
 """
 
 from latmix.models.adapter import ADAPTERS, LINEAR_ROLES, LlamaFamilyAdapter, get_adapter, model_dimensions
