@@ -31,7 +31,7 @@ from latmix.evaluate import EvalResult, evaluate
 from latmix.gptq import gptq_quantize_model
 from latmix.hooks import Hooks
 from latmix.models import get_adapter, inject_channel_outliers, load_config, load_model, model_dimensions
-from latmix.models.cache import cached_model
+from latmix.models.cache import cached_model, record_entry
 from latmix.offload import offload_blocks
 from latmix.quantize import QuantLinear, prepare_model, set_quantization
 from latmix.settings import Experiment
@@ -102,9 +102,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_model_checked(exp: Experiment, device: torch.device) -> tuple[torch.nn.Module, Any]:
+def model_source(exp: Experiment) -> tuple[str, dict[str, Any]]:
+    """(what from_pretrained loads, the record's model section): a cached model names its manifest."""
+    if exp.model.cache is None:
+        return exp.model.name_or_path, {"name": exp.model.name, "name_or_path": exp.model.name_or_path}
+    path, manifest = cached_model(exp.model.cache)
+    return str(path), {"name": exp.model.name, **record_entry(manifest)}
+
+
+def load_model_checked(exp: Experiment, device: torch.device, name: str) -> tuple[torch.nn.Module, Any]:
     """Load the model after checking its dimensions against the block sizes; hub failures -> ConfigError."""
-    name = exp.model.name_or_path if exp.model.cache is None else str(cached_model(exp.model.cache)[0])
     model_config = load_config(name, trust_remote_code=exp.model.trust_remote_code)
     exp.quant.check_dimensions(*model_dimensions(model_config))
     # An offloaded model is loaded into CPU memory; offload_blocks then moves what stays on the device.
@@ -153,6 +160,7 @@ def build_record(
     fidelity: dict[str, Any],
     timing: dict[str, float],
     device: torch.device,
+    source: dict[str, Any],
 ) -> dict[str, Any]:
     return {
         "schema_version": record.SCHEMA_VERSION,
@@ -161,6 +169,7 @@ def build_record(
         "git_sha": record.git_sha(),
         "config": resolved,
         "model": exp.model.name,
+        "model_source": source,
         "quant": exp.quant_name,
         "transform": exp.transform_name,
         "weight_quantizer": exp.quant.weight_quantizer,
@@ -225,7 +234,8 @@ def execute(
     start = time.perf_counter()
 
     with timer.stage("load"), settings_errors("model / calib data"):
-        model, tokenizer = load_model_checked(exp, device)
+        name, source = model_source(exp)
+        model, tokenizer = load_model_checked(exp, device, name)
         if exp.model.outliers is not None:
             inject_channel_outliers(model, **exp.model.outliers)
         fp_model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -268,7 +278,7 @@ def execute(
         evaluation = evaluate(model, tokenizer, exp.eval)
 
     timer.seconds["total"] = round(time.perf_counter() - start, 3)
-    rec = build_record(exp, resolved, rid, evaluation, calibration, fidelity, timer.seconds, device)
+    rec = build_record(exp, resolved, rid, evaluation, calibration, fidelity, timer.seconds, device, source)
     output_dir = hydra_output_dir() or exp.results_dir / "outputs" / rid
     return rec, save_figures(acts_before, acts_after, calibration["per_layer"], output_dir)
 
