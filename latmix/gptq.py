@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from latmix.formats import MXFormat, get_format
 from latmix.hooks import Hooks
 from latmix.models import block_inputs, decoder_layers, run_block
-from latmix.mx import quantize
+from latmix.mx import fixed_scale_rounder
 from latmix.quantize import PreparedModel, QuantLinear
 from latmix.settings import GPTQSettings, QuantConfig
 
@@ -77,57 +77,86 @@ def gptq_quantize_weight(
     lazy = max(LAZY_BATCH // block_size, 1) * block_size
     for start in range(0, in_features, lazy):
         stop = min(start + lazy, in_features)
-        W1, Hinv1 = W[:, start:stop].clone(), Hinv[start:stop, start:stop]
-        errors = torch.zeros_like(W1)
+        # The lazy batch transposed, (columns, out): each column is a contiguous row, so rounding and the
+        # error update touch contiguous memory (the same arithmetic as on column slices, bit for bit).
+        W1, Hinv1 = W[:, start:stop].T.contiguous(), Hinv[start:stop, start:stop]
+        Q1, errors = torch.zeros_like(W1), torch.zeros_like(W1)
         round_column = None
         for i in range(stop - start):
             if i % block_size == 0:
-                round_column = rounder(W1[:, i : i + block_size])
-            q = round_column(W1[:, i])
-            Q[:, start + i] = q
-            err = (W1[:, i] - q) / Hinv1[i, i]
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-            errors[:, i] = err
-        W[:, stop:] -= errors @ Hinv[start:stop, stop:]
+                round_column = rounder(W1[i : i + block_size].T)
+            Q1[i] = round_column(W1[i])
+            errors[i] = (W1[i] - Q1[i]) / Hinv1[i, i]
+            W1[i:] -= Hinv1[i, i:, None] * errors[i][None, :]
+        Q[:, start:stop] = Q1.T
+        W[:, stop:] -= errors.T @ Hinv[start:stop, stop:]
     return Q[:, order.argsort()]
 
 
 def mx_rounder(fmt: MXFormat | str, tensor_amax: torch.Tensor | float) -> ColumnRounder:
     """The MX quantizer as a GPTQ rounder: one shared scale per (row, block), fixed at block start.
 
-    Rounding with a fixed scale is done by the one quantizer itself: each value is paired with its
-    block's amax (taken when the block starts) in a two-element block, so the pair's scale is the
-    block's by construction; values that grew past that amax under error feedback are clipped to it.
-    One extra pair carries the weight's tensor amax, which fixes NVFP4's FP32 tensor scale.
+    When a block starts, its per-row scale is computed once from the block's current (error-updated)
+    row maxima, exactly as `latmix.mx.quantize` computes it (E8M0 power of two, or NVFP4's E4M3 block
+    scale with the FP32 tensor scale of max(tensor_amax, the block's row maxima)); each column is then
+    rounded elementwise with it (`mx.fixed_scale_rounder`), values that grew past their row's amax
+    under error feedback clipped to it. tests/test_gptq.py holds it bit-identical to quantizing each
+    value with the full quantizer in a two-element block beside its row's amax.
     """
     fmt = get_format(fmt)
 
     def fix_block(block: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        amax = block.abs().amax(dim=1)
-        anchor = torch.tensor([[float(tensor_amax), 0.0]], dtype=block.dtype, device=block.device)
-
-        def round_column(column: torch.Tensor) -> torch.Tensor:
-            clipped = torch.maximum(torch.minimum(column, amax), -amax)
-            pairs = torch.cat([torch.stack([clipped, amax], dim=-1), anchor])
-            return quantize(pairs, fmt, block_size=2)[:-1, 0]
-
-        return round_column
+        return fixed_scale_rounder(fmt, block.abs().amax(dim=1), tensor_amax)
 
     return fix_block
 
 
 class _HessianAccumulator:
-    """Running H = 2/n X^T X of one linear's operand, as the quantized model feeds it (GPTQ's add_batch)."""
+    """Running H = 2/n X^T X of one operand, as the quantized model feeds it (GPTQ's add_batch)."""
 
-    def __init__(self, linear: QuantLinear) -> None:
-        self.H = torch.zeros(linear.in_features, linear.in_features, device=linear.weight.device)
+    def __init__(self, in_features: int, device: torch.device) -> None:
+        self.H = torch.zeros(in_features, in_features, device=device)
         self.rows = 0
 
-    def __call__(self, module: QuantLinear, args: tuple) -> None:
-        X = module.gemm_input(args[0]).reshape(-1, module.in_features).float()
+    def add(self, X: torch.Tensor) -> None:
+        X = X.reshape(-1, X.shape[-1]).float()
         total = self.rows + X.shape[0]
         self.H.mul_(self.rows / total).add_(X.T @ X, alpha=2.0 / total)
         self.rows = total
+
+
+def _operand_key(linear: QuantLinear) -> tuple:
+    """Linears with equal keys turn one input tensor into the same GEMM operand (q/k/v; gate/up)."""
+    clip = None if linear.act_clip is None else id(linear)
+    fmt = None if linear.act_format is None else linear.act_format.name
+    online = tuple(id(t) for t in linear.online_in)
+    return linear.in_features, online, fmt, linear.act_block_size, linear.quantize_acts, clip
+
+
+class _SharedHessians:
+    """Forward pre-hooks that accumulate one Hessian per distinct operand of a block.
+
+    Linears that read the same input tensor through the same online maps and activation quantizer
+    (q/k/v; gate/up) have identical Hessians: the first computes it, the others share its accumulator.
+    """
+
+    def __init__(self) -> None:
+        self.of: dict[int, _HessianAccumulator] = {}
+        self._last: dict[tuple, tuple[torch.Tensor, _HessianAccumulator]] = {}
+
+    def hook(self, module: QuantLinear, args: tuple) -> None:
+        x, key = args[0], _operand_key(module)
+        last = self._last.get(key)
+        if last is not None and last[0] is x:
+            if self.of.setdefault(id(module), last[1]) is not last[1]:
+                raise RuntimeError("GPTQ Hessian sharing: a linear changed the operand it shares between batches")
+            return
+        acc = self.of.get(id(module))
+        if acc is None:
+            acc = self.of[id(module)] = _HessianAccumulator(module.in_features, module.weight.device)
+        acc.add(module.gemm_input(x))
+        # Holding x keeps its id from being reused by a later tensor.
+        self._last[key] = (x, acc)
 
 
 @torch.no_grad()
@@ -164,15 +193,14 @@ def _gptq_block(
 ) -> None:
     """GPTQ the weight-quantized linears of one block, from the Hessians of its inputs `hidden`."""
     linears = [m for m in block.modules() if isinstance(m, QuantLinear) and m.weight_format is not None]
-    accumulators = [_HessianAccumulator(m) for m in linears]
+    hessians = _SharedHessians()
     with Hooks() as hooks:
-        for linear, accumulator in zip(linears, accumulators, strict=True):
-            hooks.pre(linear, accumulator)
+        for linear in linears:
+            hooks.pre(linear, hessians.hook)
         run_block(block, hidden, kwargs, batch_size)
-    for linear, acc in zip(linears, accumulators, strict=True):
+    for linear in linears:
         weight, _ = linear.effective_weight_and_bias()
         block_size = linear.weight_block_size or linear.weight_format.default_block_size
         rounder = mx_rounder(linear.weight_format, weight.abs().max())
-        linear.set_weight(
-            gptq_quantize_weight(weight, acc.H, block_size, rounder, settings.damp, settings.act_order)
-        )
+        H = hessians.of[id(linear)].H
+        linear.set_weight(gptq_quantize_weight(weight, H, block_size, rounder, settings.damp, settings.act_order))

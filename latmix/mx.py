@@ -54,7 +54,7 @@ from torch import Tensor
 
 from latmix.formats import ELEMENT_FORMATS, ElementFormat, MXFormat, get_format
 
-__all__ = ["quantize"]
+__all__ = ["fixed_scale_rounder", "quantize"]
 
 # E8M0 encodes 2^-127 .. 2^127; its one remaining code, 0xFF, is NaN.
 E8M0_MIN_EXP = -127
@@ -109,28 +109,49 @@ def _round_to_element(values: Tensor, element: ElementFormat) -> Tensor:
     return torch.copysign(rounded.clamp(max=element.max_normal), values)
 
 
+def _e8m0_exponent(block_amax: Tensor, element: ElementFormat) -> Tensor:
+    """The shared E8M0 exponent floor(log2(amax)) - emax_elem of blocks whose max magnitude is block_amax."""
+    return (_floor_log2(block_amax) - element.emax).clamp(E8M0_MIN_EXP, E8M0_MAX_EXP)
+
+
+def _round_e8m0(values: Tensor, finite: Tensor, down: Tensor, up: Tensor, element: ElementFormat) -> Tensor:
+    """Round values with given E8M0 scales, down = 2^-e and up = 2^e (broadcast); NaN where not finite."""
+    dequantized = _round_to_element(values * down, element) * up
+    return torch.where(finite, dequantized, math.nan)
+
+
 def _fake_quantize_e8m0(blocks: Tensor, element: ElementFormat) -> Tensor:
     """OCP MX: one power-of-two scale per block (last dim) from the block's max magnitude."""
     block_amax = blocks.abs().amax(dim=-1, keepdim=True)
-    shared_exponent = (_floor_log2(block_amax) - element.emax).clamp(E8M0_MIN_EXP, E8M0_MAX_EXP)
-    scaled = blocks * _exp2(-shared_exponent)
-    dequantized = _round_to_element(scaled, element) * _exp2(shared_exponent)
-    return torch.where(block_amax.isfinite(), dequantized, math.nan)
+    shared_exponent = _e8m0_exponent(block_amax, element)
+    return _round_e8m0(blocks, block_amax.isfinite(), _exp2(-shared_exponent), _exp2(shared_exponent), element)
+
+
+def _nvfp4_scales(tensor_amax: Tensor, block_amax: Tensor, element: ElementFormat) -> tuple[Tensor, Tensor]:
+    """(FP32 tensor scale, E4M3 block scale) of NVFP4 from the tensor's and the blocks' max magnitudes."""
+    scale_element = ELEMENT_FORMATS["fp8_e4m3"]
+    tensor_scale = tensor_amax / (element.max_normal * scale_element.max_normal)
+    # An all-zero tensor has a zero tensor scale; any positive one keeps its zeros zero.
+    tensor_scale = torch.where(tensor_amax > 0, tensor_scale, 1.0)
+    wanted_block_scale = (block_amax / element.max_normal / tensor_scale).clamp(min=scale_element.min_normal)
+    return tensor_scale, _round_to_element(wanted_block_scale, scale_element)
+
+
+def _round_nvfp4(
+    values: Tensor, tensor_amax: Tensor, tensor_scale: Tensor, block_scale: Tensor, element: ElementFormat
+) -> Tensor:
+    """Round values with given NVFP4 scales (block_scale broadcast against them)."""
+    scaled = values * ((1.0 / tensor_scale) / block_scale)
+    dequantized = _round_to_element(scaled, element) * (tensor_scale * block_scale)
+    return torch.where(tensor_amax.isfinite(), dequantized, math.nan)
 
 
 def _fake_quantize_nvfp4(blocks: Tensor, element: ElementFormat) -> Tensor:
     """NVFP4 as torchao's nvfp4_quantize with per_tensor_scale = amax / (elem max * E4M3 max)."""
-    scale_element = ELEMENT_FORMATS["fp8_e4m3"]
     tensor_amax = blocks.abs().amax()
-    tensor_scale = tensor_amax / (element.max_normal * scale_element.max_normal)
-    # An all-zero tensor has a zero tensor scale; any positive one keeps its zeros zero.
-    tensor_scale = torch.where(tensor_amax > 0, tensor_scale, 1.0)
     block_amax = blocks.abs().amax(dim=-1, keepdim=True)
-    wanted_block_scale = (block_amax / element.max_normal / tensor_scale).clamp(min=scale_element.min_normal)
-    block_scale = _round_to_element(wanted_block_scale, scale_element)
-    scaled = blocks * ((1.0 / tensor_scale) / block_scale)
-    dequantized = _round_to_element(scaled, element) * (tensor_scale * block_scale)
-    return torch.where(tensor_amax.isfinite(), dequantized, math.nan)
+    tensor_scale, block_scale = _nvfp4_scales(tensor_amax, block_amax, element)
+    return _round_nvfp4(blocks, tensor_amax, tensor_scale, block_scale, element)
 
 
 def _fake_quantize_blocks(blocks: Tensor, fmt: MXFormat) -> Tensor:
@@ -259,3 +280,42 @@ def quantize(
 
     dequantized = _StraightThroughQuantize.apply(blocks, mx_format)
     return dequantized.reshape(along_last.shape)[..., :length].movedim(-1, dim).to(x.dtype)
+
+
+def fixed_scale_rounder(
+    fmt: str | MXFormat, block_amax: Tensor, tensor_amax: Tensor | float | None = None
+) -> Callable[[Tensor], Tensor]:
+    """Round values elementwise with scales fixed once, as `quantize` sets them for blocks of that max.
+
+    block_amax (any shape) holds the max magnitude of each value's block; the returned function takes
+    values of that shape, clips them to +-block_amax and rounds them exactly as `quantize` rounds an
+    element of a block whose max magnitude is block_amax (for nvfp4: of a tensor whose max magnitude is
+    max(tensor_amax, block_amax.max())). This is GPTQ's rounding: a block's scale is fixed when the block
+    starts and its columns are then rounded one at a time. Eager float32, no gradient.
+    """
+    fmt = get_format(fmt)
+    element = fmt.element
+    amax = block_amax.detach().to(torch.float32)
+    if fmt.tensor_scale:
+        base = torch.as_tensor(
+            0.0 if tensor_amax is None else float(tensor_amax), dtype=torch.float32, device=amax.device
+        )
+        whole = torch.maximum(base, amax.max()) if amax.numel() else base
+        tensor_scale, block_scale = _nvfp4_scales(whole, amax, element)
+
+        def round_values(values: Tensor) -> Tensor:
+            return _round_nvfp4(_clip(values, amax), whole, tensor_scale, block_scale, element).to(values.dtype)
+
+        return round_values
+    exponent = _e8m0_exponent(amax, element)
+    finite, down, up = amax.isfinite(), _exp2(-exponent), _exp2(exponent)
+
+    def round_values(values: Tensor) -> Tensor:
+        return _round_e8m0(_clip(values, amax), finite, down, up, element).to(values.dtype)
+
+    return round_values
+
+
+def _clip(values: Tensor, amax: Tensor) -> Tensor:
+    """values in float32, clamped to +-amax (values that grew past their block's max under error feedback)."""
+    return torch.maximum(torch.minimum(values.to(torch.float32), amax), -amax)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from latmix.fidelity import Reference, deviation
-from latmix.formats import get_format
+from latmix.formats import FORMATS, get_format
 from latmix.gptq import gptq_quantize_model, gptq_quantize_weight, mx_rounder
 from latmix.mx import quantize
 from latmix.quantize import QuantLinear, prepare_model, set_quantization
@@ -113,3 +113,115 @@ def test_gptq_on_a_model_installs_mx_weights_and_beats_rtn(make_tiny_model):
     model_quant_config = QuantConfig(weight_format="mxfp4", act_format="mxfp4", weight_quantizer="gptq")
     # Measured: 3.2e-4 vs 5.5e-4 (0.58x) on these sequences.
     assert quantized_kl("gptq") < 0.8 * quantized_kl("rtn")
+
+
+# --- the fast paths, bit-identical to the straightforward ones ------------------------------------
+
+
+def _pairwise_mx_rounder(fmt, tensor_amax):
+    """The first GPTQ rounder, kept as the reference: each value quantized by the full MX quantizer in
+    a two-element block beside its row's amax (so the pair's scale is the block's), one extra pair
+    carrying the tensor amax (NVFP4's FP32 tensor scale)."""
+    fmt = get_format(fmt)
+
+    def fix_block(block):
+        amax = block.abs().amax(dim=1)
+        anchor = torch.tensor([[float(tensor_amax), 0.0]], dtype=block.dtype, device=block.device)
+
+        def round_column(column):
+            clipped = torch.maximum(torch.minimum(column, amax), -amax)
+            pairs = torch.cat([torch.stack([clipped, amax], dim=-1), anchor])
+            return quantize(pairs, fmt, block_size=2)[:-1, 0]
+
+        return round_column
+
+    return fix_block
+
+
+def _column_slice_gptq(W, H, block_size, rounder, damp=0.01, act_order=False):
+    """The first GPTQ loop (column slices of the (out, in) weight), kept as the reference."""
+    from latmix.gptq import LAZY_BATCH, _column_order, _damped_inverse_cholesky
+
+    in_features = W.shape[1]
+    W, H = W.detach().float().clone(), H.detach().float().clone()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    order = _column_order(H, block_size, act_order)
+    W, H = W[:, order], H[order][:, order]
+    Hinv = _damped_inverse_cholesky(H, damp)
+    Q = torch.zeros_like(W)
+    lazy = max(LAZY_BATCH // block_size, 1) * block_size
+    for start in range(0, in_features, lazy):
+        stop = min(start + lazy, in_features)
+        W1, Hinv1 = W[:, start:stop].clone(), Hinv[start:stop, start:stop]
+        errors = torch.zeros_like(W1)
+        for i in range(stop - start):
+            if i % block_size == 0:
+                round_column = rounder(W1[:, i : i + block_size])
+            q = round_column(W1[:, i])
+            Q[:, start + i] = q
+            err = (W1[:, i] - q) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            errors[:, i] = err
+        W[:, stop:] -= errors @ Hinv[start:stop, stop:]
+    return Q[:, order.argsort()]
+
+
+@pytest.mark.parametrize("fmt", sorted({f.name for f in FORMATS.values()}))
+def test_fixed_scale_rounder_is_bit_identical_to_the_pairwise_mx_rounder(fmt):
+    # Weights over 50 binades (float32 subnormals included), a zero row and a half-zero block, columns
+    # that grew past their block's amax (error feedback), -0.0, and a tensor amax below the block
+    # maxima (NVFP4's tensor scale then follows them).
+    generator = torch.Generator().manual_seed(11)
+    block_size = get_format(fmt).default_block_size
+    for trial in range(6):
+        W = torch.randn(65, block_size, generator=generator) * torch.logspace(-42, 8, 65)[:, None]
+        W[3] = 0.0
+        W[5, : block_size // 2] = 0.0
+        tensor_amax = W.abs().max() * (0.5 if trial % 2 else 1.0)
+        new, old = mx_rounder(fmt, tensor_amax)(W), _pairwise_mx_rounder(fmt, tensor_amax)(W)
+        for i in range(block_size):
+            column = W[:, i] * (1.0 + 0.3 * torch.randn(65, generator=generator))
+            column[7] = -0.0
+            assert torch.equal(new(column).view(torch.int32), old(column).view(torch.int32)), (fmt, trial, i)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("fmt", sorted({f.name for f in FORMATS.values()}))
+def test_gptq_is_bit_identical_to_the_column_slice_implementation(fmt, act_order):
+    # The whole of GPTQ (transposed lazy batches, fixed-scale rounder) against the first loop with the
+    # pairwise rounder, on a layer wider than one lazy batch, with a dead input.
+    block = get_format(fmt).default_block_size
+    W, X = layer(40, 320, seed=12), correlated_inputs(512, 320, seed=13)
+    X[:, 7] = 0.0
+    H = hessian(X)
+    new = gptq_quantize_weight(W, H, block, mx_rounder(fmt, W.abs().max()), act_order=act_order)
+    old = _column_slice_gptq(W, H, block, _pairwise_mx_rounder(fmt, W.abs().max()), act_order=act_order)
+    assert torch.equal(new.view(torch.int32), old.view(torch.int32))
+
+
+def test_linears_reading_one_operand_share_one_hessian_with_the_same_result(make_tiny_model, monkeypatch):
+    # q/k/v (and gate/up) read the same tensor through the same maps: one Hessian serves them all.
+    import latmix.gptq as gptq
+
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(9))
+    quant = QuantConfig(weight_format="mxfp4", act_format="mxfp4", weight_quantizer="gptq")
+    placements = {"pre_linear": {"family": "block_hadamard", "block_size": 32}, "down_proj": {"family": "hadamard"}}
+
+    def quantized_weights() -> list[torch.Tensor]:
+        prepared = prepare_model(make_tiny_model("llama"), TransformConfig(placements), quant)
+        gptq_quantize_model(prepared, ids, quant)
+        return [m.weight.clone() for m in prepared.model.modules() if isinstance(m, QuantLinear) and m.weight_format]
+
+    computed: list[int] = []
+    add = gptq._HessianAccumulator.add
+    monkeypatch.setattr(gptq._HessianAccumulator, "add", lambda self, X: computed.append(1) or add(self, X))
+    shared = quantized_weights()
+    # Per block and sequence: one operand for q/k/v, one for o, one for gate/up, one for down.
+    assert len(computed) == 2 * 4 * 4
+    computed.clear()
+    monkeypatch.setattr(gptq, "_operand_key", lambda linear: (id(linear),))
+    separate = quantized_weights()
+    assert len(computed) == 2 * 4 * 7
+    assert all(torch.equal(a, b) for a, b in zip(shared, separate, strict=True))
