@@ -12,6 +12,8 @@ tightness = error / bound lies in [0, 1].
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from latmix.formats import ELEMENT_FORMATS, MXFormat, get_format
@@ -98,13 +100,24 @@ def bound_of_transformed(
 
 
 def error_of_transformed(
-    y: torch.Tensor, A_inv: torch.Tensor | None, fmt: MXFormat | str, block_size: int | None = None
+    y: torch.Tensor,
+    A_inv: torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None,
+    fmt: MXFormat | str,
+    block_size: int | None = None,
 ) -> torch.Tensor:
-    """The actual RMS (over tokens) of ||A^-1 (Q(y) - y)|| (A_inv None: no transform, A = I)."""
+    """The actual RMS (over tokens) of ||A^-1 (Q(y) - y)||.
+
+    A_inv: the inverse matrix; or a function applying it to rows (a structured map's own inverse, in
+    float32); or None where ||A^-1 e|| = ||e|| (no map, or an orthogonal one): then no product is computed.
+    """
     fmt = get_format(fmt)
     y32 = y.detach().float()
-    e = (quantize(y32, fmt, _block_size(fmt, block_size)) - y32).to(torch.float64)
-    if A_inv is not None:
+    e = quantize(y32, fmt, _block_size(fmt, block_size)) - y32
+    if callable(A_inv):
+        with torch.no_grad():
+            e = A_inv(e)
+    e = e.to(torch.float64)
+    if isinstance(A_inv, torch.Tensor):
         e = e @ A_inv.detach().to(torch.float64).T
     return e.pow(2).sum(dim=-1).mean().sqrt()
 

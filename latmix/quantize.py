@@ -40,8 +40,12 @@ __all__ = [
     "QuantLinear",
     "TransformedEmbedding",
     "freeze_model",
+    "has_formats",
+    "maps_on_activations",
     "prepare_model",
     "quantization_disabled",
+    "quantizes",
+    "rtn_weights",
     "set_quantization",
 ]
 
@@ -92,6 +96,9 @@ class QuantLinear(nn.Module):
         self.weight_is_quantized = False
         self._quantize_weights = self.weight_format is not None
         self.quantize_acts = self.act_format is not None
+        # While on (maps_on_activations) and the weight is not quantized, cheap maps act on the
+        # activations instead of being folded into the weight (_forward_online).
+        self.online_maps = False
 
     @property
     def quantize_weights(self) -> bool:
@@ -106,16 +113,22 @@ class QuantLinear(nn.Module):
 
     def effective_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(W', b') in float32 with every transform folded (the stored ones once frozen)."""
+        if self.frozen:
+            return self.weight.float(), None if self.bias is None else self.bias.float()
+        return self._folded((*self.folded_in, *self.online_in), tuple(self.out_map))
+
+    def _folded(
+        self, in_maps: Sequence[Transform], out_maps: Sequence[Transform]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(W', b') in float32 with the given input maps' inverses and output maps folded in."""
         weight = self.weight.float()
         bias = None if self.bias is None else self.bias.float()
-        if self.frozen:
-            return weight, bias
-        for transform in (*self.folded_in, *self.online_in):
+        for transform in in_maps:
             weight = transform.fold_into(weight)
             if transform.shift is not None:
                 shift_term = weight @ transform.shift
                 bias = -shift_term if bias is None else bias - shift_term
-        for transform in self.out_map:
+        for transform in out_maps:
             weight = transform.apply_matrix(weight.T).T
             if bias is not None:
                 bias = transform(bias)
@@ -156,9 +169,35 @@ class QuantLinear(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.online_maps and not self.frozen and not (self.quantize_weights and not self.weight_is_quantized):
+            return self._forward_online(x)
         x = self.gemm_input(x)
         weight, bias = self._forward_weight_and_bias()
         return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    def _cheap_online(self, transform: Transform) -> bool:
+        """Whether applying a map to activations (once forward, twice backward, per token) costs less than
+        the weight-sized gradient (out x in per token) that folding it into the weight has autograd compute."""
+        return 3 * transform.apply_cost() < self.out_features * self.in_features
+
+    def _forward_online(self, x: torch.Tensor) -> torch.Tensor:
+        """forward's function for an unquantized weight, y = W A^-1 Q(A x + b), computed as
+        W (A^-1 (Q(A x + b) - b)) with output maps applied to the output, so that autograd never forms
+        the weight-sized gradient of W A^-1. Maps too dense to pay for it (a full-size T1 in front of a
+        square linear) stay folded; only those nearest the weight can be, so each chain splits into a
+        folded part and an online rest. Exact in real arithmetic; float rounding differs from folding.
+        """
+        z = self.gemm_input(x)
+        chain = [*self.folded_in, *self.online_in]
+        split = max((i + 1 for i, t in enumerate(chain) if not self._cheap_online(t)), default=0)
+        out_split = max((i + 1 for i, t in enumerate(self.out_map) if not self._cheap_online(t)), default=0)
+        weight, bias = self._folded(chain[:split], self.out_map[:out_split])
+        for transform in reversed(chain[split:]):
+            z = transform.inverse(z)
+        y = F.linear(z, weight.to(z.dtype), None if bias is None else bias.to(z.dtype))
+        for transform in self.out_map[out_split:]:
+            y = transform(y)
+        return y
 
     @torch.no_grad()
     def freeze(self) -> None:
@@ -270,7 +309,7 @@ class PreparedModel:
         """The full-precision deviation from the original model (fidelity.deviation), quantizers off."""
         if self.reference is None:
             raise ValueError("no reference logits: pass deviation_ids to prepare_model")
-        with quantization_disabled(self.model):
+        with quantization_disabled(self.model), maps_on_activations(self.model):
             return deviation(self.model, self.reference)
 
 
@@ -420,6 +459,22 @@ def set_quantization(model: nn.Module, weights: bool, acts: bool) -> None:
         attention_quant.quantize_kv = acts
 
 
+def quantizes(model: nn.Module, *, with_rtn_weights: bool = False) -> bool:
+    """Whether a forward of the model quantizes anything as its switches stand (with_rtn_weights: as
+    it would inside rtn_weights(model))."""
+    for linear in _quant_linears(model):
+        weights = linear.quantize_weights or linear.weight_is_quantized
+        weights = weights or (with_rtn_weights and linear.weight_format is not None)
+        if weights or linear.quantize_acts:
+            return True
+    return any(m.quantize_kv for m in _kv_quantizers(model))
+
+
+def has_formats(model: nn.Module) -> bool:
+    """Whether any linear or KV cache of the model has an MX format configured (quant is not none)."""
+    return any(m.weight_format or m.act_format for m in _quant_linears(model)) or any(_kv_quantizers(model))
+
+
 @contextlib.contextmanager
 def quantization_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the model in full precision inside the block; the previous switches come back after."""
@@ -435,6 +490,36 @@ def quantization_disabled(model: nn.Module) -> Iterator[nn.Module]:
             m.quantize_weights, m.quantize_acts = w, a
         for m, kv in zip(kv_quantizers, saved_kv, strict=True):
             m.quantize_kv = kv
+
+
+@contextlib.contextmanager
+def maps_on_activations(model: nn.Module) -> Iterator[None]:
+    """Inside the block, linears whose weights are not quantized apply cheap maps to their activations
+    instead of folding them into the weight every forward (QuantLinear._forward_online): the same
+    function, without weight-sized gradients. For calibration, while the weights wait for GPTQ."""
+    linears = list(_quant_linears(model))
+    for linear in linears:
+        linear.online_maps = True
+    try:
+        yield
+    finally:
+        for linear in linears:
+            linear.online_maps = False
+
+
+@contextlib.contextmanager
+def rtn_weights(model: nn.Module) -> Iterator[None]:
+    """Inside the block every linear with a weight format fake-quantizes its weight (round to nearest),
+    also where GPTQ will write the weights later; the previous switches come back after."""
+    linears = [m for m in _quant_linears(model) if m.weight_format is not None]
+    saved = [m.quantize_weights for m in linears]
+    for linear in linears:
+        linear.quantize_weights = True
+    try:
+        yield
+    finally:
+        for linear, flag in zip(linears, saved, strict=True):
+            linear.quantize_weights = flag
 
 
 def freeze_model(prepared: PreparedModel) -> None:

@@ -48,7 +48,7 @@ TRANSFORM_FAMILIES: dict[str, frozenset[str]] = {
     "block_hadamard": frozenset({"block_size"}),
     "rotation": frozenset({"learnable", "init", "seed", "block_size"}),
     "affine": frozenset(
-        {"parametrization", "init", "shift", "learnable", "seed", "block_size", "factor", "kron_factors"}
+        {"parametrization", "init", "shift", "learnable", "seed", "block_size", "factor", "kron_factors", "premix"}
     ),
 }
 ORTHOGONAL_FAMILIES = ("identity", "hadamard", "block_hadamard", "rotation")
@@ -57,6 +57,8 @@ ORTHOGONAL_FAMILIES = ("identity", "hadamard", "block_hadamard", "rotation")
 INITS = ("identity", "hadamard", "block_hadamard", "random")
 AFFINE_PARAMETRIZATIONS = ("qr", "lu", "svd", "kronecker", "block_diag")
 FACTOR_PARAMETRIZATIONS = ("qr", "lu", "svd")
+# A fixed map an affine map applies first (A = B H): "hadamard" (a randomized full Hadamard), or null.
+PREMIXES = ("hadamard",)
 
 # calib
 MODES = ("end_to_end", "layer_wise", "none")
@@ -282,6 +284,8 @@ def _validated_spec(placement: str, spec: Mapping | None) -> dict | None:
     for key, choices in (("init", INITS), ("parametrization", AFFINE_PARAMETRIZATIONS), ("factor", FACTOR_PARAMETRIZATIONS)):
         if key in spec:
             check_choice(f"placement {placement}: {key}", spec[key], choices)
+    if spec.get("premix") is not None:  # null: no premix
+        check_choice(f"placement {placement}: premix", spec["premix"], PREMIXES)
     if "kron_factors" in spec and spec["kron_factors"] is not None:
         spec["kron_factors"] = tuple(spec["kron_factors"])
     if placement == "residual" and spec.get("shift"):
@@ -314,6 +318,13 @@ class CalibConfig:
     grad_checkpointing: bool = True
     autocast_dtype: str | None = "bfloat16"
     offload: bool = False
+    # Per-layer bound/error and KL before and after learning (false skips them, e.g. for quick sweeps).
+    measure: bool = True
+    # While the weights are unquantized (GPTQ after), cheap structured maps act on the activations
+    # instead of being folded into the weights every step: the same function, a cheaper backward.
+    online_maps: bool = True
+    # Fake-quantize the weights by round to nearest while learning, also when GPTQ quantizes them after.
+    quantize_weights: bool = False
 
     def __post_init__(self) -> None:
         check_choice("calib.mode", self.mode, MODES)
@@ -412,7 +423,6 @@ class EvalSettings:
         unknown = [name for name in self.ppl_datasets if name not in PPL_DATASETS]
         if unknown:
             raise ValueError(f"eval.ppl_datasets: unknown {unknown}; choose from {', '.join(PPL_DATASETS)}")
-
 
 # --- logger -----------------------------------------------------------------------------------------
 

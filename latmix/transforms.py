@@ -23,7 +23,7 @@ from latmix.hadamard import (
     is_hadamard_size,
     small_hadamard_factor,
 )
-from latmix.settings import AFFINE_PARAMETRIZATIONS, FACTOR_PARAMETRIZATIONS, INITS
+from latmix.settings import AFFINE_PARAMETRIZATIONS, FACTOR_PARAMETRIZATIONS, INITS, PREMIXES
 
 __all__ = [
     "TRANSFORMS",
@@ -41,6 +41,8 @@ __all__ = [
 ]
 
 _matrix_cache: dict[tuple[int, str], list[torch.Tensor]] | None = None
+# The premix Hadamard's seed, apart from the seeds of the learned map's own starts (seed + i).
+PREMIX_SEED_OFFSET = 7919
 
 
 @contextlib.contextmanager
@@ -93,6 +95,10 @@ class Transform(nn.Module):
             return self.matrix().T
         return torch.linalg.inv(self.matrix().double()).to(self._anchor.dtype)
 
+    def apply_cost(self) -> int:
+        """Multiply-adds per row of apply_matrix (a dense product unless the family has structure)."""
+        return self.dim * self.dim
+
     def apply_matrix(self, x: torch.Tensor) -> torch.Tensor:
         """x @ A.T along the last dim (no shift)."""
         return x @ self.matrix().T
@@ -130,6 +136,13 @@ class Transform(nn.Module):
             return 1.0
         return _condition_of(self.matrix().detach()[None])
 
+    @torch.no_grad()
+    def singular_values(self) -> torch.Tensor:
+        """Every singular value of A (float64), from the map's structure where it has one."""
+        if self.orthogonal:
+            return torch.ones(self.dim, dtype=torch.float64, device=self._anchor.device)
+        return torch.linalg.svdvals(self.matrix().detach().double())
+
     def _to_compute(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self._anchor.dtype)
 
@@ -162,6 +175,9 @@ class Identity(Transform):
     def matrix(self) -> torch.Tensor:
         return torch.eye(self.dim, device=self._anchor.device, dtype=self._anchor.dtype)
 
+    def apply_cost(self) -> int:
+        return 0
+
     def apply_matrix(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
@@ -183,6 +199,10 @@ class Hadamard(Transform):
         self.factorization = hadamard_factorization(dim)
         self.register_buffer("signs", _random_signs(dim, seed))
         self.register_buffer("small_factor", small_hadamard_factor(dim).float(), persistent=False)
+
+    def apply_cost(self) -> int:
+        m, power = self.factorization
+        return self.dim * (m + max(power.bit_length() - 1, 0))
 
     def apply_matrix(self, x: torch.Tensor) -> torch.Tensor:
         return hadamard_transform(x * self.signs, small_factor=self.small_factor)
@@ -213,6 +233,9 @@ class BlockHadamard(Transform):
         self.block_size = block_size
         eye = torch.eye(block_size)
         self.register_buffer("block", hadamard_transform(eye).T.contiguous())
+
+    def apply_cost(self) -> int:
+        return self.dim * self.block_size
 
     def apply_matrix(self, x: torch.Tensor) -> torch.Tensor:
         blocks = x.reshape(*x.shape[:-1], self.dim // self.block_size, self.block_size)
@@ -381,8 +404,11 @@ class Affine(Transform):
         block_size: int = 32,
         factor: str = "qr",
         kron_factors: tuple[int, int] | None = None,
+        premix: str | None = None,
     ) -> None:
         super().__init__(dim, orthogonal=False)
+        if premix is not None and premix not in PREMIXES:
+            raise ValueError(f"unknown affine premix {premix!r}; choose null or one of {PREMIXES}")
         if parametrization not in AFFINE_PARAMETRIZATIONS:
             raise ValueError(f"unknown affine parametrization {parametrization!r}; choose {AFFINE_PARAMETRIZATIONS}")
         if init not in INITS:
@@ -409,6 +435,9 @@ class Affine(Transform):
             start = _initial_orthogonal(init, dim, seed, block_size)[None]
             self.factors = nn.ModuleList([_InvertibleBlocks(parametrization, start)])
         self.bias = nn.Parameter(torch.zeros(dim)) if shift else None
+        # premix: a fixed randomized full Hadamard H before the learned (structured) map B, A = B H: H
+        # spreads outliers across all blocks, B reshapes each block (cheap: one FWHT plus the blocks).
+        self.premix = Hadamard(dim, seed=seed + PREMIX_SEED_OFFSET) if premix == "hadamard" else None
         self.requires_grad_(learnable)
 
     @staticmethod
@@ -450,20 +479,34 @@ class Affine(Transform):
         return torch.block_diag(*mats[0])
 
     def matrix(self) -> torch.Tensor:
-        return self._assemble(self._matrices())
+        B = self._assemble(self._matrices())
+        return B if self.premix is None else B @ self.premix.matrix()
 
     def inverse_matrix(self) -> torch.Tensor:
-        return self._assemble(self._inverse_matrices())
+        B_inv = self._assemble(self._inverse_matrices())
+        return B_inv if self.premix is None else self.premix.matrix().T @ B_inv
+
+    def apply_cost(self) -> int:
+        mix = 0 if self.premix is None else self.premix.apply_cost()
+        if self.kronecker:
+            return mix + self.dim * sum(self.factor_sizes)
+        return mix + self.dim * self.factors[0].log_scale.shape[-1]
 
     def apply_matrix(self, x: torch.Tensor) -> torch.Tensor:
+        if self.premix is not None:
+            x = self.premix.apply_matrix(x)
         return self._structured_apply(x, self._matrices(), transpose=False)
 
     def apply_inverse_matrix(self, y: torch.Tensor) -> torch.Tensor:
-        return self._structured_apply(y, self._inverse_matrices(), transpose=False)
+        x = self._structured_apply(y, self._inverse_matrices(), transpose=False)
+        return x if self.premix is None else self.premix.apply_inverse_matrix(x)
 
     def fold_into(self, weight: torch.Tensor) -> torch.Tensor:
-        folded = self._structured_apply(self._to_compute(weight), self._inverse_matrices(), transpose=True)
-        return folded.to(weight.dtype)
+        # W A^-1 = (W H^T) B^-1, and W H^T applies H to each row of W.
+        w = self._to_compute(weight)
+        if self.premix is not None:
+            w = self.premix.apply_matrix(w)
+        return self._structured_apply(w, self._inverse_matrices(), transpose=True).to(weight.dtype)
 
     def log_abs_det(self) -> torch.Tensor:
         if self.kronecker:
@@ -477,8 +520,15 @@ class Affine(Transform):
             conds = [_condition_of(f.matrices()) for f in self.factors]
         return math.prod(conds)
 
+    @torch.no_grad()
+    def singular_values(self) -> torch.Tensor:
+        # Those of B (the premix is orthogonal): per block, or the outer product of the Kronecker factors'.
+        sigmas = [torch.linalg.svdvals(f.matrices().detach().double()).reshape(-1) for f in self.factors]
+        return torch.outer(sigmas[0], sigmas[1]).reshape(-1) if self.kronecker else sigmas[0]
+
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, parametrization={self.parametrization}, shift={self.bias is not None}"
+        premix = "" if self.premix is None else ", premix=hadamard"
+        return f"dim={self.dim}, parametrization={self.parametrization}, shift={self.bias is not None}{premix}"
 
 
 class Headwise(Transform):
@@ -503,6 +553,9 @@ class Headwise(Transform):
     def inverse_matrix(self) -> torch.Tensor:
         return torch.block_diag(*[self.transform.inverse_matrix()] * self.num_heads)
 
+    def apply_cost(self) -> int:
+        return self.num_heads * self.transform.apply_cost()
+
     def apply_matrix(self, x: torch.Tensor) -> torch.Tensor:
         return self.transform.apply_matrix(self._per_head(x)).reshape(x.shape)
 
@@ -517,6 +570,9 @@ class Headwise(Transform):
 
     def condition_number(self) -> float:
         return self.transform.condition_number()
+
+    def singular_values(self) -> torch.Tensor:
+        return self.transform.singular_values().repeat(self.num_heads)
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}"

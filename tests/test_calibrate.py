@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -353,3 +355,198 @@ def test_learning_rate_schedule_depends_on_the_step_alone():
 def test_bad_optimizer_settings_say_what_to_change(overrides, message):
     with pytest.raises(ValueError, match=message):
         OptimConfig(**overrides)
+
+
+# --- cost: nothing to learn, nothing calibrated; measured once, cheaply -----------------------------
+
+
+def test_mode_none_is_skipped_and_measured_once(make_tiny_model, monkeypatch):
+    import latmix.calibrate.learn as learn
+
+    snapshots = []
+    snapshot = learn.snapshot
+    monkeypatch.setattr(learn, "snapshot", lambda *args: snapshots.append(1) or snapshot(*args))
+    prepared = prepare_model(make_tiny_model("llama"), TransformConfig(placements("affine")), W4A4)
+    report = calibrate(
+        prepared, make_tiny_model("llama"), token_ids(2, 16, 0), quick_config(mode="none"), OptimConfig(), None
+    )
+    assert report.skipped == "calib.mode=none" and report.steps == 0 and len(snapshots) == 1
+    assert report.per_layer and report.loss_before == report.loss_after
+
+
+@pytest.mark.parametrize(
+    ("quant", "family", "reason"),
+    [
+        (QuantConfig(), "affine", "nothing is quantized (quant has no"),
+        (QuantConfig(weight_format="mxfp4", weight_quantizer="gptq"), "affine", "the weights wait for GPTQ"),
+        (W4A4, "hadamard", "no learnable parameter"),
+    ],
+)
+def test_nothing_to_learn_is_skipped_and_says_why(make_tiny_model, caplog, quant, family, reason):
+    ids = token_ids(2, 16, 0)
+    reference = Reference.of(make_tiny_model("llama"), ids)
+    prepared = prepare_model(make_tiny_model("llama"), TransformConfig(placements(family)), quant)
+    with caplog.at_level("INFO", logger="latmix.calibrate.learn"):
+        report = calibrate(prepared, make_tiny_model("llama"), ids, quick_config(), OptimConfig(), None)
+    assert report.skipped is not None and reason in report.skipped and report.steps == 0
+    assert [r.getMessage() for r in caplog.records] == [f"calibration skipped: {report.skipped}"]
+    assert report.as_record()["skipped"] == report.skipped
+    if quant.weight_format is None:  # quant=none: no measurement, and the function is untouched
+        assert report.per_layer == [] and report.loss_before is None
+        assert deviation(prepared.model, reference)["max_rel_logit_error"] < 1e-5
+
+
+def test_calibrate_can_leave_measuring_out(make_tiny_model):
+    prepared = prepare_model(make_tiny_model("llama"), TransformConfig(placements("affine")), W4A4)
+    cfg = quick_config(measure=False, epochs=1)
+    report = calibrate(prepared, make_tiny_model("llama"), token_ids(2, 16, 0), cfg, OptimConfig(), None)
+    assert report.steps == 1 and report.per_layer == [] and report.loss_before is None
+
+
+@pytest.mark.parametrize(
+    "placements",
+    [
+        {
+            "pre_linear": {"family": "affine", "parametrization": "block_diag", "block_size": 16, "init": "block_hadamard"},
+            "attn_vo": {"family": "affine", "parametrization": "qr", "shift": True},
+            "down_proj": {"family": "affine", "parametrization": "kronecker", "init": "hadamard", "premix": "hadamard"},
+        },
+        {
+            "residual": {"family": "hadamard"},
+            "pre_linear": {"family": "affine", "parametrization": "lu"},
+            "down_proj": {"family": "block_hadamard", "block_size": 16},
+        },
+    ],
+)
+def test_structured_measurement_matches_the_dense_inverse(make_tiny_model, placements):
+    # Each point's error is measured through its map's own structure (or with no product at all for
+    # orthogonal chains); it must equal the dense float64 A^-1 of the composite matrix, bound included.
+    from latmix.bound import bound_of_transformed, error_of_transformed, inverse_spectral_norm
+    from latmix.calibrate.measure import _composite_matrix, _inverse_and_conditioning, quant_points
+
+    prepared = prepare_model(make_tiny_model("llama"), TransformConfig(placements), W4A4)
+    with torch.no_grad():
+        for t in prepared.transforms.values():  # move every map off its start
+            for p in t.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    for _, _, linear in quant_points(prepared.model):
+        y = torch.randn(64, linear.in_features, generator=torch.Generator().manual_seed(3)) * 3
+        inv_norm, A_inv, cond = _inverse_and_conditioning(linear)
+        A = _composite_matrix(linear)
+        A = torch.eye(linear.in_features, dtype=torch.float64) if A is None else A.detach().double()
+        sigma = torch.linalg.svdvals(A)
+        assert inv_norm == pytest.approx(float(inverse_spectral_norm(A)), rel=1e-6)
+        assert cond == pytest.approx(float(sigma.max() / sigma.min()), rel=1e-6)
+        dense = error_of_transformed(y, torch.linalg.inv(A), "mxfp4")
+        assert float(error_of_transformed(y, A_inv, "mxfp4")) == pytest.approx(float(dense), rel=1e-5)
+        assert float(bound_of_transformed(y, inv_norm, "mxfp4")) >= float(dense)
+
+
+@pytest.mark.parametrize(
+    ("placements", "approximate"),
+    [
+        (
+            {
+                "residual": {"family": "affine", "init": "hadamard"},
+                "attn_vo": {"family": "affine", "init": "hadamard", "shift": True},
+                "down_proj": {"family": "hadamard"},
+            },
+            True,
+        ),
+        (
+            {
+                "pre_linear": {
+                    "family": "affine", "parametrization": "block_diag", "block_size": 16,
+                    "init": "block_hadamard", "shift": True,
+                },
+                "attn_vo": {"family": "affine", "parametrization": "block_diag", "block_size": 16},
+                "down_proj": {"family": "affine", "parametrization": "kronecker", "init": "hadamard"},
+            },
+            False,
+        ),
+        (
+            {
+                "residual": {"family": "rotation", "init": "hadamard", "learnable": True},
+                "attn_vo": {"family": "rotation", "learnable": True},
+                "down_proj": {"family": "block_hadamard", "block_size": 16},
+            },
+            False,
+        ),
+    ],
+)
+@pytest.mark.parametrize("every_map_online", [False, True])
+def test_maps_on_activations_compute_the_folded_function_and_gradients(
+    make_tiny_model, input_ids, placements, approximate, every_map_online, monkeypatch
+):
+    # While the weights wait for GPTQ, cheap maps act on the activations instead of being folded into
+    # the weights: the logits and every transform parameter's gradient must match the folded computation.
+    from latmix.quantize import QuantLinear, maps_on_activations
+
+    torch.manual_seed(0)
+    prepared = prepare_model(
+        make_tiny_model("llama"),
+        TransformConfig(placements, approximate=approximate),
+        QuantConfig(weight_format="mxfp4", act_format="mxfp4", weight_quantizer="gptq"),
+    )
+    model = prepared.model
+    with torch.no_grad():
+        for t in prepared.transforms.values():
+            for p in t.parameters():
+                if p.dim() < 2 or p.shape[-1] != p.shape[-2]:
+                    p.add_(0.05 * torch.randn(p.shape))
+    if every_map_online:  # the tiny model's sizes keep a dense T1 folded; put every map online too
+        monkeypatch.setattr(QuantLinear, "_cheap_online", lambda self, transform: True)
+    params = [p for t in prepared.transforms.values() for p in t.parameters() if p.requires_grad]
+
+    def run(online: bool):
+        for p in params:
+            p.grad = None
+        with maps_on_activations(model) if online else contextlib.nullcontext():
+            logits = model(input_ids).logits
+        logits.float().pow(2).mean().backward()
+        return logits.detach(), [p.grad.clone() for p in params]
+
+    folded, folded_grads = run(False)
+    online, online_grads = run(True)
+    assert not any(m.online_maps for m in model.modules() if isinstance(m, QuantLinear))
+    # The activation quantizer sees the same operands; the GEMMs round differently, and one rounding
+    # difference can flip an MX element, so compare with a tolerance.
+    assert torch.allclose(online, folded, rtol=1e-3, atol=1e-3 * folded.abs().max())
+    for g_online, g_folded in zip(online_grads, folded_grads, strict=True):
+        assert torch.allclose(g_online, g_folded, rtol=1e-2, atol=1e-3 * g_folded.abs().max() + 1e-8)
+
+
+def test_the_fp_reference_runs_only_the_lm_head_after_the_first_epoch(make_tiny_model):
+    from latmix.calibrate.learn import _FPReference
+
+    fp_model = make_tiny_model("llama_tied")
+    ids = token_ids(6, 16, 0)
+    reference = _FPReference(fp_model, ids)
+    first = reference.logits(torch.tensor([4, 1, 3]))
+    assert sorted(reference.hidden) == [1, 3, 4]
+    calls = []
+    handle = fp_model.model.register_forward_pre_hook(lambda *args: calls.append(1))
+    again = reference.logits(torch.tensor([3, 4, 1]))
+    handle.remove()
+    assert calls == [] and torch.equal(again, first[[2, 0, 1]])
+    mixed = reference.logits(torch.tensor([0, 4]))  # one new sequence runs the model for it alone
+    with torch.no_grad():
+        full = fp_model(ids[[0, 4]]).logits
+    assert torch.equal(mixed, full)
+
+
+def test_quantize_weights_learns_against_rtn_weights_and_restores_the_switches(make_tiny_model):
+    from latmix.quantize import QuantLinear
+
+    quant = QuantConfig(weight_format="mxfp4", weight_quantizer="gptq")
+    prepared = prepare_model(make_tiny_model("llama"), TransformConfig(placements("affine")), quant)
+    linears = [m for m in prepared.model.modules() if isinstance(m, QuantLinear) and m.weight_format]
+    seen = []
+    cfg = quick_config(quantize_weights=True, epochs=1)
+    report = calibrate(
+        prepared, make_tiny_model("llama"), token_ids(2, 16, 0), cfg, OptimConfig(), None,
+        on_step=lambda progress: seen.append(all(m.quantize_weights for m in linears)),
+    )
+    assert report.skipped is None and report.steps == 1 and seen == [True]
+    assert not any(m.quantize_weights for m in linears)
+    assert report.loss_before > 0  # measured against the RTN weights

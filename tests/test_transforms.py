@@ -23,6 +23,8 @@ FAMILY_CASES = [
     ("rotation", {"seed": 3}),
     ("rotation", {"learnable": True, "init": "hadamard"}),
     *[("affine", {"parametrization": p, "init": "random", "shift": True}) for p in AFFINE_PARAMETRIZATIONS],
+    ("affine", {"parametrization": "block_diag", "init": "block_hadamard", "shift": True, "premix": "hadamard"}),
+    ("affine", {"parametrization": "kronecker", "init": "hadamard", "premix": "hadamard"}),
 ]
 
 
@@ -179,8 +181,38 @@ def test_registry_holds_the_five_families():
         (lambda: build_transform("affine", DIM, parametrization="kronecker", kron_factors=(5, 20)), "multiply"),
         (lambda: build_transform("affine", DIM, parametrization="block_diag", factor="qz"), "factor parametrization"),
         (lambda: build_transform("identity", 0), "positive dimension"),
+        (lambda: build_transform("affine", DIM, premix="fourier"), "unknown affine premix"),
     ],
 )
 def test_bad_input_is_a_clear_error(build, message):
     with pytest.raises(ValueError, match=message):
         build()
+
+
+def test_singular_values_from_the_structure_are_those_of_the_matrix(transform):
+    # The per-layer measurement takes ||A^-1|| and the condition number from these, never from A itself.
+    dense = torch.linalg.svdvals(transform.matrix().detach().double())
+    assert torch.allclose(transform.singular_values().sort().values, dense.sort().values, rtol=1e-5)
+    headwise = Headwise(transform, 3)
+    dense = torch.linalg.svdvals(headwise.matrix().detach().double())
+    assert torch.allclose(headwise.singular_values().sort().values, dense.sort().values, rtol=1e-5)
+
+
+def test_apply_cost_counts_the_structure():
+    # Multiply-adds per row: what calibration weighs against folding a map into a weight.
+    assert build_transform("identity", DIM).apply_cost() == 0
+    assert build_transform("rotation", DIM).apply_cost() == DIM * DIM
+    assert build_transform("block_hadamard", DIM, block_size=32).apply_cost() == DIM * 32
+    assert build_transform("affine", DIM, parametrization="block_diag", block_size=16).apply_cost() == DIM * 16
+    assert build_transform("affine", DIM, parametrization="kronecker", init="hadamard").apply_cost() == DIM * 20
+    assert build_transform("hadamard", DIM).apply_cost() < DIM * 32
+    assert Headwise(build_transform("rotation", 32), 3).apply_cost() == 3 * 32 * 32
+
+
+def test_affine_premix_is_the_learned_map_after_a_fixed_hadamard():
+    B = _perturbed("affine", {"parametrization": "block_diag", "init": "block_hadamard", "seed": 5})
+    A = _perturbed("affine", {"parametrization": "block_diag", "init": "block_hadamard", "seed": 5, "premix": "hadamard"})
+    H = Hadamard(DIM, seed=5 + 7919).matrix()
+    assert torch.allclose(A.matrix(), B.matrix() @ H, atol=1e-5)
+    assert not any(p.requires_grad for p in A.premix.parameters())
+    assert A.log_abs_det() == B.log_abs_det()

@@ -22,8 +22,10 @@ block it calibrates on the device, and whole-model measurements stream the block
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from latmix import quantize
 from latmix.calibrate.checkpoint import (
     Checkpoints,
     fingerprint,
@@ -60,14 +63,17 @@ from latmix.calibrate.trainer import (
     total_steps,
     trainable,
 )
+from latmix.hooks import Hooks
 from latmix.losses import block_mse, bound_loss, next_token_kl, volume_regularizer
-from latmix.models import blocks
+from latmix.models import blocks, get_adapter
 from latmix.offload import resident
-from latmix.quantize import PreparedModel, freeze_model
+from latmix.quantize import PreparedModel, freeze_model, has_formats, quantizes
 from latmix.settings import CalibConfig, OptimConfig
 from latmix.transforms import Transform
 
 __all__ = ["CalibrationReport", "StepCallback", "calibrate"]
+
+log = logging.getLogger(__name__)
 
 # Sequences used to measure bound, error and losses before and after learning.
 MEASURE_SEQUENCES = 4
@@ -88,6 +94,7 @@ class CalibrationReport:
     per_layer: list[dict[str, Any]] = field(default_factory=list)
     rolled_back: list[str] = field(default_factory=list)
     resumed_from_step: int | None = None
+    skipped: str | None = None  # why nothing was calibrated (nothing to learn), or None
 
     def as_record(self) -> dict[str, Any]:
         return asdict(self)
@@ -117,19 +124,55 @@ class _Calibration:
 # --- end to end ----------------------------------------------------------------------------------
 
 
-def _end_to_end_loss(run: _Calibration, ids: torch.Tensor, transforms: list[Transform]) -> torch.Tensor:
+class _FPReference:
+    """The full-precision model's logits on the calibration sequences, for the KL.
+
+    The first time a sequence is seen the FP model runs whole, and its lm_head's input (the final
+    hidden state) is kept; later epochs run only the lm_head on it, which is all the rest of that
+    forward would add (the same logits, bit for bit). Kept where the FP model computes, in its dtype:
+    n_samples x seq_len x hidden values (128 x 2048 x 4096 in bfloat16 is 2 GiB).
+    """
+
+    def __init__(self, fp_model: nn.Module, calib_ids: torch.Tensor) -> None:
+        self.fp_model = fp_model
+        self.calib_ids = calib_ids
+        self.lm_head = get_adapter(fp_model).lm_head
+        self.hidden: dict[int, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def logits(self, indices: torch.Tensor) -> torch.Tensor:
+        order = [int(i) for i in indices]
+        missing = [i for i in order if i not in self.hidden]
+        if missing:
+            logits = self._forward(missing)
+            if missing == order:
+                return logits
+        return self.lm_head(torch.stack([self.hidden[i] for i in order]))
+
+    def _forward(self, indices: list[int]) -> torch.Tensor:
+        captured: list[torch.Tensor] = []
+        with Hooks() as hooks:
+            hooks.pre(self.lm_head, lambda module, args: captured.append(args[0]))
+            ids = self.calib_ids[indices].to(blocks.input_device(self.fp_model))
+            logits = self.fp_model(ids, use_cache=False).logits
+        self.hidden.update(zip(indices, captured[0], strict=True))
+        return logits
+
+
+def _end_to_end_loss(
+    run: _Calibration, reference: _FPReference, indices: torch.Tensor, transforms: list[Transform]
+) -> torch.Tensor:
     model, cfg = run.model, run.cfg
     device = blocks.input_device(model)
-    with torch.no_grad():
-        ref_logits = run.fp_model(ids.to(blocks.input_device(run.fp_model))).logits.to(device)
+    ids = run.calib_ids[indices].to(device)
     if cfg.objective == "bound":
         with captured_operands(run.points) as operands, autocast(cfg, device):
-            model(ids.to(device), use_cache=False)
+            model(ids, use_cache=False)
         loss = bound_loss(operands)
     else:
         with autocast(cfg, device):
-            logits = model(ids.to(device), use_cache=False).logits
-        loss = next_token_kl(logits, ref_logits)
+            logits = model(ids, use_cache=False).logits
+        loss = next_token_kl(logits, reference.logits(indices).to(device))
     return loss + cfg.reg_weight * volume_regularizer(transforms).to(loss.device)
 
 
@@ -145,11 +188,12 @@ def _run_end_to_end(run: _Calibration) -> tuple[int, list[str]]:
         set_rng_state(run.resume["rng"])
         start = run.resume["step"]
     progress = tqdm(range(start, total), desc="calibrate end_to_end", initial=start, total=total, leave=False)
+    reference = _FPReference(run.fp_model, calib_ids)
     with blocks.gradient_checkpointing(model, cfg.grad_checkpointing), finite_guard(model, trainer.params):
         for step in progress:
-            ids = calib_ids[batch_indices(cfg, calib_ids.shape[0], step)]
+            indices = batch_indices(cfg, calib_ids.shape[0], step)
             with matrices_built_once(learned):
-                loss = trainer.step(step, _end_to_end_loss(run, ids, learned))
+                loss = trainer.step(step, _end_to_end_loss(run, reference, indices, learned))
             progress.set_postfix(loss=f"{loss:.4g}", epoch=step // batches_per_epoch(cfg, calib_ids.shape[0]))
             done = step + 1
             if done % cfg.checkpoint_every == 0 or done == total:
@@ -275,44 +319,98 @@ def calibrate(
     calib_ids (N, L) are the calibration sequences; heldout_ids (optional) are only measured on.
     ckpt_dir holds the latest checkpoint: a call with the same arguments resumes from it. on_step is
     called after every optimizer step (end to end) or block (layer-wise) with a progress dict; an
-    exception it raises stops calibration there, as a preemption would.
+    exception it raises stops calibration there, as a preemption would. With nothing to learn (mode
+    none, nothing quantized, no learnable parameter) nothing is calibrated: the report says why
+    (`skipped`), and the model is measured once (before = after) when something is quantized.
     """
     started = time.perf_counter()
     if calib_ids.dim() != 2:
         raise ValueError(f"calib_ids must be (n_sequences, seq_len), got shape {tuple(calib_ids.shape)}")
     model = prepared.model
     fp_model.eval().requires_grad_(False)
+    report = CalibrationReport(mode=calib_cfg.mode, objective=calib_cfg.objective)
+    points = quant_points(model)
+    groups, report.skipped = _what_to_learn(prepared, points, calib_cfg)
+    if report.skipped is not None:
+        log.info("calibration skipped: %s", report.skipped)
+
+    rtn = calib_cfg.quantize_weights and report.skipped is None
+    measured = calib_cfg.measure and quantizes(model, with_rtn_weights=rtn)
     measure_ids = calib_ids[:MEASURE_SEQUENCES]
     heldout = None if heldout_ids is None else heldout_ids[:MEASURE_SEQUENCES]
-    points = quant_points(model)
-    if calib_cfg.learn_clipping and calib_cfg.mode != "none":
-        install_clipping(points)
-    groups = trainable(prepared, points, calib_cfg.learn_clipping) if calib_cfg.mode != "none" else {}
-    report = CalibrationReport(mode=calib_cfg.mode, objective=calib_cfg.objective)
-
-    before = snapshot(model, fp_model, measure_ids, heldout, flat(groups))
     seconds: dict[int, float] = {}
-    if groups:
-        checkpoints = Checkpoints(
-            None if ckpt_dir is None else Path(ckpt_dir),
-            fingerprint(calib_cfg, optim_cfg, calib_ids, list(flat(groups))),
-        )
-        resume = checkpoints.load()
-        if resume is not None:
-            report.resumed_from_step = resume.get("step", resume.get("steps_done"))
-        run = _Calibration(
-            prepared, fp_model, calib_ids, calib_cfg, optim_cfg, groups, points, checkpoints, resume, on_step
-        )
-        if calib_cfg.mode == "end_to_end":
-            report.steps, report.rolled_back = _run_end_to_end(run)
-        else:
-            report.steps, report.rolled_back, seconds = _run_layer_wise(run)
-    after = snapshot(model, fp_model, measure_ids, heldout, flat(groups))
-    report.loss_before, report.loss_after = before.kl, after.kl
-    report.per_layer = per_layer_rows(points, before, after, seconds)
+    with _switches(model, rtn_weights=rtn, online_maps=calib_cfg.online_maps):
+        if measured:
+            with torch.no_grad():
+                fp_logits = fp_model(measure_ids.to(blocks.input_device(fp_model))).logits
+            before = snapshot(model, fp_logits, measure_ids, heldout, flat(groups))
+        if groups:
+            seconds = _learn(report, prepared, fp_model, calib_ids, calib_cfg, optim_cfg, groups, points, ckpt_dir, on_step)
+        if measured:
+            # With nothing learned the model has not changed: the one measurement is both before and after.
+            after = snapshot(model, fp_logits, measure_ids, heldout, flat(groups)) if groups else before
+            report.loss_before, report.loss_after = before.kl, after.kl
+            report.per_layer = per_layer_rows(points, before, after, seconds)
     for params in groups.values():
         for p in params.values():
             p.requires_grad_(False)
     freeze_model(prepared)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _what_to_learn(prepared: PreparedModel, points: list[Point], cfg: CalibConfig) -> tuple[Groups, str | None]:
+    """(the trainable parameters, None), or ({}, why there is nothing to learn); installs learned clipping."""
+    model = prepared.model
+    if cfg.mode == "none":
+        return {}, "calib.mode=none"
+    if not has_formats(model):
+        return {}, "nothing is quantized (quant has no weight, activation or KV-cache format)"
+    if not quantizes(model, with_rtn_weights=cfg.quantize_weights):
+        return {}, (
+            "nothing is quantized while calibrating: the weights wait for GPTQ and the activations stay in "
+            "high precision (calib.quantize_weights=true learns against round-to-nearest weights)"
+        )
+    if cfg.learn_clipping:
+        install_clipping(points)
+    groups = trainable(prepared, points, cfg.learn_clipping)
+    return groups, None if groups else "no learnable parameter (every transform is fixed)"
+
+
+def _learn(
+    report: CalibrationReport,
+    prepared: PreparedModel,
+    fp_model: nn.Module,
+    calib_ids: torch.Tensor,
+    cfg: CalibConfig,
+    optim_cfg: OptimConfig,
+    groups: Groups,
+    points: list[Point],
+    ckpt_dir: Path | str | None,
+    on_step: StepCallback | None,
+) -> dict[int, float]:
+    """Run the configured mode from its checkpoint, if any; fills the report; returns seconds per block."""
+    checkpoints = Checkpoints(
+        None if ckpt_dir is None else Path(ckpt_dir), fingerprint(cfg, optim_cfg, calib_ids, list(flat(groups)))
+    )
+    resume = checkpoints.load()
+    if resume is not None:
+        report.resumed_from_step = resume.get("step", resume.get("steps_done"))
+    run = _Calibration(prepared, fp_model, calib_ids, cfg, optim_cfg, groups, points, checkpoints, resume, on_step)
+    if cfg.mode == "end_to_end":
+        report.steps, report.rolled_back = _run_end_to_end(run)
+        return {}
+    report.steps, report.rolled_back, seconds = _run_layer_wise(run)
+    return seconds
+
+
+@contextlib.contextmanager
+def _switches(model: nn.Module, *, rtn_weights: bool, online_maps: bool) -> Iterator[None]:
+    """The model as calibration runs it: round-to-nearest weights (calib.quantize_weights) and cheap maps
+    on the activations while the weights are unquantized (calib.online_maps), as configured."""
+    with contextlib.ExitStack() as stack:
+        if rtn_weights:
+            stack.enter_context(quantize.rtn_weights(model))
+        if online_maps:
+            stack.enter_context(quantize.maps_on_activations(model))
+        yield

@@ -33,6 +33,7 @@ __all__ = [
     "describe_parameters",
     "finite_guard",
     "per_layer_rows",
+    "point_stats",
     "quant_points",
     "snapshot",
 ]
@@ -132,52 +133,81 @@ def describe_parameters(params: dict[str, nn.Parameter]) -> str:
 
 # --- bound, error, losses ------------------------------------------------------------------------
 
+# (||A^-1||_2, A^-1 as a matrix, a function or None, condition number) of a map chain
+Inverse = tuple[float, Any, float]
 
-def _inverse_and_conditioning(A: torch.Tensor | None) -> tuple[float, torch.Tensor | None, float]:
-    """(||A^-1||_2, A^-1, condition number) in float64; (1, None, 1) where no map stands in front."""
-    if A is None:
+
+def _inverse_and_conditioning(linear: QuantLinear) -> Inverse:
+    """(||A^-1||_2, A^-1, condition number) of the map chain in front of a linear.
+
+    No map, or only orthogonal ones: (1, None, 1), since ||A^-1 e|| = ||e|| needs no product. One map:
+    its singular values from its structure (blocks, Kronecker factors, heads) and A^-1 applied as the
+    map applies it, never a dense inverse. Several: the composite matrix, inverted in float64.
+    """
+    chain = [*linear.folded_in, *linear.online_in]
+    if all(t.orthogonal for t in chain):
         return 1.0, None, 1.0
-    A = A.detach().double()
+    if len(chain) == 1:
+        sigma = chain[0].singular_values()
+        return float(1.0 / sigma.min()), chain[0].apply_inverse_matrix, float(sigma.max() / sigma.min())
+    A = _composite_matrix(linear).detach().double()
     sigma = torch.linalg.svdvals(A)
     return float(1.0 / sigma.min()), torch.linalg.inv(A), float(sigma.max() / sigma.min())
 
 
-@torch.no_grad()
-def _measure_points(
-    model: nn.Module, ids: torch.Tensor | None, params: dict[str, nn.Parameter]
-) -> dict[str, dict[str, float]]:
-    """Bound, actual error and condition number of every activation-quantized linear, on ids."""
-    if ids is None:
-        return {}
-    stats: dict[str, dict[str, float]] = {}
-    inverse_cache: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, float]] = {}
+class _PointStats:
+    """Forward pre-hooks that measure bound, actual error and condition number at every quantized point.
 
-    def hook_for(name: str):
-        def hook(module, args):
-            if not module.quantize_acts:
-                return
-            y = module.transformed_input(args[0]).float().reshape(-1, module.in_features)
-            if not torch.isfinite(y).all():
-                raise NonFiniteError(
-                    f"non-finite activation at the quantized input of {name}; {describe_parameters(params)}"
-                )
-            key = _chain_key(module)
-            if key not in inverse_cache:
-                inverse_cache[key] = _inverse_and_conditioning(_composite_matrix(module))
-            inv_norm, A_inv, cond = inverse_cache[key]
-            stats[name] = {
-                "bound": float(bound_of_transformed(y, inv_norm, module.act_format, module.act_block_size)),
-                "error": float(error_of_transformed(y, A_inv, module.act_format, module.act_block_size)),
-                "cond": cond,
-            }
+    Linears that quantize one input tensor through one map chain and format (q/k/v; gate/up) are
+    measured once and share the numbers; each chain's inverse is computed once.
+    """
+
+    def __init__(self, params: dict[str, nn.Parameter]) -> None:
+        self.params = params
+        self.stats: dict[str, dict[str, float]] = {}
+        self._inverses: dict[tuple[int, ...], Inverse] = {}
+        self._last: dict[tuple, tuple[torch.Tensor, dict[str, float]]] = {}
+
+    def hook_for(self, name: str):
+        def hook(module: QuantLinear, args: tuple) -> None:
+            if module.quantize_acts:
+                self.stats[name] = self._measure(name, module, args[0])
 
         return hook
 
+    def _measure(self, name: str, module: QuantLinear, x: torch.Tensor) -> dict[str, float]:
+        chain = _chain_key(module)
+        key = (chain, module.act_format.name, module.act_block_size)
+        last = self._last.get(key)
+        if last is not None and last[0] is x:
+            return last[1]
+        y = module.transformed_input(x).float().reshape(-1, module.in_features)
+        if not torch.isfinite(y).all():
+            raise NonFiniteError(
+                f"non-finite activation at the quantized input of {name}; {describe_parameters(self.params)}"
+            )
+        if chain not in self._inverses:
+            self._inverses[chain] = _inverse_and_conditioning(module)
+        inv_norm, A_inv, cond = self._inverses[chain]
+        stats = {
+            "bound": float(bound_of_transformed(y, inv_norm, module.act_format, module.act_block_size)),
+            "error": float(error_of_transformed(y, A_inv, module.act_format, module.act_block_size)),
+            "cond": cond,
+        }
+        # Holding x keeps its id from being reused by a later tensor.
+        self._last[key] = (x, stats)
+        return stats
+
+
+@contextlib.contextmanager
+def point_stats(model: nn.Module, params: dict[str, nn.Parameter]) -> Iterator[dict[str, dict[str, float]]]:
+    """Bound, actual error and condition number of every activation-quantized point, filled in by the
+    forwards run inside the block (the last forward's numbers)."""
+    measured = _PointStats(params)
     with Hooks() as hooks:
         for name, _, linear in quant_points(model):
-            hooks.pre(linear, hook_for(name))
-        model(ids.to(input_device(model)))
-    return stats
+            hooks.pre(linear, measured.hook_for(name))
+        yield measured.stats
 
 
 @torch.no_grad()
@@ -191,23 +221,6 @@ def _block_outputs(model: nn.Module, ids: torch.Tensor) -> tuple[list[torch.Tens
     return outputs, logits
 
 
-@torch.no_grad()
-def _measure_losses(model: nn.Module, fp_model: nn.Module, ids: torch.Tensor) -> tuple[float, list[float]]:
-    """(next-token KL to the full-precision model, normalized MSE of every block's output) on ids.
-
-    Block outputs are compared with the same model run unquantized: it computes the full-precision
-    function in the transformed basis (T1 may already be folded away), exactly for orthogonal T1.
-    """
-    outputs, logits = _block_outputs(model, ids)
-    with quantization_disabled(model):
-        references, _ = _block_outputs(model, ids)
-    with torch.no_grad():
-        fp_logits = fp_model(ids.to(input_device(fp_model))).logits.to(logits.device)
-    kl = float(next_token_kl(logits, fp_logits))
-    per_block = [float(block_mse(out, ref)) for out, ref in zip(outputs, references, strict=True)]
-    return kl, per_block
-
-
 @dataclass
 class Snapshot:
     """Bound/error/loss measurements at one moment (before or after learning)."""
@@ -218,18 +231,34 @@ class Snapshot:
     heldout: dict[str, dict[str, float]]
 
 
+@torch.no_grad()
 def snapshot(
     model: nn.Module,
-    fp_model: nn.Module,
+    fp_logits: torch.Tensor,
     ids: torch.Tensor,
     heldout_ids: torch.Tensor | None,
     params: dict[str, nn.Parameter],
 ) -> Snapshot:
+    """The KL to the full-precision model (whose logits on ids are fp_logits), the normalized MSE of
+    every block's output, and the bound/error of every point, on ids (measured in the same quantized
+    forward) and on heldout_ids.
+
+    Block outputs are compared with the same model run unquantized: it computes the full-precision
+    function in the transformed basis (T1 may already be folded away), exactly for orthogonal T1.
+    """
     was_training = model.training
     model.eval()
     try:
-        kl, block_losses = _measure_losses(model, fp_model, ids)
-        calib, heldout = _measure_points(model, ids, params), _measure_points(model, heldout_ids, params)
+        with point_stats(model, params) as calib:
+            outputs, logits = _block_outputs(model, ids)
+        with quantization_disabled(model):
+            references, _ = _block_outputs(model, ids)
+        heldout: dict[str, dict[str, float]] = {}
+        if heldout_ids is not None:
+            with point_stats(model, params) as heldout:
+                model(heldout_ids.to(input_device(model)))
+        kl = float(next_token_kl(logits, fp_logits.to(logits.device)))
+        block_losses = [float(block_mse(out, ref)) for out, ref in zip(outputs, references, strict=True)]
         return Snapshot(kl, block_losses, calib, heldout)
     finally:
         model.train(was_training)
