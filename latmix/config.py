@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from latmix.errors import ConfigError
 from latmix.settings import (
+    PPL_DATASETS,
     CalibConfig,
     EvalSettings,
     Experiment,
@@ -63,6 +64,22 @@ def _transform_values(values: dict[str, Any], kv_quantized: bool) -> dict[str, A
     return {"placements": placements, **values}
 
 
+def _eval_values(values: dict[str, Any]) -> dict[str, Any]:
+    """eval/ with a perplexity text file looked up from the working directory, then the project root."""
+    datasets = values.get("ppl_datasets") or ()
+    values["ppl_datasets"] = [d if d in PPL_DATASETS else _local_file(str(d)) for d in datasets]
+    return values
+
+
+def _local_file(path: str) -> str:
+    """The absolute path of a file that exists (from the working directory, then the project root), else as given."""
+    for base in (Path.cwd(), PROJECT_ROOT):
+        candidate = (base / path).expanduser()
+        if candidate.is_file():
+            return str(candidate.resolve())
+    return path
+
+
 def build_experiment(cfg: DictConfig) -> Experiment:
     """Turn a composed Hydra config into typed settings; ConfigError on the first bad value."""
     model = _section(cfg, "model")
@@ -82,7 +99,7 @@ def build_experiment(cfg: DictConfig) -> Experiment:
         calib=from_values(CalibConfig, _section(cfg, "calib"), "calib"),
         optim=from_values(OptimConfig, _section(cfg, "optim"), "optim"),
         gptq=from_values(GPTQSettings, _section(cfg, "gptq"), "gptq"),
-        eval=from_values(EvalSettings, _section(cfg, "eval"), "eval"),
+        eval=from_values(EvalSettings, _eval_values(_section(cfg, "eval")), "eval"),
         logger=from_values(LoggerSettings, _section(cfg, "logger"), "logger"),
         seed=int(cfg.get("seed", 0)),
         device=str(cfg.get("device", "auto")),

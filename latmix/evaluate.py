@@ -8,6 +8,7 @@ evaluated is exactly the model the pipeline built, quantizers and transforms inc
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections.abc import Mapping
@@ -22,7 +23,7 @@ from latmix.errors import ConfigError
 from latmix.fidelity import next_token_nll
 from latmix.metrics import averages
 from latmix.models import input_device
-from latmix.settings import LOCAL_PPL_DATASETS, PPL_DATASETS, EvalSettings
+from latmix.settings import LOCAL_PPL_DATASETS, PPL_DATASETS, EvalSettings, ppl_dataset_name
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ class EvalResult:
     averages: dict[str, float | None] = field(default_factory=dict)
     lm_eval_version: str | None = None
     task_versions: dict[str, Any] = field(default_factory=dict)
+    # name -> where a perplexity dataset came from (PerplexityText.source), for the record's eval section
+    ppl_sources: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def eval_seq_len(model: torch.nn.Module, max_seq_len: int) -> int:
@@ -61,8 +64,45 @@ def perplexity(model: torch.nn.Module, token_ids: torch.Tensor, seq_len: int, ba
     return math.exp(total_nll / total_tokens)
 
 
+@dataclass(frozen=True)
+class PerplexityText:
+    """One perplexity dataset as evaluated: its record name, its tokens, and where they came from
+    (text files: {path, sha256 of the file, tokens evaluated}; wikitext2: {dataset, tokens})."""
+
+    name: str
+    ids: torch.Tensor
+    source: dict[str, Any]
+
+
+def perplexity_texts(tokenizer: Any, settings: EvalSettings, seq_len: int) -> list[PerplexityText]:
+    """Every dataset of eval.ppl_datasets tokenized and cut to eval.max_ppl_tokens; a ConfigError naming
+    the key if one is shorter than a window of seq_len (call it before calibrating: it fails early)."""
+    texts = []
+    for entry in settings.ppl_datasets:
+        ids, source = _tokens_and_source(tokenizer, entry)
+        ids = ids[: settings.max_ppl_tokens]
+        if ids.numel() < seq_len:
+            where = source.get("path") or entry
+            raise ConfigError(
+                f"eval.ppl_datasets: {where} has {ids.numel()} tokens (eval.max_ppl_tokens="
+                f"{settings.max_ppl_tokens}), fewer than one window of {seq_len}; use a longer text or "
+                "lower eval.max_seq_len"
+            )
+        texts.append(PerplexityText(ppl_dataset_name(entry), ids, {**source, "tokens": ids.numel()}))
+    return texts
+
+
+def _tokens_and_source(tokenizer: Any, entry: str) -> tuple[torch.Tensor, dict[str, Any]]:
+    if entry == "wikitext2":
+        return perplexity_stream(tokenizer, entry), {"dataset": "Salesforce/wikitext wikitext-2-raw-v1 test"}
+    path = Path(local_tasks.text_path(entry) if entry in LOCAL_PPL_DATASETS else entry)
+    raw = path.read_bytes()
+    ids = torch.tensor(tokenizer(raw.decode("utf-8"), add_special_tokens=False)["input_ids"], dtype=torch.long)
+    return ids, {"path": str(path), "sha256": hashlib.sha256(raw).hexdigest()}
+
+
 def perplexity_stream(tokenizer: Any, dataset: str) -> torch.Tensor:
-    """The token stream a perplexity dataset is evaluated on."""
+    """The token stream of a named perplexity dataset (wikitext2, or a local text)."""
     if dataset == "wikitext2":
         try:
             return data.token_stream(tokenizer, "wikitext2", "test")
@@ -72,8 +112,7 @@ def perplexity_stream(tokenizer: Any, dataset: str) -> torch.Tensor:
                 "datasets cache (HF_DATASETS_CACHE) on a machine with network first"
             ) from err
     if dataset in LOCAL_PPL_DATASETS:
-        text = Path(local_tasks.text_path(dataset)).read_text(encoding="utf-8")
-        return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        return _tokens_and_source(tokenizer, dataset)[0]
     raise ConfigError(
         f"unknown perplexity dataset {dataset!r}; choose from {', '.join(PPL_DATASETS)}"
     )
@@ -116,18 +155,27 @@ def zero_shot(model: torch.nn.Module, tokenizer: Any, settings: EvalSettings, se
     )
 
 
-def evaluate(model: torch.nn.Module, tokenizer: Any, settings: EvalSettings) -> EvalResult:
-    """Perplexity on each configured dataset, then the zero-shot tasks, with versions for the record."""
+def evaluate(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    settings: EvalSettings,
+    texts: list[PerplexityText] | None = None,
+) -> EvalResult:
+    """Perplexity on each configured dataset, then the zero-shot tasks, with versions for the record.
+
+    texts: the perplexity datasets as perplexity_texts gave them (tokenized early, so that a text too
+    short fails before calibration); None tokenizes them here.
+    """
     import lm_eval
 
     model.eval()
     seq_len = eval_seq_len(model, settings.max_seq_len)
     result = EvalResult(lm_eval_version=lm_eval.__version__)
     ppl_batch = settings.batch_size if isinstance(settings.batch_size, int) else 1
-    for dataset in settings.ppl_datasets:
-        stream = perplexity_stream(tokenizer, dataset)[: settings.max_ppl_tokens]
-        result.ppl[dataset] = perplexity(model, stream, seq_len, ppl_batch)
-        log.info("ppl %s = %.3f (seq_len %d)", dataset, result.ppl[dataset], seq_len)
+    for text in perplexity_texts(tokenizer, settings, seq_len) if texts is None else texts:
+        result.ppl[text.name] = perplexity(model, text.ids, seq_len, ppl_batch)
+        result.ppl_sources[text.name] = text.source
+        log.info("ppl %s = %.3f (seq_len %d)", text.name, result.ppl[text.name], seq_len)
     if settings.tasks == ():
         return result
     output = zero_shot(model, tokenizer, settings, seq_len)

@@ -27,7 +27,7 @@ from latmix.calibrate import calibrate
 from latmix.config import build_experiment
 from latmix.data import calibration_batches
 from latmix.errors import ConfigError
-from latmix.evaluate import EvalResult, evaluate
+from latmix.evaluate import EvalResult, eval_seq_len, evaluate, perplexity_texts
 from latmix.gptq import gptq_quantize_model
 from latmix.hooks import Hooks
 from latmix.models import get_adapter, inject_channel_outliers, load_config, load_model, model_dimensions
@@ -179,7 +179,11 @@ def build_record(
             "tasks": evaluation.tasks,
             "averages": evaluation.averages,
         },
-        "eval": {"lm_eval_version": evaluation.lm_eval_version, "task_versions": evaluation.task_versions},
+        "eval": {
+            "lm_eval_version": evaluation.lm_eval_version,
+            "task_versions": evaluation.task_versions,
+            "ppl_sources": evaluation.ppl_sources,
+        },
         "calibration": calibration,
         "fidelity": fidelity,
         "timing": timing,
@@ -249,6 +253,8 @@ def execute(
         )
         probe_ids = calib_ids[:PROBE_SEQUENCES].to(device)
         acts_before = reader_inputs(fp_model, probe_ids)
+        # Tokenized now: a perplexity text too short for one window fails before calibration.
+        ppl_texts = perplexity_texts(tokenizer, exp.eval, eval_seq_len(model, exp.eval.max_seq_len))
 
     # The full-precision deviation from the original model (DESIGN.md: a non-orthogonal residual map
     # changes the function; ~0 otherwise), on sequences the calibration also sees: after the transforms
@@ -275,7 +281,7 @@ def execute(
     del fp_model
 
     with timer.stage("evaluate"):
-        evaluation = evaluate(model, tokenizer, exp.eval)
+        evaluation = evaluate(model, tokenizer, exp.eval, ppl_texts)
 
     timer.seconds["total"] = round(time.perf_counter() - start, 3)
     rec = build_record(exp, resolved, rid, evaluation, calibration, fidelity, timer.seconds, device, source)

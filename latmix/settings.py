@@ -419,10 +419,43 @@ class EvalSettings:
             raise ValueError("eval.suite=lm_eval needs a list of lm-eval task names in eval.tasks")
         _set(self, "tasks", None if self.tasks is None else tuple(self.tasks))
         _set(self, "ppl_datasets", tuple(self.ppl_datasets or ()))
-        # Checked here, not when evaluation starts: a typo must not cost a calibration first.
-        unknown = [name for name in self.ppl_datasets if name not in PPL_DATASETS]
-        if unknown:
-            raise ValueError(f"eval.ppl_datasets: unknown {unknown}; choose from {', '.join(PPL_DATASETS)}")
+        # Checked here, not when evaluation starts: a typo or a missing file must not cost a calibration first.
+        _set(self, "ppl_datasets", tuple(_ppl_dataset(str(entry)) for entry in self.ppl_datasets))
+        names = [ppl_dataset_name(entry) for entry in self.ppl_datasets]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(
+                f"eval.ppl_datasets: more than one entry would be recorded as {', '.join(repeated)} "
+                "(a text file is recorded by its name without the suffix); rename or drop one"
+            )
+
+
+def ppl_dataset_name(entry: str) -> str:
+    """The name a perplexity dataset is recorded under: a dataset's name, or a text file's stem."""
+    return entry if entry in PPL_DATASETS else Path(entry).stem
+
+
+def _ppl_dataset(entry: str) -> str:
+    """A dataset name as it is, or a readable, non-empty UTF-8 text file as its absolute path."""
+    if entry in PPL_DATASETS:
+        return entry
+    path = Path(entry).expanduser()
+    if not path.is_file():
+        raise ValueError(
+            f"eval.ppl_datasets: unknown {entry!r}: neither a dataset ({', '.join(PPL_DATASETS)}) "
+            "nor an existing text file"
+        )
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as err:
+        raise ValueError(f"eval.ppl_datasets: cannot read {path} ({err.strerror or err})") from err
+    except UnicodeDecodeError as err:
+        raise ValueError(f"eval.ppl_datasets: {path} is not UTF-8 text (byte {err.start} of it)") from err
+    if not text.strip():
+        raise ValueError(f"eval.ppl_datasets: {path} has no text")
+    return str(path.resolve())
+
+
 
 # --- logger -----------------------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from latmix import evaluate, local_tasks, metrics
 from latmix.errors import ConfigError
-from latmix.settings import EvalSettings
+from latmix.settings import EvalSettings, from_values
 
 
 class FixedLogits(torch.nn.Module):
@@ -104,3 +104,69 @@ def test_local_suite_runs_lm_eval_on_the_in_memory_model(tiny_checkpoint):
     assert result.averages["mean"] is not None and result.averages["avg6"] is None
     assert set(result.task_versions) >= set(local_tasks.LOCAL_TASKS)
     assert result.lm_eval_version
+
+
+# --- perplexity on any text file -----------------------------------------------------------------
+
+
+def byte_tokenizer(text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+    """One token per UTF-8 byte."""
+    return {"input_ids": list(text.encode("utf-8"))}
+
+
+def eval_settings(*datasets, **overrides) -> EvalSettings:
+    values = {"suite": "local", "tasks": (), "ppl_datasets": datasets, "max_seq_len": 64, "max_ppl_tokens": None}
+    return from_values(EvalSettings, {**values, **overrides}, "eval")
+
+
+def test_a_text_file_is_evaluated_and_recorded_by_name_path_and_sha256(tmp_path):
+    import hashlib
+
+    text = tmp_path / "my_corpus.txt"
+    text.write_text("ünïcode text, " * 40, encoding="utf-8")
+    settings = eval_settings(str(text), "heldout", max_ppl_tokens=5000)
+    assert settings.ppl_datasets == (str(text.resolve()), "heldout")
+    model = FixedLogits(lambda ids: torch.zeros(*ids.shape, 256))
+    result = evaluate.evaluate(model, byte_tokenizer, settings)
+    assert set(result.ppl) == {"my_corpus", "heldout"} and result.ppl["my_corpus"] == pytest.approx(256, rel=1e-5)
+    tokens = len(text.read_bytes())
+    assert result.ppl_sources["my_corpus"] == {
+        "path": str(text.resolve()), "sha256": hashlib.sha256(text.read_bytes()).hexdigest(), "tokens": tokens,
+    }
+    heldout = result.ppl_sources["heldout"]
+    assert heldout["path"] == str(local_tasks.text_path("heldout")) and heldout["tokens"] == 5000
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, r"eval: eval\.ppl_datasets: unknown '.*missing\.txt': neither a dataset .* nor an existing text file"),
+        (b"\xff\xfe latin-1 \xe9", r"eval: eval\.ppl_datasets: .*bad\.txt is not UTF-8 text \(byte 0"),
+        (b" \n\n ", r"eval: eval\.ppl_datasets: .*bad\.txt has no text"),
+    ],
+)
+def test_a_missing_unreadable_or_empty_file_is_one_config_error_naming_the_key(tmp_path, content, message):
+    path = tmp_path / ("missing.txt" if content is None else "bad.txt")
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError, match=message) as caught:
+        eval_settings(str(path))
+    assert "\n" not in str(caught.value)
+
+
+def test_two_texts_recorded_under_one_name_are_refused(tmp_path):
+    (tmp_path / "a").mkdir()
+    for folder in (tmp_path, tmp_path / "a"):
+        (folder / "heldout.txt").write_text("text", encoding="utf-8")
+    with pytest.raises(ConfigError, match="more than one entry would be recorded as heldout"):
+        eval_settings(str(tmp_path / "heldout.txt"), str(tmp_path / "a" / "heldout.txt"))
+    with pytest.raises(ConfigError, match="recorded as heldout"):
+        eval_settings("heldout", str(tmp_path / "heldout.txt"))
+
+
+def test_a_text_too_short_for_one_window_fails_when_tokenized(tmp_path):
+    path = tmp_path / "short.txt"
+    path.write_text("only a few bytes", encoding="utf-8")
+    settings = eval_settings(str(path))
+    with pytest.raises(ConfigError, match=r"eval\.ppl_datasets: .*short\.txt has 16 tokens .* fewer than one window of 64"):
+        evaluate.perplexity_texts(byte_tokenizer, settings, seq_len=64)
