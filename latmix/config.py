@@ -7,6 +7,11 @@ of any unknown or rejected value in a ConfigError. Three translations happen on 
 (quant, transform) are labels for records and tables only; a transform's `kv_placements` join its
 placements only when the KV cache is quantized; a model path that exists locally is made absolute.
 
+Checked here too, before anything is imported: unknown top-level keys (`+foo=1`), seeds outside
+0..2^32-1, a model.name_or_path that can only be a path and does not exist (`resolve_local_path`),
+a local model directory's files (latmix.modelfiles: config.json, model_type, custom code, safetensors
+headers, calib.seq_len within its positions), calib.path (made absolute; it must exist).
+
 Torch-free: run.py calls build_experiment before it imports the pipeline. What needs the model (its
 dimensions against the block sizes) is checked when the model's config is read
 (`QuantConfig.check_dimensions`).
@@ -20,8 +25,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from latmix.errors import ConfigError
+from latmix.modelfiles import check_model_directory
 from latmix.settings import (
     PPL_DATASETS,
+    SEED_MAX,
     CalibConfig,
     EvalSettings,
     Experiment,
@@ -37,6 +44,7 @@ from latmix.settings import (
 __all__ = ["ConfigError", "build_experiment", "resolve_local_path"]
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PRIMARY_CONFIG = PROJECT_ROOT / "conf" / "config.yaml"
 
 
 def _section(cfg: DictConfig, key: str) -> dict[str, Any]:
@@ -46,12 +54,75 @@ def _section(cfg: DictConfig, key: str) -> dict[str, Any]:
 
 
 def resolve_local_path(name_or_path: str) -> str:
-    """A path that exists (from the working directory, then the project root), else the hub id as given."""
+    """A path that exists (from the working directory, then the project root), else the hub id as given.
+
+    What can only be a path (absolute, ./ ../ ~, a backslash, more than one /, or under a directory
+    that exists here, like models/x) and does not exist is a ConfigError: a missing path, never a
+    hub id to fetch.
+    """
     for base in (Path.cwd(), PROJECT_ROOT):
         candidate = (base / name_or_path).expanduser()
         if candidate.exists():
             return str(candidate.resolve())
+    if _looks_like_a_path(name_or_path):
+        raise ConfigError(
+            f"model.name_or_path={name_or_path}: no such directory (a relative path is looked up from the "
+            f"working directory {Path.cwd()}, then {PROJECT_ROOT}); point it at the model's directory"
+        )
     return name_or_path
+
+
+def _looks_like_a_path(name: str) -> bool:
+    """Whether `name` cannot be a hub id (`name` or `org/name`)."""
+    if name.startswith(("/", "./", "../", "~", ".")) or "\\" in name or name.count("/") > 1 or name.endswith("/"):
+        return True
+    head = name.split("/")[0]
+    return "/" in name and any((base / head).is_dir() for base in (Path.cwd(), PROJECT_ROOT))
+
+
+def known_top_level_keys() -> set[str]:
+    """The keys of the primary config conf/config.yaml and its config groups, and `hydra`."""
+    keys = {"hydra"}
+    try:
+        primary = OmegaConf.to_container(OmegaConf.load(PRIMARY_CONFIG), resolve=False)
+    except (OSError, ValueError):
+        return set()
+    for entry in primary.pop("defaults", None) or []:
+        if isinstance(entry, dict):
+            for group in entry:
+                keys.add(str(group).removeprefix("override ").split("/")[0].split("@")[0])
+    keys.update(str(k) for k in primary)
+    return keys
+
+
+def check_top_level_keys(cfg: DictConfig) -> None:
+    """ConfigError for a top-level key no config group or setting defines (`+foo=1`): it would silently
+    give the run a new id while changing nothing."""
+    known = known_top_level_keys()
+    unknown = sorted(str(k) for k in cfg if known and str(k) not in known)
+    if unknown:
+        raise ConfigError(
+            f"unknown top-level key(s) {', '.join(unknown)}: nothing reads them (they would only change the "
+            f"run id); remove them, or use one of {', '.join(sorted(known - {'hydra'}))}"
+        )
+
+
+def _int_setting(cfg: DictConfig, key: str, default: int) -> int:
+    value = cfg.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= SEED_MAX:
+        raise ConfigError(f"{key}={value!r} is not a seed; use an integer from 0 to {SEED_MAX}")
+    return value
+
+
+def resolve_calibration_text(path: Any) -> str | None:
+    """calib.path as an absolute path to an existing file (from the working directory, then the project root)."""
+    if path is None:
+        return None
+    for base in (Path.cwd(), PROJECT_ROOT):
+        candidate = (base / str(path)).expanduser()
+        if candidate.is_file():
+            return str(candidate.resolve())
+    raise ConfigError(f"calib.path={path}: no such file; set calib.path to a text file (with calib.source=local)")
 
 
 def _transform_values(values: dict[str, Any], kv_quantized: bool) -> dict[str, Any]:
@@ -82,13 +153,15 @@ def _local_file(path: str) -> str:
 
 def build_experiment(cfg: DictConfig) -> Experiment:
     """Turn a composed Hydra config into typed settings; ConfigError on the first bad value."""
+    check_top_level_keys(cfg)
+    seed = _int_setting(cfg, "seed", 0)
     model = _section(cfg, "model")
     quant, transform = _section(cfg, "quant"), _section(cfg, "transform")
     quant_name, transform_name = str(quant.pop("name", "custom")), str(transform.pop("name", "custom"))
     if model.get("name_or_path") is not None:
         model["name_or_path"] = resolve_local_path(str(model["name_or_path"]))
     quant_config = from_values(QuantConfig, quant, "quant")
-    return Experiment(
+    exp = Experiment(
         model=from_values(ModelSettings, model, "model"),
         quant_name=quant_name,
         quant=quant_config,
@@ -96,13 +169,25 @@ def build_experiment(cfg: DictConfig) -> Experiment:
         transform=from_values(
             TransformConfig, _transform_values(transform, quant_config.kv_format is not None), "transform"
         ),
-        calib=from_values(CalibConfig, _section(cfg, "calib"), "calib"),
+        calib=from_values(CalibConfig, _calib_values(_section(cfg, "calib")), "calib"),
         optim=from_values(OptimConfig, _section(cfg, "optim"), "optim"),
         gptq=from_values(GPTQSettings, _section(cfg, "gptq"), "gptq"),
         eval=from_values(EvalSettings, _eval_values(_section(cfg, "eval")), "eval"),
         logger=from_values(LoggerSettings, _section(cfg, "logger"), "logger"),
-        seed=int(cfg.get("seed", 0)),
+        seed=seed,
         device=str(cfg.get("device", "auto")),
         force=bool(cfg.get("force", False)),
         results_dir=Path(str(cfg.paths.results_dir)).expanduser().resolve(),
+        wait=bool(cfg.get("wait", False)),
     )
+    if exp.model.name_or_path is not None and Path(exp.model.name_or_path).is_dir():
+        # config.json, architecture, custom code, safetensors headers, positions: milliseconds, no torch
+        check_model_directory(Path(exp.model.name_or_path), exp.model.trust_remote_code, exp.calib.seq_len)
+    return exp
+
+
+def _calib_values(values: dict[str, Any]) -> dict[str, Any]:
+    """calib/ with its text file (calib.path) resolved and checked to exist."""
+    if values.get("path") is not None:
+        values["path"] = resolve_calibration_text(values["path"])
+    return values

@@ -44,7 +44,7 @@ def _load_hub_texts(source: str, split: str) -> list[str]:
         import datasets
     except ImportError as err:
         raise ConfigError(
-            f"source={source!r} needs the `datasets` package; install it or use source='local'"
+            f"source={source!r} needs the `datasets` package; install it or use calib.source=local"
         ) from err
     try:
         if source == "wikitext2":
@@ -57,15 +57,15 @@ def _load_hub_texts(source: str, split: str) -> list[str]:
         return list(rows["text"])
     except (ConnectionError, OSError, FileNotFoundError) as err:
         raise ConfigError(
-            f"could not load {source!r} through `datasets` ({err}); without network or a local HF cache "
-            "use source='local' with a text file"
+            f"could not load {source!r} through `datasets` ({' '.join(str(err).split())[:200]}); without network or a local HF cache, "
+            "calibrate on a text file: calib.source=local calib.path=FILE"
         ) from err
 
 
 def _read_local_text(split: str, path: Path | str | None) -> str:
     path = Path(path) if path is not None else LOCAL_TEXTS[split]
     if not path.is_file():
-        raise ConfigError(f"local calibration text {path} does not exist; pass an existing text file as path")
+        raise ConfigError(f"calib.path={path} does not exist; set calib.path to an existing text file")
     return path.read_text(encoding="utf-8")
 
 

@@ -22,16 +22,18 @@ import torch
 import transformers
 from omegaconf import DictConfig, OmegaConf
 
-from latmix import figures, record
+from latmix import figures, interrupt, record
 from latmix.calibrate import calibrate
 from latmix.config import build_experiment
 from latmix.data import calibration_batches
 from latmix.errors import ConfigError
 from latmix.evaluate import EvalResult, eval_seq_len, evaluate, perplexity_texts
 from latmix.gptq import gptq_quantize_model
+from latmix.guard import RunGuard, guarded_run
 from latmix.hooks import Hooks
 from latmix.models import get_adapter, inject_channel_outliers, load_config, load_model, model_dimensions
 from latmix.models.cache import cached_model, record_entry
+from latmix.models.loading import check_sequence_length
 from latmix.offload import offload_blocks
 from latmix.quantize import QuantLinear, prepare_model, set_quantization
 from latmix.settings import Experiment
@@ -96,9 +98,17 @@ def settings_errors(what: str) -> Iterator[None]:
 
 
 def resolve_device(name: str) -> torch.device:
-    """The device a run computes on: "auto" is the first CUDA device when there is one, else the CPU."""
+    """The device a run computes on: "auto" is the first CUDA device when there is one, else the CPU.
+
+    A named device must exist here (a tensor is allocated on it): ConfigError naming `device` if not.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.empty(0, device=name)
+    except (RuntimeError, AssertionError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"device={name} is not available here ({reason}); use device=auto or device=cpu") from err
     return torch.device(name)
 
 
@@ -114,6 +124,7 @@ def load_model_checked(exp: Experiment, device: torch.device, name: str) -> tupl
     """Load the model after checking its dimensions against the block sizes; hub failures -> ConfigError."""
     model_config = load_config(name, trust_remote_code=exp.model.trust_remote_code)
     exp.quant.check_dimensions(*model_dimensions(model_config))
+    check_sequence_length(model_config, "calib.seq_len", exp.calib.seq_len)
     # An offloaded model is loaded into CPU memory; offload_blocks then moves what stays on the device.
     load_device = "cpu" if exp.calib.offload else device
     return load_model(name, exp.model.dtype, load_device, trust_remote_code=exp.model.trust_remote_code)
@@ -213,12 +224,27 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return previous
 
     device = resolve_device(exp.device)
+    # The run's lock (another process running it: RunInProgress, or wait=true), signal handling, the
+    # results dir probed, leftovers of killed runs removed (latmix.guard).
+    with guarded_run(exp, rid) as guard:
+        if not exp.force and (previous := existing_record(path)) is not None:  # finished while we waited
+            log.info("run %s was recorded at %s by another process; skipping", rid, path)
+            return previous
+        guard.start()  # force=true discards the calibration checkpoints; else they must be readable
+        return _run_guarded(exp, device, resolved, rid, guard)
+
+
+def _run_guarded(
+    exp: Experiment, device: torch.device, resolved: dict[str, Any], rid: str, guard: RunGuard
+) -> dict[str, Any]:
+    path = guard.record_path
     log.info("run %s: model=%s quant=%s transform=%s seed=%d on %s",
              rid, exp.model.name, exp.quant_name, exp.transform_name, exp.seed, device)
     tracker = start_tracker(exp, rid, resolved)
     try:
         rec, figure_paths = execute(exp, device, resolved, rid, tracker)
         record.write_record(path, rec)
+        guard.finished()  # the calibration checkpoints have served
         log.info("record written to %s (%.1f s in all)", path, rec["timing"]["total"])
         tracker.log_summary({"metrics": rec["metrics"], "timing": rec["timing"], "fidelity": rec["fidelity"]})
         tracker.log_calibration(rec["calibration"]["per_layer"])
@@ -247,9 +273,11 @@ def execute(
             offload_blocks(model, device)
             offload_blocks(fp_model, device)
         calib = exp.calib
-        calib_ids, calib_sha = calibration_batches(tokenizer, calib.source, calib.n_samples, calib.seq_len, exp.seed)
+        calib_ids, calib_sha = calibration_batches(
+            tokenizer, calib.source, calib.n_samples, calib.seq_len, exp.seed, path=calib.path
+        )
         heldout_ids, _ = calibration_batches(
-            tokenizer, calib.source, PROBE_SEQUENCES, calib.seq_len, exp.seed, split="validation"
+            tokenizer, calib.source, PROBE_SEQUENCES, calib.seq_len, exp.seed, split="validation", path=calib.path
         )
         probe_ids = calib_ids[:PROBE_SEQUENCES].to(device)
         acts_before = reader_inputs(fp_model, probe_ids)
@@ -264,7 +292,7 @@ def execute(
             prepared = prepare_model(model, exp.transform, exp.quant, deviation_ids=probe_ids)
         deviation_before = prepared.fp_deviation()
 
-    with timer.stage("calibrate"):
+    with timer.stage("calibrate"), interrupt.deferred("calibration"):  # signals: a checkpoint, then stop
         report = calibrate(
             prepared, fp_model, calib_ids, exp.calib, exp.optim, exp.results_dir / "ckpt" / rid,
             heldout_ids=heldout_ids, on_step=tracker.log_step,

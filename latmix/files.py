@@ -1,14 +1,18 @@
-"""Atomic file writes: a reader sees the previous file or the new one, never half of one."""
+"""Atomic file writes (a reader sees the previous file or the new one, never half of one), their leftovers, and
+the results directory's write probe."""
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_write"]
+from latmix.errors import ConfigError
+
+__all__ = ["atomic_write", "check_writable_dir", "remove_temp_files", "temp_files"]
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path:
@@ -30,3 +34,36 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def temp_files(path: str | Path) -> list[Path]:
+    """The temp files atomic_write leaves beside `path` when its process is killed mid-write."""
+    path = Path(path)
+    return sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
+
+
+def remove_temp_files(path: str | Path) -> list[Path]:
+    """Remove what killed writers of `path` left (call it while holding the lock of whatever writes it)."""
+    removed = temp_files(path)
+    for tmp in removed:
+        tmp.unlink(missing_ok=True)
+    return removed
+
+
+def check_writable_dir(path: str | Path, key: str) -> None:
+    """ConfigError naming `key` unless `path` is (or can be made) a directory this process can write in.
+
+    Probed by creating and removing a file, so a read-only filesystem is caught as well as modes.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{key}={path} is a file, not a directory; set {key} to a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-probe-", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ConfigError(
+            f"{key}={path} is not writable ({err.strerror or err}); set {key} to a directory you can write to"
+        ) from err

@@ -62,6 +62,12 @@ def check_requeue_limit(restarts: int, limit: int | None) -> None:
         )
 
 
+def is_requeued() -> bool:
+    """Whether this process is a restarted attempt of a Slurm job (requeued after a time limit or a
+    preemption): it continues the run it was given, so force=true must not discard its checkpoints."""
+    return "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+
+
 def slurm_job_id() -> str:
     """This job's id as squeue and sacct show it: <array job>_<task> for a sweep's task."""
     if "SLURM_ARRAY_JOB_ID" in os.environ:

@@ -20,7 +20,9 @@ from latmix.files import atomic_write
 SCHEMA_VERSION = 1
 
 # Keys that say where and how a run executes, not what it computes: they stay out of the run id.
-NON_IDENTITY_KEYS = ("paths", "logger", "force", "hydra", "launcher")
+NON_IDENTITY_KEYS = ("paths", "logger", "force", "wait", "hydra", "launcher")
+# The same for keys inside a group (dotted): how checkpoints are kept.
+NON_IDENTITY_SUBKEYS = ("calib.checkpoint_minutes", "calib.keep_checkpoints")
 
 # Required top-level fields and their JSON types; nested parts are checked by `validate_record`.
 REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
@@ -49,10 +51,19 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
+def identity(resolved_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The resolved config minus where-and-how keys (NON_IDENTITY_KEYS, NON_IDENTITY_SUBKEYS)."""
+    kept = {k: v for k, v in resolved_config.items() if k not in NON_IDENTITY_KEYS}
+    for dotted in NON_IDENTITY_SUBKEYS:
+        group, key = dotted.split(".", 1)
+        if isinstance(kept.get(group), Mapping) and key in kept[group]:
+            kept[group] = {k: v for k, v in kept[group].items() if k != key}
+    return kept
+
+
 def run_id(resolved_config: Mapping[str, Any]) -> str:
     """First 12 hex chars of sha256 over the resolved config, minus where-and-how keys."""
-    identity = {k: v for k, v in resolved_config.items() if k not in NON_IDENTITY_KEYS}
-    return hashlib.sha256(canonical_json(identity).encode()).hexdigest()[:12]
+    return hashlib.sha256(canonical_json(identity(resolved_config)).encode()).hexdigest()[:12]
 
 
 def record_path(results_dir: str | Path, rid: str) -> Path:

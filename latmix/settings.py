@@ -29,6 +29,8 @@ from latmix.formats import get_format
 
 # model
 MODEL_DTYPES = ("float32", "float16", "bfloat16")
+# The config.json model_types latmix has an adapter for (latmix.models.adapter.ADAPTERS, the same keys).
+MODEL_TYPES = ("llama", "mistral", "qwen2")
 # Where outliers can be planted (latmix.models.outliers says how).
 OUTLIER_POINTS = ("norm", "mlp", "attn_vo")
 OUTLIER_KEYS = ("n_channels", "scale", "seed", "points")
@@ -78,6 +80,16 @@ PPL_DATASETS = ("wikitext2", *LOCAL_PPL_DATASETS)
 
 # logger: "auto" = online with W&B credentials, offline without; "disabled" = no tracker.
 LOGGER_MODES = ("auto", "online", "offline", "disabled")
+
+
+# Seeds reach Python, NumPy (which takes 0 <= seed < 2**32) and torch.
+SEED_MAX = 2**32 - 1
+
+
+def check_seed(name: str, value: Any) -> None:
+    """ValueError naming the key unless value is an integer seed NumPy and torch both accept."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= SEED_MAX:
+        raise ValueError(f"{name}={value!r} is not a seed; use an integer from 0 to {SEED_MAX}")
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
@@ -251,6 +263,7 @@ class TransformConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_seed("transform.seed", self.seed)
         _set(self, "placements", {name: _validated_spec(name, spec) for name, spec in dict(self.placements).items()})
         residual = self.placements.get("residual")
         if residual is not None and residual["family"] not in ORTHOGONAL_FAMILIES and not self.approximate:
@@ -325,6 +338,14 @@ class CalibConfig:
     online_maps: bool = True
     # Fake-quantize the weights by round to nearest while learning, also when GPTQ quantizes them after.
     quantize_weights: bool = False
+    # The text calibrated on with source=local (a file; null: the shipped calibration text).
+    path: str | None = None
+    # A checkpoint also every this many minutes (null: only every checkpoint_every steps); how a run is
+    # kept, not what it computes: outside the run id and the checkpoint fingerprint.
+    checkpoint_minutes: float | None = 5.0
+    # Keep the checkpoints once the record is written (default: removed, they have served).
+    keep_checkpoints: bool = False
+
 
     def __post_init__(self) -> None:
         check_choice("calib.mode", self.mode, MODES)
@@ -337,6 +358,16 @@ class CalibConfig:
                 raise ValueError(f"calib.{name} must be >= 1, got {getattr(self, name)}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"calib.steps must be >= 1 or null (no cap), got {self.steps}")
+        check_seed("calib.seed", self.seed)
+        if self.checkpoint_minutes is not None and not self.checkpoint_minutes > 0:
+            raise ValueError(
+                f"calib.checkpoint_minutes must be > 0 or null (step-based only), got {self.checkpoint_minutes}"
+            )
+        if self.path is not None and self.source != "local":
+            raise ValueError(
+                f"calib.path is the text of calib.source=local, but calib.source={self.source}; "
+                "set calib.source=local or calib.path=null"
+            )
         if self.reg_weight < 0:
             raise ValueError(f"calib.reg_weight must be >= 0, got {self.reg_weight}")
         if not self.cond_limit > 1:
@@ -419,6 +450,16 @@ class EvalSettings:
             raise ValueError("eval.suite=lm_eval needs a list of lm-eval task names in eval.tasks")
         _set(self, "tasks", None if self.tasks is None else tuple(self.tasks))
         _set(self, "ppl_datasets", tuple(self.ppl_datasets or ()))
+        # Checked here: a bad count would otherwise fail only after calibration and GPTQ.
+        for name, low, allow_none in (
+            ("limit", 1, True), ("max_ppl_tokens", 1, True), ("max_seq_len", 1, False), ("num_fewshot", 0, False)
+        ):
+            value = getattr(self, name)
+            if (value is None and not allow_none) or (value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < low
+            )):
+                null = " or null (all)" if allow_none else ""
+                raise ValueError(f"eval.{name} must be an integer >= {low}{null}, got {value!r}")
         # Checked here, not when evaluation starts: a typo or a missing file must not cost a calibration first.
         _set(self, "ppl_datasets", tuple(_ppl_dataset(str(entry)) for entry in self.ppl_datasets))
         names = [ppl_dataset_name(entry) for entry in self.ppl_datasets]
@@ -499,8 +540,14 @@ class Experiment:
     device: str
     force: bool
     results_dir: Path
+    # Another process running the same run: false = stop at once with a line saying where; true = wait.
+    wait: bool = False
 
     def __post_init__(self) -> None:
+        try:
+            check_seed("seed", self.seed)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         if not _DEVICE.match(self.device):
             raise ConfigError(f"device={self.device!r} is not a torch device; use auto, cpu, cuda or cuda:N")
         if self.calib.objective == "bound" and self.calib.mode != "none" and self.quant.act_format is None:

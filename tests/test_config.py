@@ -42,7 +42,9 @@ def test_the_defaults_are_the_embedded_latmix_run():
 
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g)])
 def test_every_option_composes_into_valid_settings(group, option):
-    exp = config.build_experiment(compose_config(f"{group}={option}"))
+    # The papers' 2048-token calibration needs a model with as many positions (the tiny default has 512).
+    model = ["model=llama3-8b"] if (group, option) == ("calib", "paper") else []
+    exp = config.build_experiment(compose_config(f"{group}={option}", *model))
     assert exp.results_dir.is_absolute()
     if group == "model":
         assert exp.model.name == option
@@ -91,8 +93,18 @@ def test_model_presets_point_at_hub_ids_and_tiny_at_the_shipped_checkpoint():
 
 
 def test_a_local_directory_replaces_the_hub_id(tmp_path):
+    LlamaConfig(max_position_embeddings=4096).save_pretrained(tmp_path)
     exp = config.build_experiment(compose_config("model=llama3-8b", f"model.name_or_path={tmp_path}"))
     assert exp.model.name_or_path == str(tmp_path)
+
+
+def test_a_local_models_files_are_checked_before_torch_is_imported(tmp_path):
+    LlamaConfig(max_position_embeddings=128).save_pretrained(tmp_path)
+    with pytest.raises(config.ConfigError, match=r"^calib.seq_len=256 is longer than the model's 128 positions"):
+        config.build_experiment(compose_config(f"model.name_or_path={tmp_path}"))
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(config.ConfigError, match=rf"^model config {tmp_path}/config.json is not readable JSON"):
+        config.build_experiment(compose_config(f"model.name_or_path={tmp_path}"))
 
 
 def test_tiny_outliers_is_labelled_as_such():
@@ -133,11 +145,31 @@ def test_the_seed_reaches_the_transforms():
         ("gptq.damp=0", "gptq.damp must be positive"),
         ("+logger.backend=wandb", "logger: unknown key.*backend"),
         ("model=tiny_outliers model.outliers.points=[residual]", "model.outliers.points: unknown"),
+        ("seed=-1", r"^seed=-1 is not a seed; use an integer from 0 to 4294967295$"),
+        ("seed=4294967296", "seed=4294967296 is not a seed"),
+        ("calib.seed=-3", r"^calib: calib.seed=-3 is not a seed"),
+        ("+foo=1", r"^unknown top-level key\(s\) foo: nothing reads them \(they would only change the run id\)"),
+        ("eval.limit=0", r"^eval: eval.limit must be an integer >= 1 or null \(all\), got 0$"),
+        ("eval.max_seq_len=0", r"^eval: eval.max_seq_len must be an integer >= 1, got 0$"),
+        ("calib.checkpoint_minutes=0", r"^calib: calib.checkpoint_minutes must be > 0 or null"),
+        ("calib.path=data/text/calibration.txt calib.source=wikitext2",
+         r"^calib: calib.path is the text of calib.source=local, but calib.source=wikitext2"),
+        ("calib.path=no/such/text.txt", r"^calib.path=no/such/text.txt: no such file; set calib.path to a text file"),
+        ("model.name_or_path=/no/such/model", r"^model.name_or_path=/no/such/model: no such directory"),
+        ("model.name_or_path=models/no-such-model", r"^model.name_or_path=models/no-such-model: no such directory"),
+        ("model.name_or_path=./gpt2", r"^model.name_or_path=./gpt2: no such directory"),
     ],
 )
 def test_bad_values_raise_one_config_error_naming_the_key(override, message):
     with pytest.raises(config.ConfigError, match=message):
         config.build_experiment(compose_config(*override.split()))
+
+
+def test_a_hub_id_stays_a_hub_id_and_a_calibration_text_is_made_absolute():
+    exp = config.build_experiment(compose_config("model.name_or_path=org/some-model", "calib.path=data/text/heldout.txt"))
+    assert exp.model.name_or_path == "org/some-model"
+    assert exp.calib.path == str(ROOT / "data" / "text" / "heldout.txt")
+    assert exp.calib.checkpoint_minutes == 5 and exp.calib.keep_checkpoints is False and exp.wait is False
 
 
 def test_the_bound_objective_without_quantized_activations_is_rejected():
@@ -201,7 +233,8 @@ def test_a_hub_model_without_network_fails_with_one_line_saying_what_to_do(tmp_p
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
     assert "model.name_or_path='meta-llama/Meta-Llama-3-8B' is not a local directory" in out.stderr
-    assert "--local-dir DIR" in out.stderr
+    assert "(hf download meta-llama/Meta-Llama-3-8B --local-dir DIR) and pass model.name_or_path=DIR" in out.stderr
+    assert "huggingface-cli" not in out.stderr
 
 
 def test_a_bad_block_size_fails_on_the_command_line_with_one_line(tmp_path):

@@ -45,6 +45,13 @@ def test_run_id_ignores_where_and_how_keys_but_not_what_is_computed():
     assert len(record.run_id(cfg)) == 12 and int(record.run_id(cfg), 16) >= 0
 
 
+def test_run_id_ignores_how_checkpoints_are_kept_and_whether_to_wait():
+    cfg = {"seed": 0, "calib": {"steps": 4, "checkpoint_every": 2}}
+    kept = {**cfg, "wait": True, "calib": {**cfg["calib"], "checkpoint_minutes": 1, "keep_checkpoints": True}}
+    assert record.run_id(cfg) == record.run_id(kept)
+    assert record.run_id(cfg) != record.run_id({**cfg, "calib": {**cfg["calib"], "checkpoint_every": 3}})
+
+
 def test_run_id_does_not_depend_on_key_order():
     assert record.run_id({"a": 1, "b": {"c": 2, "d": 3}}) == record.run_id({"b": {"d": 3, "c": 2}, "a": 1})
 

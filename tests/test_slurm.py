@@ -224,7 +224,11 @@ def test_local_launcher_runs_the_sweep_on_this_machine(tmp_path):
 
 
 def slurm_env() -> dict[str, str]:
-    return {**os.environ, "SLURM_CONF": str(SLURM_CONF)}
+    # Jobs inherit it (sbatch exports the environment): a run and its requeued attempt agree on the code
+    # version of their checkpoints even if the checkout is edited between them.
+    from latmix.version import code_version
+
+    return {**os.environ, "SLURM_CONF": str(SLURM_CONF), "LATMIX_CODE_VERSION": f"tests-{code_version()}"}
 
 
 @pytest.fixture(scope="module")

@@ -34,10 +34,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from latmix import quantize
+from latmix import interrupt, quantize
 from latmix.calibrate.checkpoint import (
     Checkpoints,
-    fingerprint,
     load_params,
     param_state,
     rng_state,
@@ -196,10 +195,13 @@ def _run_end_to_end(run: _Calibration) -> tuple[int, list[str]]:
                 loss = trainer.step(step, _end_to_end_loss(run, reference, indices, learned))
             progress.set_postfix(loss=f"{loss:.4g}", epoch=step // batches_per_epoch(cfg, calib_ids.shape[0]))
             done = step + 1
-            if done % cfg.checkpoint_every == 0 or done == total:
+            due = done % cfg.checkpoint_every == 0 or done == total
+            if due:
                 trainer.guard_conditioning(transforms)
-                if run.checkpoints.enabled:
-                    run.checkpoints.save({"step": done, "trainer": trainer.state(), "rng": rng_state()})
+            # Saves when due, every calib.checkpoint_minutes, and before stopping on a signal (latmix.interrupt).
+            run.checkpoints.after_step(
+                done, total, due, lambda done=done: {"step": done, "trainer": trainer.state(), "rng": rng_state()}
+            )
             if run.on_step is not None:
                 run.on_step({"mode": "end_to_end", "step": done, "loss": loss})
     return total, trainer.rolled_back
@@ -245,6 +247,7 @@ def _train_block(
             idx = batch_indices(cfg, x_q.shape[0], step)
             loss = trainer.step(step, _layer_wise_loss(block, x_q[idx], target[idx], kwargs, cfg, points, learned))
             progress.set_postfix(loss=f"{loss:.4g}")
+            interrupt.check(f"block {index}, step {step + 1} (the block is redone on resume)")
 
 
 def _run_layer_wise(run: _Calibration) -> tuple[int, list[str], dict[int, float]]:
@@ -297,6 +300,7 @@ def _run_layer_wise(run: _Calibration) -> tuple[int, list[str], dict[int, float]
             )
         if i >= first and run.on_step is not None:
             run.on_step({"mode": "layer_wise", "block": i, "step": steps_done})
+        interrupt.check(f"the end of block {i} of {len(layers)}")  # a signal: stop here (checkpointed)
     return steps_done, rolled_back, seconds
 
 
@@ -390,9 +394,7 @@ def _learn(
     on_step: StepCallback | None,
 ) -> dict[int, float]:
     """Run the configured mode from its checkpoint, if any; fills the report; returns seconds per block."""
-    checkpoints = Checkpoints(
-        None if ckpt_dir is None else Path(ckpt_dir), fingerprint(cfg, optim_cfg, calib_ids, list(flat(groups)))
-    )
+    checkpoints = Checkpoints.for_calibration(ckpt_dir, cfg, optim_cfg, calib_ids, list(flat(groups)), prepared.model)
     resume = checkpoints.load()
     if resume is not None:
         report.resumed_from_step = resume.get("step", resume.get("steps_done"))
