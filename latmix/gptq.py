@@ -19,7 +19,7 @@ from latmix.formats import MXFormat, get_format
 from latmix.hooks import Hooks
 from latmix.models import block_inputs, decoder_layers, run_block
 from latmix.mx import fixed_scale_rounder
-from latmix.quantize import PreparedModel, QuantLinear
+from latmix.quantize import PreparedModel, QuantLinear, shared_operands
 from latmix.settings import GPTQSettings, QuantConfig
 
 # A rounder factory: given the current weights of one block (out, k), it fixes that block's scale
@@ -70,8 +70,9 @@ def gptq_quantize_weight(
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
 
-    order = _column_order(H, block_size, act_order)
-    W, H = W[:, order], H[order][:, order]
+    order = _column_order(H, block_size, act_order) if act_order else None
+    if order is not None:
+        W, H = W[:, order], H[order][:, order]
     Hinv = _damped_inverse_cholesky(H, damp)
     Q = torch.zeros_like(W)
     lazy = max(LAZY_BATCH // block_size, 1) * block_size
@@ -90,7 +91,7 @@ def gptq_quantize_weight(
             W1[i:] -= Hinv1[i, i:, None] * errors[i][None, :]
         Q[:, start:stop] = Q1.T
         W[:, stop:] -= errors.T @ Hinv[start:stop, stop:]
-    return Q[:, order.argsort()]
+    return Q if order is None else Q[:, order.argsort()]
 
 
 def mx_rounder(fmt: MXFormat | str, tensor_amax: torch.Tensor | float) -> ColumnRounder:
@@ -125,14 +126,6 @@ class _HessianAccumulator:
         self.rows = total
 
 
-def _operand_key(linear: QuantLinear) -> tuple:
-    """Linears with equal keys turn one input tensor into the same GEMM operand (q/k/v; gate/up)."""
-    clip = None if linear.act_clip is None else id(linear)
-    fmt = None if linear.act_format is None else linear.act_format.name
-    online = tuple(id(t) for t in linear.online_in)
-    return linear.in_features, online, fmt, linear.act_block_size, linear.quantize_acts, clip
-
-
 class _SharedHessians:
     """Forward pre-hooks that accumulate one Hessian per distinct operand of a block.
 
@@ -145,7 +138,7 @@ class _SharedHessians:
         self._last: dict[tuple, tuple[torch.Tensor, _HessianAccumulator]] = {}
 
     def hook(self, module: QuantLinear, args: tuple) -> None:
-        x, key = args[0], _operand_key(module)
+        x, key = args[0], module.operand_key()
         last = self._last.get(key)
         if last is not None and last[0] is x:
             if self.of.setdefault(id(module), last[1]) is not last[1]:
@@ -185,22 +178,50 @@ def gptq_quantize_model(
     for block in tqdm(decoder_layers(model), desc="gptq", leave=False):
         with prepared.resident(block):
             _gptq_block(block, hidden, kwargs, batch_size, settings)
-            hidden = run_block(block, hidden, kwargs, batch_size)
+            with shared_operands():
+                hidden = run_block(block, hidden, kwargs, batch_size)
 
 
 def _gptq_block(
     block: nn.Module, hidden: torch.Tensor, kwargs: dict, batch_size: int, settings: GPTQSettings
 ) -> None:
-    """GPTQ the weight-quantized linears of one block, from the Hessians of its inputs `hidden`."""
+    """GPTQ the weight-quantized linears of one block, from the Hessians of its inputs `hidden`.
+
+    Linears that share a Hessian (q/k/v; gate/up) are solved as one weight, their rows stacked: GPTQ
+    treats every row alike given the Hessian, so this is the per-linear result with a third (a half)
+    of the column loop. Each linear keeps its own NVFP4 tensor scale (_stacked_rounder).
+    """
     linears = [m for m in block.modules() if isinstance(m, QuantLinear) and m.weight_format is not None]
     hessians = _SharedHessians()
-    with Hooks() as hooks:
+    with Hooks() as hooks, shared_operands():
         for linear in linears:
             hooks.pre(linear, hessians.hook)
         run_block(block, hidden, kwargs, batch_size)
+    groups: dict[tuple, list[QuantLinear]] = {}
     for linear in linears:
-        weight, _ = linear.effective_weight_and_bias()
         block_size = linear.weight_block_size or linear.weight_format.default_block_size
-        rounder = mx_rounder(linear.weight_format, weight.abs().max())
-        H = hessians.of[id(linear)].H
-        linear.set_weight(gptq_quantize_weight(weight, H, block_size, rounder, settings.damp, settings.act_order))
+        groups.setdefault((id(hessians.of[id(linear)]), linear.weight_format.name, block_size), []).append(linear)
+    for (_, _, block_size), group in groups.items():
+        weights = [linear.effective_weight_and_bias()[0] for linear in group]
+        rounder = _stacked_rounder(group[0].weight_format, weights)
+        H = hessians.of[id(group[0])].H
+        stacked = gptq_quantize_weight(torch.cat(weights), H, block_size, rounder, settings.damp, settings.act_order)
+        for linear, weight in zip(group, stacked.split([w.shape[0] for w in weights]), strict=True):
+            linear.set_weight(weight)
+
+
+def _stacked_rounder(fmt: MXFormat, weights: list[torch.Tensor]) -> ColumnRounder:
+    """The MX rounder of weights stacked by rows: E8M0 scales are per row already; NVFP4 rounds each
+    weight's rows with that weight's own FP32 tensor scale."""
+    if not fmt.tensor_scale:
+        return mx_rounder(fmt, 0.0)
+    sizes = [w.shape[0] for w in weights]
+    parts = [mx_rounder(fmt, w.abs().max()) for w in weights]
+
+    def fix_block(block: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        rounders = [part(rows) for part, rows in zip(parts, block.split(sizes), strict=True)]
+        return lambda column: torch.cat(
+            [round_rows(rows) for round_rows, rows in zip(rounders, column.split(sizes), strict=True)]
+        )
+
+    return fix_block

@@ -159,18 +159,35 @@ def hadamard_matrix(n: int) -> torch.Tensor:
     return torch.kron(_small_hadamard(m), _sylvester(power))
 
 
+# The butterfly stages of the fast transform run as dense +-1 products of at most this order: one pass
+# over memory per FWHT_CHUNK-fold instead of one per stage (the same sums of +-x, added in another order).
+FWHT_CHUNK = 128
+
+
+@functools.lru_cache(maxsize=32)
+def _sylvester_on(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return _sylvester(n).to(device=device, dtype=dtype)
+
+
 def fwht(x: torch.Tensor) -> torch.Tensor:
-    """x @ H^T along the last dim for the Sylvester H of order x.shape[-1] (a power of two), unnormalized."""
+    """x @ H^T along the last dim for the Sylvester H of order x.shape[-1] (a power of two), unnormalized.
+
+    H_n = H_a ⊗ H_b ⊗ ... (Sylvester orders of at most FWHT_CHUNK, row-major), each applied as a
+    dense product along its own axis; H is symmetric, so x @ H^T = x @ H.
+    """
     n = x.shape[-1]
     if n & (n - 1):
         raise ValueError(f"fwht needs a power-of-two last dimension, got {n}")
     lead = x.shape[:-1]
-    h = 1
-    while h < n:
-        pairs = x.reshape(*lead, n // (2 * h), 2, h)
-        x = torch.stack((pairs[..., 0, :] + pairs[..., 1, :], pairs[..., 0, :] - pairs[..., 1, :]), dim=-2)
-        h *= 2
-    return x.reshape(*lead, n)
+    sizes = []
+    while math.prod(sizes) < n:
+        sizes.append(min(FWHT_CHUNK, n // math.prod(sizes)))
+    y = x.reshape(*lead, *sizes)
+    for axis, size in enumerate(sizes):
+        if size > 1:
+            h = _sylvester_on(size, x.dtype, x.device)
+            y = (y.movedim(len(lead) + axis, -1) @ h).movedim(-1, len(lead) + axis)
+    return y.reshape(*lead, n)
 
 
 def small_hadamard_factor(n: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from latmix.bound import quantization_error_surrogate, smallest_singular_value
+from latmix.bound import quantization_error_surrogate
 from latmix.errors import ConfigError
 from latmix.fidelity import next_token_kl
 from latmix.formats import MXFormat
@@ -29,11 +29,12 @@ def block_mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class QuantizedOperand:
-    """One activation quantization point: the operand y as quantized and the composite map A behind it."""
+    """One activation quantization point: the operand y as quantized, and sigma_min of the composite map
+    A behind it (differentiable; the points behind one map chain share the one tensor)."""
 
     name: str
     y: torch.Tensor
-    A: torch.Tensor
+    sigma_min: torch.Tensor
     fmt: MXFormat
     block_size: int | None
 
@@ -44,14 +45,10 @@ def bound_loss(operands: Iterable[QuantizedOperand]) -> torch.Tensor:
     Normalizing by the operand's own size (detached) keeps layers with large activations from
     dominating, as the relative block MSE does.
     """
-    # Linears behind one map chain (q/k/v, gate/up) share A: one SVD per chain.
-    sigma_min: dict[int, torch.Tensor] = {}
     terms = []
     for op in operands:
-        if id(op.A) not in sigma_min:
-            sigma_min[id(op.A)] = smallest_singular_value(op.A)
         rms = op.y.detach().float().pow(2).sum(-1).mean().sqrt()
-        terms.append(quantization_error_surrogate(op.y, op.fmt, op.block_size) / sigma_min[id(op.A)] / rms)
+        terms.append(quantization_error_surrogate(op.y, op.fmt, op.block_size) / op.sigma_min / rms)
     if not terms:
         raise ConfigError("objective 'bound' needs quantized activations; set quant.act_format")
     return torch.stack(terms).mean()

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import zlib
-from collections.abc import Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -47,10 +48,62 @@ __all__ = [
     "quantizes",
     "rtn_weights",
     "set_quantization",
+    "shared_operands",
 ]
 
 # Placements applied to activations as the model runs: they stay after freeze_model folds the rest.
 _ONLINE_PLACEMENTS = ("pre_linear", "down_proj", "qk")
+
+
+# --- operands shared within one forward -----------------------------------------------------------
+
+
+class _SharedOperands:
+    """The operands computed in one forward, for the linears that read the same tensor (q/k/v, gate/up).
+
+    An entry is used only for the very tensor it was computed from (same object, same version), so a
+    hit returns exactly what computing again would; the last few entries are kept (q/k/v and gate/up
+    read their input one after the other).
+    """
+
+    SIZE = 4
+
+    def __init__(self) -> None:
+        self.entries: OrderedDict[tuple, tuple[torch.Tensor, int, torch.Tensor]] = OrderedDict()
+
+    def get(self, key: tuple, x: torch.Tensor, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        hit = self.entries.get(key)
+        if hit is not None and hit[0] is x and hit[1] == x._version:
+            return hit[2]
+        value = compute()
+        self.entries[key] = (x, x._version, value)
+        self.entries.move_to_end(key)
+        while len(self.entries) > self.SIZE:
+            self.entries.popitem(last=False)
+        return value
+
+
+_shared: _SharedOperands | None = None
+
+
+@contextlib.contextmanager
+def shared_operands() -> Iterator[None]:
+    """Inside the block, linears that turn one input tensor into the same operand compute it once.
+
+    prepare_model opens it for every forward of the model; run a decoder block alone inside it to get
+    the same sharing. The entries go when the block ends.
+    """
+    global _shared
+    outer = _shared
+    _shared = outer or _SharedOperands()
+    try:
+        yield
+    finally:
+        _shared = outer
+
+
+def _shared_or_computed(key: tuple, x: torch.Tensor, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    return compute() if _shared is None else _shared.get(key, x, compute)
 
 
 # --- quantized linear ----------------------------------------------------------------------------
@@ -96,9 +149,12 @@ class QuantLinear(nn.Module):
         self.weight_is_quantized = False
         self._quantize_weights = self.weight_format is not None
         self.quantize_acts = self.act_format is not None
-        # While on (maps_on_activations) and the weight is not quantized, cheap maps act on the
-        # activations instead of being folded into the weight (_forward_online).
+        # While on (maps_on_activations) and the weight is not quantized, maps that cost less applied to
+        # the activations than folded into the weight act on the activations (_forward_online).
         self.online_maps = False
+        # The output features of every linear that reads the same input (q/k/v, gate/up; prepare_model
+        # sets it): a map applied to that input is applied once for all of them.
+        self.input_group_out = self.out_features
 
     @property
     def quantize_weights(self) -> bool:
@@ -163,10 +219,20 @@ class QuantLinear(nn.Module):
 
     def gemm_input(self, x: torch.Tensor) -> torch.Tensor:
         """The input as the matrix product receives it: online maps, then MX quantization when it is on."""
+        return _shared_or_computed(self.operand_key(), x, lambda: self._gemm_input(x))
+
+    def _gemm_input(self, x: torch.Tensor) -> torch.Tensor:
         x = self.transformed_input(x)
         if self.quantize_acts:
             x = mx.quantize(x, self.act_format, self.act_block_size, dim=-1, clip_ratio=self.act_clip)
         return x
+
+    def operand_key(self) -> tuple:
+        """Linears with equal keys turn one input tensor into the same GEMM operand (q/k/v; gate/up)."""
+        clip = None if self.act_clip is None else id(self)
+        fmt = None if self.act_format is None else self.act_format.name
+        online = tuple(id(t) for t in self.online_in)
+        return self.in_features, online, fmt, self.act_block_size, self.quantize_acts, clip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.online_maps and not self.frozen and not (self.quantize_weights and not self.weight_is_quantized):
@@ -175,25 +241,41 @@ class QuantLinear(nn.Module):
         weight, bias = self._forward_weight_and_bias()
         return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
-    def _cheap_online(self, transform: Transform) -> bool:
-        """Whether applying a map to activations (once forward, twice backward, per token) costs less than
-        the weight-sized gradient (out x in per token) that folding it into the weight has autograd compute."""
-        return 3 * transform.apply_cost() < self.out_features * self.in_features
+    def _online_pays(self, transform: Transform, tokens: int, output_map: bool) -> bool:
+        """Whether applying a map to the activations of `tokens` rows costs less than folding it into the
+        weight, in multiply-adds. Folding: the product with the weight (out x in x dim) and, under autograd,
+        its backward (twice that) plus the weight-sized gradient of the folded weight (out x in per row).
+        Applying: apply_cost per row, thrice under autograd, and an input map once for every linear that
+        reads the same input (input_group_out output features in all); an output map is this linear's."""
+        grad = torch.is_grad_enabled()
+        passes = 3 if grad else 1
+        weight = (self.out_features if output_map else self.input_group_out) * self.in_features
+        fold = passes * weight * transform.dim + (weight * tokens if grad else 0)
+        return passes * transform.apply_cost() * tokens < fold
 
     def _forward_online(self, x: torch.Tensor) -> torch.Tensor:
         """forward's function for an unquantized weight, y = W A^-1 Q(A x + b), computed as
-        W (A^-1 (Q(A x + b) - b)) with output maps applied to the output, so that autograd never forms
-        the weight-sized gradient of W A^-1. Maps too dense to pay for it (a full-size T1 in front of a
-        square linear) stay folded; only those nearest the weight can be, so each chain splits into a
-        folded part and an online rest. Exact in real arithmetic; float rounding differs from folding.
+        W (A^-1 (Q(A x + b) - b)) with output maps applied to the output, where that costs less than
+        folding (_online_pays), so that autograd never forms those maps' weight-sized gradients. Only the
+        maps nearest the weight can stay folded, so each chain splits into a folded part and an online
+        rest. Exact in real arithmetic; float rounding differs from folding.
         """
-        z = self.gemm_input(x)
+        tokens = x.numel() // self.in_features
         chain = [*self.folded_in, *self.online_in]
-        split = max((i + 1 for i, t in enumerate(chain) if not self._cheap_online(t)), default=0)
-        out_split = max((i + 1 for i, t in enumerate(self.out_map) if not self._cheap_online(t)), default=0)
+        split = max((i + 1 for i, t in enumerate(chain) if not self._online_pays(t, tokens, False)), default=0)
+        out_split = max(
+            (i + 1 for i, t in enumerate(self.out_map) if not self._online_pays(t, tokens, True)), default=0
+        )
         weight, bias = self._folded(chain[:split], self.out_map[:out_split])
-        for transform in reversed(chain[split:]):
-            z = transform.inverse(z)
+        inverted = chain[split:]
+
+        def operand() -> torch.Tensor:
+            z = self.gemm_input(x)
+            for transform in reversed(inverted):
+                z = transform.inverse(z)
+            return z
+
+        z = _shared_or_computed((*self.operand_key(), *(id(t) for t in inverted)), x, operand)
         y = F.linear(z, weight.to(z.dtype), None if bias is None else bias.to(z.dtype))
         for transform in self.out_map[out_split:]:
             y = transform(y)
@@ -289,12 +371,15 @@ class PreparedModel:
     transforms: every transform by stable name ("residual", "layers.{i}.pre_linear_attn|pre_linear_mlp|
     attn_vo|down_proj|qk"); fixed families have no trainable parameters, and after freeze_model only
     the online ones remain. reference: the original model's logits on prepare_model's deviation_ids.
+    residual: the map T1 of the residual stream (None without one), kept after it is folded: it maps
+    the original model's hidden states into this model's basis.
     """
 
     model: nn.Module
     adapter: LlamaFamilyAdapter
     transforms: dict[str, Transform]
     reference: Reference | None = None
+    residual: Transform | None = None
 
     @property
     def offload(self) -> BlockOffload | None:
@@ -404,6 +489,8 @@ def prepare_model(
         for role in ("gate", "up"):
             wrap(layer, role, folded_in=_present(residual), online_in=_present(pre_mlp))
         wrap(layer, "down", online_in=_present(down), out_map=_present(residual))
+        _share_inputs(adapter.attn_readers(layer))
+        _share_inputs(adapter.mlp_readers(layer))
         qk = make("qk", f"layers.{i}.qk", adapter.head_dim, at)
         if qk is not None or quant_cfg.kv_format is not None:
             attention.attach(adapter.attention(layer), AttentionQuant(qk, quant_cfg.kv_format, kv_block))
@@ -416,24 +503,33 @@ def prepare_model(
     if quant_cfg.weight_quantizer == "gptq":
         set_quantization(model, weights=False, acts=quant_cfg.act_format is not None)
 
-    prepared = PreparedModel(model, adapter, make.built, reference)
-    if any(p.requires_grad for t in make.built.values() for p in t.parameters()):
-        _cache_transforms_per_forward(model)
-    else:
+    prepared = PreparedModel(model, adapter, make.built, reference, residual)
+    _per_forward_caches(model)
+    if not any(p.requires_grad for t in make.built.values() for p in t.parameters()):
         freeze_model(prepared)
     return prepared
 
 
-def _cache_transforms_per_forward(model: nn.Module) -> None:
-    """Each forward builds every learnable transform's matrices once, not once per linear folding it."""
-    open_caches: list[contextlib.AbstractContextManager] = []
+def _share_inputs(linears: Sequence[nn.Module]) -> None:
+    """Tell the linears that read one input (q/k/v; gate/up) how many output features read it."""
+    total = sum(linear.out_features for linear in linears)
+    for linear in linears:
+        linear.input_group_out = total
+
+
+def _per_forward_caches(model: nn.Module) -> None:
+    """Each forward builds every learnable transform's matrices once, not once per linear folding it, and
+    computes each shared operand once (shared_operands)."""
+    open_caches: list[contextlib.ExitStack] = []
 
     def enter(module, args):
-        open_caches.append(cached_transforms())
-        open_caches[-1].__enter__()
+        stack = contextlib.ExitStack()
+        stack.enter_context(cached_transforms())
+        stack.enter_context(shared_operands())
+        open_caches.append(stack)
 
     def leave(module, args, output):
-        open_caches.pop().__exit__(None, None, None)
+        open_caches.pop().close()
 
     model.register_forward_pre_hook(enter)
     model.register_forward_hook(leave, always_call=True)

@@ -136,6 +136,12 @@ class Transform(nn.Module):
             return 1.0
         return _condition_of(self.matrix().detach()[None])
 
+    def smallest_singular_value(self) -> torch.Tensor:
+        """sigma_min(A) in float32, differentiable, from the map's structure where it has one."""
+        if self.orthogonal:
+            return self._anchor.new_ones(())
+        return torch.linalg.svdvals(self.matrix().float()).min()
+
     @torch.no_grad()
     def singular_values(self) -> torch.Tensor:
         """Every singular value of A (float64), from the map's structure where it has one."""
@@ -520,6 +526,10 @@ class Affine(Transform):
             conds = [_condition_of(f.matrices()) for f in self.factors]
         return math.prod(conds)
 
+    def smallest_singular_value(self) -> torch.Tensor:
+        mins = [torch.linalg.svdvals(f.matrices().float()).min() for f in self.factors]
+        return mins[0] * mins[1] if self.kronecker else mins[0]
+
     @torch.no_grad()
     def singular_values(self) -> torch.Tensor:
         # Those of B (the premix is orthogonal): per block, or the outer product of the Kronecker factors'.
@@ -573,6 +583,9 @@ class Headwise(Transform):
 
     def singular_values(self) -> torch.Tensor:
         return self.transform.singular_values().repeat(self.num_heads)
+
+    def smallest_singular_value(self) -> torch.Tensor:
+        return self.transform.smallest_singular_value()
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}"

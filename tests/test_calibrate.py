@@ -497,7 +497,7 @@ def test_maps_on_activations_compute_the_folded_function_and_gradients(
                 if p.dim() < 2 or p.shape[-1] != p.shape[-2]:
                     p.add_(0.05 * torch.randn(p.shape))
     if every_map_online:  # the tiny model's sizes keep a dense T1 folded; put every map online too
-        monkeypatch.setattr(QuantLinear, "_cheap_online", lambda self, transform: True)
+        monkeypatch.setattr(QuantLinear, "_online_pays", lambda self, transform, tokens, output_map: True)
     params = [p for t in prepared.transforms.values() for p in t.parameters() if p.requires_grad]
 
     def run(online: bool):
@@ -552,3 +552,22 @@ def test_quantize_weights_learns_against_rtn_weights_and_restores_the_switches(m
     assert report.skipped is None and report.steps == 1 and seen == [True]
     assert not any(m.quantize_weights for m in linears)
     assert report.loss_before > 0  # measured against the RTN weights
+
+
+@pytest.mark.parametrize("family", ["hadamard", "rotation"])
+def test_block_losses_compare_with_the_fp_blocks_mapped_into_the_model_basis(make_tiny_model, family):
+    # One FP forward serves every snapshot: its block outputs, mapped by the (here fixed, folded) T1,
+    # are the transformed model's own unquantized block outputs.
+    from latmix.calibrate.measure import block_outputs
+    from latmix.losses import block_mse
+    from latmix.quantize import quantization_disabled
+
+    ids = token_ids(4, 16, 0)
+    prepared = prepare_model(make_tiny_model("llama"), TransformConfig({"residual": {"family": family}}), W4A4)
+    report = calibrate(prepared, make_tiny_model("llama"), ids, quick_config(mode="none"), OptimConfig(), None)
+    quantized, _ = block_outputs(prepared.model, ids)
+    with quantization_disabled(prepared.model):
+        unquantized, _ = block_outputs(prepared.model, ids)
+    expected = [float(block_mse(q, r)) for q, r in zip(quantized, unquantized, strict=True)]
+    measured = [next(r["loss_before"] for r in report.per_layer if r["block"] == b) for b in range(2)]
+    assert measured == pytest.approx(expected, rel=1e-4)

@@ -201,12 +201,15 @@ def test_gptq_is_bit_identical_to_the_column_slice_implementation(fmt, act_order
     assert torch.equal(new.view(torch.int32), old.view(torch.int32))
 
 
-def test_linears_reading_one_operand_share_one_hessian_with_the_same_result(make_tiny_model, monkeypatch):
-    # q/k/v (and gate/up) read the same tensor through the same maps: one Hessian serves them all.
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_linears_reading_one_operand_share_one_hessian_with_the_same_result(make_tiny_model, monkeypatch, fmt):
+    # q/k/v (and gate/up) read the same tensor through the same maps: one Hessian serves them all, and
+    # they are solved as one stacked weight (each keeping its own NVFP4 tensor scale), bit for bit as
+    # one by one.
     import latmix.gptq as gptq
 
     ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(9))
-    quant = QuantConfig(weight_format="mxfp4", act_format="mxfp4", weight_quantizer="gptq")
+    quant = QuantConfig(weight_format=fmt, act_format=fmt, weight_quantizer="gptq")
     placements = {"pre_linear": {"family": "block_hadamard", "block_size": 32}, "down_proj": {"family": "hadamard"}}
 
     def quantized_weights() -> list[torch.Tensor]:
@@ -221,7 +224,7 @@ def test_linears_reading_one_operand_share_one_hessian_with_the_same_result(make
     # Per block and sequence: one operand for q/k/v, one for o, one for gate/up, one for down.
     assert len(computed) == 2 * 4 * 4
     computed.clear()
-    monkeypatch.setattr(gptq, "_operand_key", lambda linear: (id(linear),))
+    monkeypatch.setattr(QuantLinear, "operand_key", lambda linear: (id(linear),))
     separate = quantized_weights()
     assert len(computed) == 2 * 4 * 7
     assert all(torch.equal(a, b) for a, b in zip(shared, separate, strict=True))

@@ -207,3 +207,25 @@ def test_load_model_reads_a_local_directory(tmp_path, make_tiny_model, input_ids
     assert not model.training and loaded_tokenizer.vocab_size == tokenizer.vocab_size
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids).logits, original(input_ids).logits)
+
+
+@pytest.mark.parametrize("placements", [{}, {"pre_linear": {"family": "hadamard"}, "down_proj": {"family": "hadamard"}}])
+def test_linears_that_read_one_input_quantize_it_once_per_forward(make_tiny_model, input_ids, placements, monkeypatch):
+    # q/k/v and gate/up read the same tensor through the same maps: one quantized operand serves each
+    # group (4 activation quantizations per block instead of 7), with the same logits as computing it thrice.
+    import latmix.quantize as quantize
+
+    quant = QuantConfig(weight_format="mxfp4", act_format="mxfp4")
+    model = prepare_model(make_tiny_model("llama"), TransformConfig(placements), quant).model
+    calls = []
+    real = mx.quantize
+    monkeypatch.setattr(quantize.mx, "quantize", lambda x, *a, **k: calls.append(x.shape) or real(x, *a, **k))
+    with torch.no_grad():
+        model(input_ids)  # the weights are quantized (and cached) on this first forward
+        calls.clear()
+        shared = model(input_ids).logits
+    assert len(calls) == 2 * 4
+    monkeypatch.setattr(QuantLinear, "operand_key", lambda self: (id(self),))
+    with torch.no_grad():
+        separate = model(input_ids).logits
+    assert torch.equal(shared, separate)

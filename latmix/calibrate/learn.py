@@ -44,6 +44,7 @@ from latmix.calibrate.checkpoint import (
 )
 from latmix.calibrate.measure import (
     Point,
+    block_outputs,
     captured_operands,
     finite_guard,
     per_layer_rows,
@@ -343,16 +344,16 @@ def calibrate(
     measure_ids = calib_ids[:MEASURE_SEQUENCES]
     heldout = None if heldout_ids is None else heldout_ids[:MEASURE_SEQUENCES]
     seconds: dict[int, float] = {}
+    residual = prepared.residual
     with _switches(model, rtn_weights=rtn, online_maps=calib_cfg.online_maps):
         if measured:
-            with torch.no_grad():
-                fp_logits = fp_model(measure_ids.to(blocks.input_device(fp_model))).logits
-            before = snapshot(model, fp_logits, measure_ids, heldout, flat(groups))
+            reference = block_outputs(fp_model, measure_ids)
+            before = snapshot(model, reference, residual, measure_ids, heldout, flat(groups))
         if groups:
             seconds = _learn(report, prepared, fp_model, calib_ids, calib_cfg, optim_cfg, groups, points, ckpt_dir, on_step)
         if measured:
             # With nothing learned the model has not changed: the one measurement is both before and after.
-            after = snapshot(model, fp_logits, measure_ids, heldout, flat(groups)) if groups else before
+            after = snapshot(model, reference, residual, measure_ids, heldout, flat(groups)) if groups else before
             report.loss_before, report.loss_after = before.kl, after.kl
             report.per_layer = per_layer_rows(points, before, after, seconds)
     for params in groups.values():

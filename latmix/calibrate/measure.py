@@ -18,17 +18,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from latmix.bound import bound_of_transformed, error_of_transformed
+from latmix.bound import bound_of_transformed, error_of_transformed, smallest_singular_value
 from latmix.fidelity import next_token_kl
 from latmix.hooks import Hooks
 from latmix.losses import QuantizedOperand, block_mse
 from latmix.models import block_output, decoder_layers, input_device
-from latmix.quantize import QuantLinear, quantization_disabled
+from latmix.quantize import QuantLinear
+from latmix.transforms import Transform
 
 __all__ = [
     "NonFiniteError",
     "Point",
     "Snapshot",
+    "block_outputs",
     "captured_operands",
     "describe_parameters",
     "finite_guard",
@@ -76,8 +78,8 @@ def _chain_key(linear: QuantLinear) -> tuple[int, ...]:
 def captured_operands(points: list[Point]) -> Iterator[list[QuantizedOperand]]:
     """Record, for every activation-quantized point, its operand y (differentiable) during forwards."""
     operands: list[QuantizedOperand] = []
-    # Linears behind the same chain (q/k/v, gate/up) share one composite matrix per forward.
-    composites: dict[tuple[int, ...], torch.Tensor] = {}
+    # Linears behind the same chain (q/k/v, gate/up) share one sigma_min per forward.
+    sigma_min: dict[tuple[int, ...], torch.Tensor] = {}
 
     def hook_for(name: str):
         def hook(module, args):
@@ -85,12 +87,9 @@ def captured_operands(points: list[Point]) -> Iterator[list[QuantizedOperand]]:
                 return
             y = module.transformed_input(args[0])
             key = _chain_key(module)
-            if key not in composites:
-                A = _composite_matrix(module)
-                composites[key] = torch.eye(y.shape[-1], device=y.device) if A is None else A
-            operands.append(
-                QuantizedOperand(name, y, composites[key], module.act_format, module.act_block_size)
-            )
+            if key not in sigma_min:
+                sigma_min[key] = _smallest_singular_value(module).to(y.device)
+            operands.append(QuantizedOperand(name, y, sigma_min[key], module.act_format, module.act_block_size))
 
         return hook
 
@@ -98,6 +97,17 @@ def captured_operands(points: list[Point]) -> Iterator[list[QuantizedOperand]]:
         for name, _, linear in points:
             hooks.pre(linear, hook_for(name))
         yield operands
+
+
+def _smallest_singular_value(linear: QuantLinear) -> torch.Tensor:
+    """sigma_min of the map chain in front of a linear, differentiable: 1 for no map or orthogonal ones,
+    from the map's structure for one map, from the dense composite for several."""
+    chain = [*linear.folded_in, *linear.online_in]
+    if all(t.orthogonal for t in chain):
+        return torch.ones((), device=linear.weight.device)
+    if len(chain) == 1:
+        return chain[0].smallest_singular_value()
+    return smallest_singular_value(_composite_matrix(linear))
 
 
 @contextlib.contextmanager
@@ -211,8 +221,9 @@ def point_stats(model: nn.Module, params: dict[str, nn.Parameter]) -> Iterator[d
 
 
 @torch.no_grad()
-def _block_outputs(model: nn.Module, ids: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """(output of every decoder block, logits) of one forward."""
+def block_outputs(model: nn.Module, ids: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(output of every decoder block, logits) of one forward: of the full-precision model, what
+    snapshot measures against."""
     outputs: list[torch.Tensor] = []
     with Hooks() as hooks:
         for layer in decoder_layers(model):
@@ -234,34 +245,41 @@ class Snapshot:
 @torch.no_grad()
 def snapshot(
     model: nn.Module,
-    fp_logits: torch.Tensor,
+    reference: tuple[list[torch.Tensor], torch.Tensor],
+    residual: Transform | None,
     ids: torch.Tensor,
     heldout_ids: torch.Tensor | None,
     params: dict[str, nn.Parameter],
 ) -> Snapshot:
-    """The KL to the full-precision model (whose logits on ids are fp_logits), the normalized MSE of
-    every block's output, and the bound/error of every point, on ids (measured in the same quantized
-    forward) and on heldout_ids.
+    """The KL to the full-precision model, the normalized MSE of every block's output to the full-precision
+    block's, and the bound/error of every point, on ids (all from one quantized forward) and on heldout_ids.
 
-    Block outputs are compared with the same model run unquantized: it computes the full-precision
-    function in the transformed basis (T1 may already be folded away), exactly for orthogonal T1.
+    reference: the full-precision model's block outputs and logits on ids (block_outputs), taken once for
+    every snapshot. Its block outputs are mapped by the residual map T1 (as it stands) into the model's
+    basis, as layer-wise calibration maps its targets; so a non-orthogonal T1's own deviation counts too.
     """
     was_training = model.training
     model.eval()
     try:
         with point_stats(model, params) as calib:
-            outputs, logits = _block_outputs(model, ids)
-        with quantization_disabled(model):
-            references, _ = _block_outputs(model, ids)
+            outputs, logits = block_outputs(model, ids)
         heldout: dict[str, dict[str, float]] = {}
         if heldout_ids is not None:
             with point_stats(model, params) as heldout:
                 model(heldout_ids.to(input_device(model)))
+        fp_outputs, fp_logits = reference
         kl = float(next_token_kl(logits, fp_logits.to(logits.device)))
-        block_losses = [float(block_mse(out, ref)) for out, ref in zip(outputs, references, strict=True)]
+        block_losses = [
+            float(block_mse(out, _in_model_basis(ref.to(out.device), residual)))
+            for out, ref in zip(outputs, fp_outputs, strict=True)
+        ]
         return Snapshot(kl, block_losses, calib, heldout)
     finally:
         model.train(was_training)
+
+
+def _in_model_basis(hidden: torch.Tensor, residual: Transform | None) -> torch.Tensor:
+    return hidden if residual is None else residual(hidden)
 
 
 def per_layer_rows(
