@@ -3,6 +3,7 @@
     python run.py                                           # the embedded default
     python run.py model=llama3-8b quant=mxfp4 transform=affine
     python run.py -m transform=identity,hadamard,affine seed=0,1,2
+
 Exit status: 0 done (or already recorded); 2 a config or input that cannot work (one line saying what
 to change, before any work); 75 the same run is in progress in another process (one line saying
 where; wait=true waits instead; in a -m sweep that run is skipped and the sweep goes on); 128 + the
@@ -33,6 +34,9 @@ def main(cfg: DictConfig) -> None:
     try:
         # The settings are checked (torch-free) before the pipeline, and torch with it, is imported.
         build_experiment(cfg)
+        from latmix.logs import quiet_third_party
+
+        quiet_third_party()  # before the pipeline's imports (transformers would import torchao)
         from latmix.experiment import run
 
         run(cfg)
@@ -58,7 +62,6 @@ def _in_a_sweep() -> bool:
     from hydra.types import RunMode
 
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
 
 
 if __name__ == "__main__":

@@ -179,6 +179,7 @@ def build_experiment(cfg: DictConfig) -> Experiment:
         force=bool(cfg.get("force", False)),
         results_dir=Path(str(cfg.paths.results_dir)).expanduser().resolve(),
         wait=bool(cfg.get("wait", False)),
+        export=bool(cfg.get("export", False)),
     )
     if exp.model.name_or_path is not None and Path(exp.model.name_or_path).is_dir():
         # config.json, architecture, custom code, safetensors headers, positions: milliseconds, no torch

@@ -22,7 +22,7 @@ import torch
 import transformers
 from omegaconf import DictConfig, OmegaConf
 
-from latmix import figures, interrupt, record
+from latmix import export, figures, interrupt, logs, record, summary, tracking
 from latmix.calibrate import calibrate
 from latmix.config import build_experiment
 from latmix.data import calibration_batches
@@ -37,7 +37,6 @@ from latmix.models.loading import check_sequence_length
 from latmix.offload import offload_blocks
 from latmix.quantize import QuantLinear, prepare_model, set_quantization
 from latmix.settings import Experiment
-from latmix.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -69,17 +68,6 @@ def hydra_output_dir() -> Path | None:
     from hydra.core.hydra_config import HydraConfig
 
     return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
-
-
-def sweep_group() -> str | None:
-    """The W&B group of a -m sweep: its sweep directory (date/time), shared by every job of the sweep."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-        return None
-    sweep_dir = Path(HydraConfig.get().sweep.dir)
-    return f"sweep-{sweep_dir.parent.name}_{sweep_dir.name}"
 
 
 @contextlib.contextmanager
@@ -214,6 +202,7 @@ def existing_record(path: Path) -> dict[str, Any] | None:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one experiment from a composed config and return its result record."""
+    logs.quiet_third_party()
     resolved = OmegaConf.to_container(cfg, resolve=True)
     exp = build_experiment(cfg)
     rid = record.run_id(resolved)
@@ -221,6 +210,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     previous = existing_record(path)
     if previous is not None and not exp.force:
         log.info("run %s is already recorded at %s; skipping (force=true reruns it)", rid, path)
+        summary.log_run_summary(previous, exp.results_dir, recorded_earlier=True)
         return previous
 
     device = resolve_device(exp.device)
@@ -231,32 +221,30 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             log.info("run %s was recorded at %s by another process; skipping", rid, path)
             return previous
         guard.start()  # force=true discards the calibration checkpoints; else they must be readable
-        return _run_guarded(exp, device, resolved, rid, guard)
+        rec = _run_guarded(exp, device, resolved, rid, cfg, guard)
+    summary.log_run_summary(rec, exp.results_dir)
+    return rec
 
 
 def _run_guarded(
-    exp: Experiment, device: torch.device, resolved: dict[str, Any], rid: str, guard: RunGuard
+    exp: Experiment, device: torch.device, resolved: dict[str, Any], rid: str, cfg: DictConfig, guard: RunGuard
 ) -> dict[str, Any]:
     path = guard.record_path
     log.info("run %s: model=%s quant=%s transform=%s seed=%d on %s",
              rid, exp.model.name, exp.quant_name, exp.transform_name, exp.seed, device)
-    tracker = start_tracker(exp, rid, resolved)
-    try:
+    with tracking.start_run(exp, rid, resolved) as tracker:  # a failure marks the W&B run failed
         rec, figure_paths = execute(exp, device, resolved, rid, tracker)
         record.write_record(path, rec)
         guard.finished()  # the calibration checkpoints have served
         log.info("record written to %s (%.1f s in all)", path, rec["timing"]["total"])
-        tracker.log_summary({"metrics": rec["metrics"], "timing": rec["timing"], "fidelity": rec["fidelity"]})
-        tracker.log_calibration(rec["calibration"]["per_layer"])
+        tracker.log_record(rec, path, OmegaConf.to_yaml(cfg, resolve=True))
         if exp.logger.log_figures:
             tracker.log_figures(figure_paths)
-    finally:
-        tracker.finish()
     return rec
 
 
 def execute(
-    exp: Experiment, device: torch.device, resolved: dict[str, Any], rid: str, tracker: Tracker
+    exp: Experiment, device: torch.device, resolved: dict[str, Any], rid: str, tracker: tracking.Tracker
 ) -> tuple[dict[str, Any], dict[str, Path]]:
     """The pipeline proper: returns the record (not yet written) and the figures it saved."""
     seed_everything(exp.seed)
@@ -291,6 +279,7 @@ def execute(
         with settings_errors(f"transform={exp.transform_name} on this model"):
             prepared = prepare_model(model, exp.transform, exp.quant, deviation_ids=probe_ids)
         deviation_before = prepared.fp_deviation()
+        learned = export.learnable_transforms(prepared)  # kept: calibration folds most of them away
 
     with timer.stage("calibrate"), interrupt.deferred("calibration"):  # signals: a checkpoint, then stop
         report = calibrate(
@@ -298,6 +287,7 @@ def execute(
             heldout_ids=heldout_ids, on_step=tracker.log_step,
         )
         calibration = {**report.as_record(), "data_sha256": calib_sha}
+        tracker.log_transforms(rid, export.save_learned(learned, exp.results_dir, rid))
     fidelity = {"before_calibration": deviation_before, "after_calibration": prepared.fp_deviation()}
 
     with timer.stage("quantize"):
@@ -308,8 +298,12 @@ def execute(
     acts_after = reader_inputs(model, probe_ids)
     del fp_model
 
-    with timer.stage("evaluate"):
+    with timer.stage("evaluate"), logs.quiet_evaluation():
         evaluation = evaluate(model, tokenizer, exp.eval, ppl_texts)
+
+    if exp.export:
+        with timer.stage("export"):
+            export.export_model(prepared, tokenizer, exp, rid, exp.results_dir / "export" / rid, resolved)
 
     timer.seconds["total"] = round(time.perf_counter() - start, 3)
     rec = build_record(exp, resolved, rid, evaluation, calibration, fidelity, timer.seconds, device, source)
@@ -324,16 +318,3 @@ def save_figures(
     if any(row.get("bound_after") is not None or row.get("error_after") is not None for row in per_layer):
         paths["bound_vs_error"] = figures.bound_vs_error(per_layer, output_dir / "bound_vs_error.png")
     return paths
-
-
-def start_tracker(exp: Experiment, rid: str, resolved: dict[str, Any]) -> Tracker:
-    """A W&B run grouped by sweep and tagged by model, quant and transform (a no-op when disabled)."""
-    settings = exp.logger
-    tracker = Tracker(settings.mode, settings.project, settings.entity, exp.results_dir / "wandb")
-    tracker.start(
-        name=f"{exp.model.name}-{exp.quant_name}-{exp.transform_name}-s{exp.seed}",
-        config={"run_id": rid, **resolved},
-        group=settings.group or sweep_group(),
-        tags=[exp.model.name, exp.quant_name, exp.transform_name, *settings.tags],
-    )
-    return tracker

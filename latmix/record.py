@@ -20,7 +20,7 @@ from latmix.files import atomic_write
 SCHEMA_VERSION = 1
 
 # Keys that say where and how a run executes, not what it computes: they stay out of the run id.
-NON_IDENTITY_KEYS = ("paths", "logger", "force", "wait", "hydra", "launcher")
+NON_IDENTITY_KEYS = ("paths", "logger", "force", "wait", "export", "hydra", "launcher")
 # The same for keys inside a group (dotted): how checkpoints are kept.
 NON_IDENTITY_SUBKEYS = ("calib.checkpoint_minutes", "calib.keep_checkpoints")
 

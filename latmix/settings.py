@@ -346,7 +346,6 @@ class CalibConfig:
     # Keep the checkpoints once the record is written (default: removed, they have served).
     keep_checkpoints: bool = False
 
-
     def __post_init__(self) -> None:
         check_choice("calib.mode", self.mode, MODES)
         check_choice("calib.objective", self.objective, OBJECTIVES)
@@ -497,7 +496,6 @@ def _ppl_dataset(entry: str) -> str:
     return str(path.resolve())
 
 
-
 # --- logger -----------------------------------------------------------------------------------------
 
 
@@ -508,7 +506,7 @@ class LoggerSettings:
     mode: str = "auto"
     project: str = "latmix"
     entity: str | None = None
-    group: str | None = None  # None: the sweep's name in a -m run, else ungrouped
+    group: str | None = None  # None: the run's configuration (tracking.run_identity)
     tags: tuple[str, ...] = ()
     log_figures: bool = True
 
@@ -542,6 +540,8 @@ class Experiment:
     results_dir: Path
     # Another process running the same run: false = stop at once with a line saying where; true = wait.
     wait: bool = False
+    # Write the quantized model to <results_dir>/export/<run_id>/ (latmix.export; docs/harness.md).
+    export: bool = False
 
     def __post_init__(self) -> None:
         try:

@@ -636,11 +636,15 @@ def test_identical_runs_at_once_give_one_record_and_say_where_it_runs(tiny_check
 # --- SIGTERM / SIGINT ----------------------------------------------------------------------------
 
 
+STEPS = 400  # calibration steps of the signalled run (2 batches per epoch)
+
+
 @pytest.mark.slow
 def test_sigterm_then_sigint_checkpoint_and_exit_with_their_status_and_the_rerun_resumes(tiny_checkpoint, tmp_path):
     def overrides(results: Path) -> list[str]:
-        # no step-based checkpoint: the one a rerun resumes from is written because of the signal
-        return [*shrunk(tiny_checkpoint, results, epochs=16, checkpoint_every=100), "logger=wandb"]
+        # No step-based checkpoint: the one a rerun resumes from is written because of the signal. Enough
+        # steps (STEPS, a few seconds on a CPU) that the signal lands mid-calibration.
+        return [*shrunk(tiny_checkpoint, results, epochs=STEPS // 2, checkpoint_every=10 * STEPS), "logger=wandb"]
 
     reference = Run(overrides(tmp_path / "reference"), tmp_path / "out-reference")
     results = tmp_path / "results"
@@ -655,16 +659,16 @@ def test_sigterm_then_sigint_checkpoint_and_exit_with_their_status_and_the_rerun
         name = signal.Signals(signum).name
         ckpt = results / "ckpt" / the_run_id(results) / CHECKPOINT_FILE
         match = re.fullmatch(
-            rf"interrupted by {name} at calibration step (\d+) of 32; calibration checkpoint: {re.escape(str(ckpt))}; "
+            rf"interrupted by {name} at calibration step (\d+) of {STEPS}; calibration checkpoint: {re.escape(str(ckpt))}; "
             "rerun the same command to resume from it", error_line(run),
         )
         assert match, error_line(run)
         steps.append(int(match.group(1)))
         assert torch.load(ckpt, weights_only=True)["step"] == steps[-1]
         assert list((results / "runs").iterdir()) == []  # no record, no lock, no temp file
-        wandb_summary = offline_wandb_summary(results, n)
+        wandb_summary = offline_wandb_summary(results, n)  # the W&B run is marked interrupted, with the signal
         assert (wandb_summary.get("status"), wandb_summary.get("signal")) == ("interrupted", name), wandb_summary
-    assert steps[0] < steps[1] < 32
+    assert steps[0] < steps[1] < STEPS
 
     final = run_cli(overrides(results), tmp_path / "out-final")
     assert final.process.returncode == 0, final.stderr[-3000:]

@@ -38,7 +38,9 @@ def _log_records(data: bytes) -> Iterable[bytes]:
 
 
 def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
-    """Read back what an offline run logged: {'summary': {...}, 'config': {...}, 'group', 'tags'}.
+    """Read back what an offline run logged: {'summary', 'config', 'group', 'tags', 'name', 'job_type',
+    'exit_code' (None until the run finished), 'preempting' (marked preempting), 'artifacts' ({name:
+    {'type', 'files'}})}.
 
     wandb 0.31 ships no reader for its run files, so this parses the .wandb file with wandb's own
     protobuf definitions.
@@ -48,7 +50,8 @@ def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
     files = sorted(Path(run_dir).glob("run-*.wandb"))
     if not files:
         raise FileNotFoundError(f"no run-*.wandb file in {run_dir}")
-    out: dict[str, Any] = {"summary": {}, "config": {}, "group": None, "tags": []}
+    out: dict[str, Any] = {"summary": {}, "config": {}, "group": None, "tags": [], "name": None, "job_type": None,
+                           "exit_code": None, "preempting": False, "artifacts": {}}
     for raw in _log_records(files[0].read_bytes()):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(raw)
@@ -56,9 +59,18 @@ def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
         if kind == "run":
             out["group"] = record.run.run_group or None
             out["tags"] = list(record.run.tags)
+            out["name"] = record.run.display_name or None
+            out["job_type"] = record.run.job_type or None
             out["config"].update({i.key: json.loads(i.value_json) for i in record.run.config.update})
         elif kind == "config":
             out["config"].update({i.key: json.loads(i.value_json) for i in record.config.update})
+        elif kind == "exit":
+            out["exit_code"] = record.exit.exit_code
+        elif kind == "preempting":
+            out["preempting"] = True
+        elif kind == "artifact":
+            files = sorted(entry.path for entry in record.artifact.manifest.contents)
+            out["artifacts"][record.artifact.name] = {"type": record.artifact.type, "files": files}
         elif kind == "summary":
             for item in record.summary.update:
                 key = "/".join(item.nested_key) if item.nested_key else item.key
