@@ -9,7 +9,9 @@ QuantLinear for every linear, TransformedEmbedding, and per attention module one
 
     residual    T1 on the residual stream: embedding output, folded into every reader (q/k/v, gate/up,
                 lm_head) and every writer (o, down) after RMSNorm weights are folded into the readers
-    pre_linear  online after each RMSNorm: one map shared by q/k/v, one by gate/up
+    pre_linear  online after each RMSNorm: one map shared by q/k/v, one by gate/up; on the bare
+                normalized stream (RMSNorm weights folded into the readers), or on the norm's output
+                with its weight when transform.fold_norms is false
     attn_vo     T2 per head: v_proj out-map, inverse folded into o_proj (a shift becomes an o_proj bias)
     down_proj   online before down_proj
     qk          online on q and k after RoPE (orthogonal families only), for a quantized KV cache
@@ -452,8 +454,11 @@ def prepare_model(
     make = _TransformFactory(transform_cfg, adapter.embed_tokens.weight.device)
     residual = make("residual", "residual", adapter.hidden_size)
     # Transforms on the normalized stream act on n(h), with the RMSNorm weight moved into the readers
-    # (required for residual; the usual pipeline for pre_linear). Plain RTN keeps the norms as they are.
-    if residual is not None or "pre_linear" in transform_cfg.active():
+    # (required for residual; for pre_linear unless transform.fold_norms is false, when the maps act on
+    # the norm's output with its weight, which keeps channels the norm zeroes out of the quantized
+    # operand). Plain RTN keeps the norms as they are.
+    pre_linear = "pre_linear" in transform_cfg.active()
+    if residual is not None or (pre_linear and transform_cfg.fold_norms):
         adapter.fold_norms()
     weight_block = quant_cfg.block_for(quant_cfg.weight_format)
     act_block = quant_cfg.block_for(quant_cfg.act_format)

@@ -256,16 +256,31 @@ class TransformConfig:
 
     A non-orthogonal family at residual changes the full-precision function (RMSNorm commutes only
     with orthogonal maps); it is allowed with approximate: true, and the deviation is then measured.
+
+    fold_norms: with pre-linear maps, move each RMSNorm weight into the linears that read it first, so
+    the maps act on the bare normalized stream (true, the usual pipeline); false keeps the weights in
+    the norms and the maps act on the norm's output with its weight. Both are exact. With false, a
+    channel the model multiplies by a norm weight near 0 (SmolLM2's massive channels) stays out of the
+    quantized operand (docs/calibration.md). A residual map needs the weights folded.
     """
 
     placements: dict[str, dict | None] = field(default_factory=dict)
     approximate: bool = False
     seed: int = 0
+    fold_norms: bool = True
 
     def __post_init__(self) -> None:
         check_seed("transform.seed", self.seed)
         _set(self, "placements", {name: _validated_spec(name, spec) for name, spec in dict(self.placements).items()})
         residual = self.placements.get("residual")
+        if not isinstance(self.fold_norms, bool):
+            raise ValueError(f"transform.fold_norms must be true or false, got {self.fold_norms!r}")
+        if residual is not None and not self.fold_norms:
+            raise ValueError(
+                "transform.fold_norms=false keeps the RMSNorm weights in the norms, but placement residual needs "
+                "them folded into the readers (T1 acts on the bare normalized stream); set transform.fold_norms=true "
+                "or drop placement residual"
+            )
         if residual is not None and residual["family"] not in ORTHOGONAL_FAMILIES and not self.approximate:
             raise ValueError(
                 f"placement residual with non-orthogonal family {residual['family']!r} does not preserve the "
@@ -345,6 +360,10 @@ class CalibConfig:
     checkpoint_minutes: float | None = 5.0
     # Keep the checkpoints once the record is written (default: removed, they have served).
     keep_checkpoints: bool = False
+    # SmoothQuant-style data-driven start for the per-channel scales of the learnable affine maps
+    # (latmix.calibrate.smooth): s_j = max|x_j|^a / max|W_:,j|^(1-a), centered so log|det A| stays 0,
+    # applied before learning (also with mode none). 0: off; 0 <= a < 1.
+    smooth_alpha: float = 0.0
 
     def __post_init__(self) -> None:
         check_choice("calib.mode", self.mode, MODES)
@@ -369,6 +388,13 @@ class CalibConfig:
             )
         if self.reg_weight < 0:
             raise ValueError(f"calib.reg_weight must be >= 0, got {self.reg_weight}")
+        if isinstance(self.smooth_alpha, bool) or not isinstance(self.smooth_alpha, (int, float)) or not (
+            0 <= self.smooth_alpha < 1
+        ):
+            raise ValueError(
+                f"calib.smooth_alpha={self.smooth_alpha!r} is not a smoothing strength; use a number with "
+                "0 <= alpha < 1 (0 = off, 0.5 = SmoothQuant's balance)"
+            )
         if not self.cond_limit > 1:
             raise ValueError(f"calib.cond_limit must be > 1 (a condition number), got {self.cond_limit}")
         if self.mode == "end_to_end" and self.objective == "block_mse":

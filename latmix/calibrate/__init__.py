@@ -2,6 +2,7 @@
 
 learn       the one call, calibrate(), and its two modes
 trainer     the trainable parameters and the optimizer steps on them (shared by both modes)
+smooth      the data-driven start of the affine maps' per-channel scales (calib.smooth_alpha)
 measure     what is measured and watched: quantization points, bound, error, losses, non-finite guard
 checkpoint  the checkpoint file: atomic, fingerprinted, resumable
 """

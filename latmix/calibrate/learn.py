@@ -51,6 +51,7 @@ from latmix.calibrate.measure import (
     quant_points,
     snapshot,
 )
+from latmix.calibrate.smooth import smooth_init
 from latmix.calibrate.trainer import (
     Groups,
     Trainer,
@@ -95,6 +96,7 @@ class CalibrationReport:
     rolled_back: list[str] = field(default_factory=list)
     resumed_from_step: int | None = None
     skipped: str | None = None  # why nothing was calibrated (nothing to learn), or None
+    smoothed: int | None = None  # maps given the calib.smooth_alpha start (None: smooth_alpha 0, off)
 
     def as_record(self) -> dict[str, Any]:
         return asdict(self)
@@ -327,6 +329,8 @@ def calibrate(
     exception it raises stops calibration there, as a preemption would. With nothing to learn (mode
     none, nothing quantized, no learnable parameter) nothing is calibrated: the report says why
     (`skipped`), and the model is measured once (before = after) when something is quantized.
+    calib.smooth_alpha > 0 first gives the learnable affine maps their SmoothQuant start (smooth.py),
+    whatever the mode.
     """
     started = time.perf_counter()
     if calib_ids.dim() != 2:
@@ -335,6 +339,9 @@ def calibrate(
     fp_model.eval().requires_grad_(False)
     report = CalibrationReport(mode=calib_cfg.mode, objective=calib_cfg.objective)
     points = quant_points(model)
+    if calib_cfg.smooth_alpha > 0:
+        # The data-driven start of the affine maps: before anything is measured or learned (mode none too).
+        report.smoothed = len(smooth_init(prepared, calib_ids, calib_cfg.smooth_alpha, calib_cfg.batch_size))
     groups, report.skipped = _what_to_learn(prepared, points, calib_cfg)
     if report.skipped is not None:
         log.info("calibration skipped: %s", report.skipped)
