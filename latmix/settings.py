@@ -139,7 +139,11 @@ class ModelSettings:
 
     def __post_init__(self) -> None:
         if (self.name_or_path is None) == (self.cache is None):
-            raise ValueError("set exactly one of model.name_or_path (a directory or hub id) and model.cache")
+            raise ValueError(
+                "set exactly one of model.name_or_path (a directory or hub id) and model.cache (a cached "
+                "model, as model=smollm2-135m has); to load a directory with this preset add model.cache=null, "
+                "or pick a preset without a cache (model=llama3.2-1b model.name_or_path=DIR)"
+            )
         check_choice("model.dtype", self.dtype, MODEL_DTYPES)
         if self.outliers is not None:
             keys = set(self.outliers)

@@ -27,17 +27,31 @@ def options(group: str) -> list[str]:
     return sorted(path.stem for path in (CONF / group).glob("*.yaml"))
 
 
-def compose_config(*overrides: str, hydra: bool = False):
+# The model and method these tests run on unless they name their own: the embedded tiny Llama (its
+# files load in milliseconds) and the literal LATMiX preset. `python run.py` itself runs SmolLM2-135M.
+ON_TINY = ("model=tiny", "transform=affine")
+
+
+def on_tiny(overrides: tuple[str, ...] | list[str]) -> list[str]:
+    named = {override.split("=")[0] for override in overrides}
+    return [pin for pin in ON_TINY if pin.split("=")[0] not in named] + list(overrides)
+
+
+def compose_config(*overrides: str, hydra: bool = False, defaults: bool = False):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=list(overrides), return_hydra_config=hydra)
+        chosen = list(overrides) if defaults else on_tiny(overrides)
+        return compose("config", overrides=chosen, return_hydra_config=hydra)
 
 
-def test_the_defaults_are_the_embedded_latmix_run():
-    cfg = compose_config()
+def test_the_defaults_are_smollm2_with_latmix_gptq_and_the_local_evaluation():
+    cfg = compose_config(defaults=True)
     assert (cfg.model.name, cfg.quant.name, cfg.transform.name, cfg.eval.suite, cfg.logger.mode) == (
-        "tiny", "mxfp4", "affine", "local", "auto"
+        "smollm2-135m", "mxfp4", "latmix", "local", "auto"
     )
+    assert (cfg.quant.weight_format, cfg.quant.act_format, cfg.quant.weight_quantizer) == ("mxfp4", "mxfp4", "gptq")
     assert (cfg.optim.name, cfg.gptq.damp, cfg.gptq.act_order) == ("adamw", 0.01, False)
+    # the measured LATMiX start (conf/transform/latmix.yaml): smoothed block-diagonal maps, nothing learned
+    assert (cfg.calib.smooth_alpha, cfg.calib.mode, cfg.transform.fold_norms) == (0.5, "none", False)
 
 
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g)])
@@ -54,7 +68,7 @@ def test_every_option_composes_into_valid_settings(group, option):
 
 def sweep_points(experiment: str) -> list[list[str]]:
     """The overrides of every run of `-m +experiment=<experiment>`, expanded as Hydra's basic sweeper does."""
-    cfg = compose_config(f"+experiment={experiment}", hydra=True)
+    cfg = compose_config(f"+experiment={experiment}", hydra=True, defaults=True)  # its own model
     params = [f"{key}={value}" for key, value in cfg.hydra.sweeper.params.items()]
     overrides = OverridesParser.create().parse_overrides(params)
     return [point for batch in BasicSweeper.split_arguments(overrides, max_batch_size=None) for point in batch]
@@ -204,7 +218,7 @@ def test_the_settings_and_the_config_import_no_torch():
 
 def run_cli(*overrides: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(ROOT / "run.py"), *overrides],
+        [sys.executable, str(ROOT / "run.py"), *on_tiny(overrides)],
         capture_output=True, text=True, cwd=ROOT, timeout=120,
         env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
     )

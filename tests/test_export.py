@@ -57,7 +57,7 @@ def test_nvfp4_has_no_e8m0_codes():
 
 def compose_run(*overrides: str):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+        return compose("config", overrides=["model=tiny", "transform=affine", *overrides])
 
 
 SETTINGS = {

@@ -96,7 +96,7 @@ def test_a_run_logs_latmix_lines_only(tiny_checkpoint, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     env.pop("WANDB_API_KEY", None)
     out = subprocess.run(
-        [sys.executable, str(ROOT / "run.py"), f"model.name_or_path={tiny_checkpoint}", f"paths.results_dir={tmp_path}",
+        [sys.executable, str(ROOT / "run.py"), "model=tiny", f"model.name_or_path={tiny_checkpoint}", f"paths.results_dir={tmp_path}",
          f"hydra.run.dir={tmp_path}/out", "quant.weight_quantizer=rtn", "transform=hadamard", "calib.n_samples=4",
          "calib.seq_len=64", "eval=quick", "eval.max_seq_len=256", "eval.max_ppl_tokens=512", "eval.limit=4"],
         capture_output=True, text=True, cwd=ROOT, env=env, timeout=900,

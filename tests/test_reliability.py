@@ -412,7 +412,7 @@ def test_the_config_checks_a_local_models_files_without_torch(model_copy):
     code = (
         "import sys\nfrom hydra import compose, initialize_config_dir\nfrom latmix import config\n"
         f"with initialize_config_dir(config_dir={str(ROOT / 'conf')!r}, version_base='1.3'):\n"
-        f"    cfg = compose('config', overrides=['model.name_or_path={model_copy}'])\n"
+        f"    cfg = compose('config', overrides=['model=tiny', 'model.name_or_path={model_copy}'])\n"
         "try:\n    config.build_experiment(cfg)\nexcept config.ConfigError as err:\n    print(err)\n"
         "assert not any(m.split('.')[0] in ('torch', 'transformers') for m in sys.modules)\n"
     )
@@ -451,7 +451,7 @@ def env() -> dict[str, str]:
 def shrunk(model_dir: Path, results: Path, *, epochs: int = 3, checkpoint_every: int = 2) -> list[str]:
     """model=tiny on the random tiny checkpoint; every stage runs, in seconds."""
     return [
-        "model=tiny", f"model.name_or_path={model_dir}", f"paths.results_dir={results}", "logger=none",
+        "model=tiny", f"model.name_or_path={model_dir}", "transform=affine", f"paths.results_dir={results}", "logger=none",
         "quant.weight_quantizer=gptq", "calib.n_samples=4", "calib.seq_len=64", "calib.batch_size=2",
         f"calib.epochs={epochs}", f"calib.checkpoint_every={checkpoint_every}",
         "eval=quick", "eval.max_seq_len=128", "eval.max_ppl_tokens=512", "eval.limit=4",

@@ -28,7 +28,7 @@ STAGES = {"load", "transform", "calibrate", "quantize", "evaluate", "total"}
 def shrunk(tiny_checkpoint: Path, results_dir: Path) -> list[str]:
     """Overrides that keep the pipeline whole but make it take seconds on a random tiny model."""
     return [
-        f"model.name_or_path={tiny_checkpoint}",
+        "model=tiny", f"model.name_or_path={tiny_checkpoint}", "transform=affine",
         f"paths.results_dir={results_dir}",
         "quant.weight_quantizer=rtn",
         "calib.n_samples=4", "calib.seq_len=64", "calib.batch_size=2", "calib.steps=2",
@@ -171,12 +171,14 @@ def test_a_sweep_over_three_transforms_writes_three_records_and_a_three_row_tabl
 
 
 @pytest.mark.slow
-def test_the_default_command_runs_end_to_end_on_the_embedded_model(tmp_path):
+def test_the_default_command_quantizes_smollm2_with_latmix_and_gptq_end_to_end(tmp_path):
     out = cli(str(ROOT / "run.py"), f"paths.results_dir={tmp_path}", f"hydra.run.dir={tmp_path}/out")
     assert out.returncode == 0, out.stderr[-3000:]
     (rec,) = [r for r in record.iter_records(tmp_path) if isinstance(r, dict)]
-    assert (rec["model"], rec["quant"], rec["transform"]) == ("tiny", "mxfp4", "affine")
-    assert set(rec["timing"]) == STAGES  # the benchmark (< 3 min on 2 idle cores) is read from here
+    assert (rec["model"], rec["quant"], rec["transform"]) == ("smollm2-135m", "mxfp4", "latmix")
+    assert rec["config"]["quant"]["weight_quantizer"] == "gptq"
+    assert rec["calibration"]["skipped"] and rec["calibration"]["smoothed"] > 0  # the measured LATMiX start
+    assert set(rec["timing"]) == STAGES  # the benchmark (README: at most 5 min on 2 idle cores) is read from here
     for stage in ("load", "calibrate", "quantize", "evaluate"):
         assert f"stage {stage}" in out.stdout + out.stderr  # the per-stage time is in the log
     assert list((tmp_path / "wandb" / "wandb").glob("offline-run-*"))

@@ -152,7 +152,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_a_sweep_ends_with_one_table_of_its_runs_recorded_ones_included(tiny_checkpoint, tmp_path):
-    common = [f"model.name_or_path={tiny_checkpoint}", f"paths.results_dir={tmp_path}", "logger=none",
+    common = ["model=tiny", f"model.name_or_path={tiny_checkpoint}", f"paths.results_dir={tmp_path}", "logger=none",
               "quant.weight_quantizer=rtn", "eval=quick", "eval.max_seq_len=256", "eval.max_ppl_tokens=512",
               "eval.limit=4", "transform=identity"]
     first = cli("-m", *common, "quant=none,mxfp4", f"hydra.sweep.dir={tmp_path}/sweep1")

@@ -266,7 +266,7 @@ def test_a_run_that_fails_after_the_tracker_started_is_a_failed_wandb_run(no_cre
     root = Path(__file__).resolve().parent.parent
     with initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[
-            f"model.name_or_path={tiny_checkpoint}", f"paths.results_dir={tmp_path}", "logger.mode=offline",
+            "model=tiny", f"model.name_or_path={tiny_checkpoint}", f"paths.results_dir={tmp_path}", "logger.mode=offline",
             "transform=identity", "quant.weight_quantizer=rtn", "calib.n_samples=2", "calib.seq_len=64",
             "eval=quick", "eval.max_seq_len=128", "eval.max_ppl_tokens=16",  # fewer tokens than one window
         ])
