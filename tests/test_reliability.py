@@ -24,6 +24,7 @@ compare exactly) and offline.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import random
@@ -441,7 +442,8 @@ def test_a_sequence_longer_than_the_models_positions_names_the_key(model_copy):
 
 def env() -> dict[str, str]:
     # One code version for all the runs of a test, should the checkout be edited meanwhile.
-    out = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+    # PYTHONFAULTHANDLER: a run that hangs is sent SIGABRT (Run.finish), which prints every thread's stack.
+    out = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1", "OMP_NUM_THREADS": "1",
            "MKL_NUM_THREADS": "1", "WANDB_MODE": "offline", "NETRC": "/nonexistent-netrc",
            "LATMIX_CODE_VERSION": f"tests-{version.code_version()}"}
     out.pop("WANDB_API_KEY", None)
@@ -490,12 +492,19 @@ class Run:
             time.sleep(0.02)
         return self.process.poll() is None
 
-    def finish(self, timeout: float = 600) -> int:
+    def finish(self, timeout: float = 300) -> int:
         try:
             self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            self.process.send_signal(signal.SIGABRT)  # faulthandler: where every thread is stuck
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=10)
             self.process.kill()
-            raise
+            for reader in self._readers:
+                reader.join(timeout=5)
+            raise AssertionError(
+                f"run.py did not end within {timeout} s; its threads' stacks:\n{self.stderr[-6000:]}"
+            ) from None
         for reader in self._readers:
             reader.join(timeout=30)
         return self.process.returncode
@@ -509,7 +518,7 @@ class Run:
         return "".join(self.lines)
 
 
-def run_cli(overrides: list[str], out_dir: Path, timeout: float = 600) -> Run:
+def run_cli(overrides: list[str], out_dir: Path, timeout: float = 300) -> Run:
     run = Run(overrides, out_dir)
     run.finish(timeout)
     return run
