@@ -178,6 +178,10 @@ def test_the_default_command_quantizes_smollm2_with_latmix_and_gptq_end_to_end(t
     assert (rec["model"], rec["quant"], rec["transform"]) == ("smollm2-135m", "mxfp4", "latmix")
     assert rec["config"]["quant"]["weight_quantizer"] == "gptq"
     assert rec["calibration"]["skipped"] and rec["calibration"]["smoothed"] > 0  # the measured LATMiX start
+    rows = rec["calibration"]["per_layer"]
+    assert len(rows) == 30 * 7  # every quantized linear of the real model: the bound holds at each
+    assert all(0 < r["error_after"] <= r["bound_after"] and 0 < r["heldout_error_after"] <= r["heldout_bound_after"]
+               for r in rows)
     assert set(rec["timing"]) == STAGES  # the benchmark (README: at most 5 min on 2 idle cores) is read from here
     for stage in ("load", "calibrate", "quantize", "evaluate"):
         assert f"stage {stage}" in out.stdout + out.stderr  # the per-stage time is in the log

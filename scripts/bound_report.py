@@ -1,0 +1,96 @@
+"""The MX error bound across runs: does a lower bound come with a lower error and a lower perplexity?
+
+    python scripts/bound_report.py                        # results/runs -> results/tables/bound.md
+    python scripts/bound_report.py --results-dir DIR --out DIR
+
+For every record with per-layer rows (calib.measure): the mean over quantization points of the bound
+and of the measured error after calibration, on the calibration sequences and on held-out ones; the
+least tightness (error / bound); how many points break bound >= error (should be none); held-out
+perplexity. Then Spearman's rank correlation across the quantized runs of each model: bound vs error,
+bound vs perplexity, error vs perplexity. Imports no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterable
+from pathlib import Path
+
+import pandas as pd
+
+from latmix.record import iter_records
+from latmix.tables import method_label
+
+# Relative slack for float rounding when checking bound >= error.
+ROUNDING = 1e-6
+CORRELATIONS = (("bound", "error"), ("bound", "ppl"), ("error", "ppl"))
+
+
+def run_row(rec: dict) -> dict | None:
+    """One run's bound summary, or None without per-layer rows."""
+    rows = [r for r in rec["calibration"]["per_layer"] if r.get("bound_after") is not None]
+    if not rows:
+        return None
+    frame = pd.DataFrame(rows)
+    held = frame.dropna(subset=["heldout_bound_after", "heldout_error_after"]) if "heldout_bound_after" in frame else frame.iloc[:0]
+    broken = (frame["error_after"] > frame["bound_after"] * (1 + ROUNDING)).sum()
+    if len(held):
+        broken += (held["heldout_error_after"] > held["heldout_bound_after"] * (1 + ROUNDING)).sum()
+    quantized = rec["config"].get("quant", {}).get("weight_format") is not None
+    return {
+        "model": rec["model"], "quant": rec["quant"], "seed": rec["seed"], "run_id": rec["run_id"],
+        "method": method_label(rec["transform"], rec["weight_quantizer"], quantized),
+        "points": len(frame), "bound": frame["bound_after"].mean(), "error": frame["error_after"].mean(),
+        "heldout bound": held["heldout_bound_after"].mean() if len(held) else None,
+        "heldout error": held["heldout_error_after"].mean() if len(held) else None,
+        "least tightness": (frame["error_after"] / frame["bound_after"]).min(),
+        "bound < error": int(broken), "ppl": rec["metrics"]["ppl"].get("heldout"),
+    }
+
+
+def bound_table(records: Iterable[dict]) -> pd.DataFrame:
+    rows = [row for rec in records if isinstance(rec, dict) and (row := run_row(rec)) is not None]
+    columns = ["model", "quant", "method", "seed", "points", "bound", "error", "heldout bound", "heldout error",
+               "least tightness", "bound < error", "ppl", "run_id"]
+    return pd.DataFrame(rows, columns=columns).sort_values(["model", "quant", "bound"], ignore_index=True)
+
+
+def rank_correlations(table: pd.DataFrame) -> pd.DataFrame:
+    """Spearman's rho per model across its runs (all formats together: the bound is per format too)."""
+    rows = []
+    for model, runs in table.groupby("model"):
+        row = {"model": model, "runs": len(runs)}
+        for a, b in CORRELATIONS:
+            row[f"{a} vs {b}"] = runs[a].rank().corr(runs[b].rank()) if len(runs) > 2 else None
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def report(results_dir: Path) -> str:
+    table = bound_table(iter_records(results_dir))
+    if table.empty:
+        return "no record with per-layer bound rows (calib.measure=true) under " + str(results_dir / "runs") + "\n"
+    shown = table.drop(columns=["run_id"])
+    return (
+        "# The MX error bound across runs\n\nMeans over quantization points, after calibration (error and bound: "
+        "RMS over tokens of the per-token L2 norm; docs/calibration.md).\n\n"
+        + shown.to_markdown(index=False, floatfmt=".4g")
+        + "\n\nSpearman's rank correlation across runs (per model):\n\n"
+        + rank_correlations(table).to_markdown(index=False, floatfmt=".3f") + "\n"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results-dir", type=Path, default=Path("results"), help="holds runs/<run_id>.json")
+    parser.add_argument("--out", type=Path, default=None, help="default: <results-dir>/tables")
+    args = parser.parse_args()
+    text = report(args.results_dir)
+    out = args.out or args.results_dir / "tables"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bound.md").write_text(text)
+    print(text, end="")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""scripts/bound_report.py: the bound across runs, from records alone."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("bound_report", ROOT / "scripts" / "bound_report.py")
+bound_report = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bound_report)
+
+
+def record(transform: str, bound: float, error: float, ppl: float, seed: int = 0) -> dict:
+    rows = [{"layer": f"layers.{i}.q", "bound_after": bound * (1 + i), "error_after": error * (1 + i),
+             "heldout_bound_after": bound, "heldout_error_after": error} for i in range(2)]
+    return {"model": "m", "quant": "mxfp4", "seed": seed, "run_id": f"{transform}{seed}", "transform": transform,
+            "weight_quantizer": "gptq", "config": {"quant": {"weight_format": "mxfp4"}},
+            "calibration": {"per_layer": rows}, "metrics": {"ppl": {"heldout": ppl}}}
+
+
+def test_each_run_gets_its_mean_bound_error_tightness_and_breaks():
+    table = bound_report.bound_table([record("a", 2.0, 1.0, 10.0), record("b", 1.0, 2.0, 20.0)])
+    a, b = (table[table["method"] == m].iloc[0] for m in ("a+gptq", "b+gptq"))
+    assert (a["points"], a["bound"], a["error"], a["least tightness"], a["bound < error"]) == (2, 3.0, 1.5, 0.5, 0)
+    assert b["bound < error"] == 4  # both points, on calibration and held-out data
+
+
+def test_rank_correlations_follow_the_runs_order():
+    runs = [record("a", 1.0, 0.1, 10.0), record("b", 2.0, 0.2, 20.0), record("c", 3.0, 0.3, 15.0)]
+    (row,) = bound_report.rank_correlations(bound_report.bound_table(runs)).to_dict("records")
+    assert row["runs"] == 3 and row["bound vs error"] == pytest.approx(1.0)
+    assert row["bound vs ppl"] == pytest.approx(0.5)
+
+
+def test_records_without_per_layer_rows_are_left_out():
+    rec = record("a", 1.0, 0.1, 10.0)
+    rec["calibration"]["per_layer"] = []
+    assert bound_report.bound_table([rec]).empty
