@@ -11,10 +11,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 
@@ -143,16 +145,21 @@ def zero_shot(model: torch.nn.Module, tokenizer: Any, settings: EvalSettings, se
 
     tasks = list(settings.tasks) if settings.tasks is not None else list(local_tasks.LOCAL_TASKS)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size, max_length=seq_len)
-    return lm_eval.simple_evaluate(
-        model=lm,
-        tasks=tasks,
-        num_fewshot=settings.num_fewshot,
-        limit=settings.limit,
-        task_manager=task_manager(settings),
-        log_samples=False,
-        # acc stderr is closed-form; bootstrapping only matters for metrics we do not report
-        bootstrap_iters=1000,
-    )
+    # lm-eval bootstraps stderrs in a fork()ed multiprocessing.Pool unless DISABLE_MULTIPROC is set.
+    # Forking a process that has live threads (the run lock's heartbeat, tqdm's monitor) can leave a
+    # worker blocked on a lock no thread will release, and the run then hangs at the pool's exit (seen
+    # in CI and in the slow tests: a worker stuck in SemLock.__enter__). Serial bootstrapping is cheap.
+    with mock.patch.dict(os.environ, {"DISABLE_MULTIPROC": "1"}):
+        return lm_eval.simple_evaluate(
+            model=lm,
+            tasks=tasks,
+            num_fewshot=settings.num_fewshot,
+            limit=settings.limit,
+            task_manager=task_manager(settings),
+            log_samples=False,
+            # acc stderr is closed-form; bootstrapping only matters for metrics we do not report
+            bootstrap_iters=1000,
+        )
 
 
 def evaluate(

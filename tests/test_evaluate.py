@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -170,3 +171,17 @@ def test_a_text_too_short_for_one_window_fails_when_tokenized(tmp_path):
     settings = eval_settings(str(path))
     with pytest.raises(ConfigError, match=r"eval\.ppl_datasets: .*short\.txt has 16 tokens .* fewer than one window of 64"):
         evaluate.perplexity_texts(byte_tokenizer, settings, seq_len=64)
+
+
+def test_lm_eval_bootstraps_without_forking_a_pool(monkeypatch):
+    # A fork()ed multiprocessing.Pool in a process with live threads hung a run at the pool's exit.
+    import lm_eval
+    import lm_eval.models.huggingface as huggingface
+
+    seen = {}
+    monkeypatch.delenv("DISABLE_MULTIPROC", raising=False)
+    monkeypatch.setattr(huggingface, "HFLM", lambda **kwargs: kwargs)
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kwargs: seen.update(env=os.environ.get("DISABLE_MULTIPROC")))
+    settings = EvalSettings(suite="local", tasks=("tiny_lambada",), ppl_datasets=(), limit=2)
+    evaluate.zero_shot(None, None, settings, 128)
+    assert seen == {"env": "1"} and "DISABLE_MULTIPROC" not in os.environ  # set for the call only
