@@ -134,25 +134,32 @@ def test_an_offloaded_layer_wise_run_records_what_the_resident_run_records(tiny_
 
 
 @pytest.mark.slow
-def test_learned_block_affine_maps_beat_block_hadamard_on_the_embedded_outlier_model(tmp_path):
-    """LATMiX's claim on real text: the trained tiny Llama with planted outliers, MXFP4 W4A4 (RTN).
+def test_learned_block_affine_maps_halve_the_kl_and_stay_near_block_hadamard_on_the_outlier_model(tmp_path):
+    """LATMiX's maps learned on real text: the trained tiny Llama with planted outliers, MXFP4 W4A4 (RTN).
 
-    Measured here: held-out ppl full precision 169.60, block_hadamard 171.74, affine_block 171.38
-    (0.83x the perplexity block_hadamard adds). With GPTQ and 4 epochs: 0.62x (seed 0), 0.79x (seed 1).
+    What holds: learning halves the calibration KL to the full-precision model (measured 0.0235 ->
+    0.0105). What does not hold robustly: the perplexity ordering against block_hadamard. Held-out ppl
+    full precision 169.60, block_hadamard 171.74; affine_block 171.38 (0.83x block_hadamard's increase)
+    before commit 59054d7, 172.00 (1.12x) after it; that commit changes only float rounding of the
+    forward (q/k/v share one quantized operand) and calib.online_maps=false gives the same 172.00. So the
+    check is that the learned maps stay within a quarter of block_hadamard's cost, not that they beat it.
     """
     common = [
         "model=tiny_outliers", "eval=quick", "eval.max_ppl_tokens=8192", "logger=none",
         f"paths.results_dir={tmp_path}", "quant.weight_quantizer=rtn",
     ]
     fp, fixed, learned = (
-        run(compose_run(*common, *overrides))["metrics"]["ppl"]["heldout"]
+        run(compose_run(*common, *overrides))
         for overrides in (
             ["quant=none", "transform=identity"],
             ["transform=block_hadamard"],
             ["transform=affine_block", "calib.n_samples=128", "calib.epochs=2", "optim.lr=5e-3"],
         )
     )
-    assert learned - fp < 0.93 * (fixed - fp), (fp, fixed, learned)
+    calibration = learned["calibration"]
+    assert calibration["loss_after"] < 0.5 * calibration["loss_before"], calibration
+    fp, fixed, learned = (rec["metrics"]["ppl"]["heldout"] for rec in (fp, fixed, learned))
+    assert learned - fp < 1.25 * (fixed - fp), (fp, fixed, learned)
 
 
 @pytest.mark.slow
