@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from latmix.tables import regenerate
+from latmix.report import regenerate
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from test_tables import fp_and_methods, write_run
 
-from latmix import figures, record, tables
+from latmix import figures, record, report
 
 ROLES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -74,7 +74,7 @@ def test_activation_histograms_keep_the_call_experiment_makes(tmp_path):
 def test_make_tables_draws_a_metrics_figure_per_table_and_a_per_layer_figure_in_png_and_pdf(tmp_path):
     fp_and_methods(tmp_path)
     rec = write_run_with_layers(tmp_path, "hadamard", heldout=11.5)
-    paths, messages = tables.regenerate(tmp_path, tmp_path / "out", figures=True)
+    paths, messages = report.regenerate(tmp_path, tmp_path / "out", figures=True)
     assert messages == []
     figure_dir = tmp_path / "out" / "figures"
     expected = [figure_dir / f"{stem}.{fmt}" for stem in ("tiny_metrics", f"per_layer_{rec['run_id']}")
@@ -88,7 +88,7 @@ def test_per_layer_figures_default_to_one_seed_per_configuration_capped(tmp_path
         write_run_with_layers(tmp_path, "affine", seed=seed)
     write_run_with_layers(tmp_path, "rotation")
     write_run_with_layers(tmp_path, "hadamard")
-    paths, messages = tables.regenerate(tmp_path, tmp_path / "out", figures=True, max_layer_figures=2)
+    paths, messages = report.regenerate(tmp_path, tmp_path / "out", figures=True, max_layer_figures=2)
     assert len([k for k in paths if k.startswith("figure per_layer")]) == 2 * 2  # png + pdf
     assert messages == ["per-layer figures for 2 of 3 configurations with per-layer data; choose runs with --run-id"]
 
@@ -96,7 +96,7 @@ def test_per_layer_figures_default_to_one_seed_per_configuration_capped(tmp_path
 def test_a_chosen_run_is_drawn_and_an_unknown_one_reported(tmp_path):
     rec = write_run_with_layers(tmp_path, "affine")
     write_run(tmp_path, "hadamard")
-    paths, messages = tables.regenerate(tmp_path, tmp_path / "out", figures=True, run_ids=[rec["run_id"], "nope"])
+    paths, messages = report.regenerate(tmp_path, tmp_path / "out", figures=True, run_ids=[rec["run_id"], "nope"])
     assert f"figure per_layer_{rec['run_id']}.pdf" in paths
     assert messages == ["--run-id nope: no such record"]
 

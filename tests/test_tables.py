@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from test_record import make_record
 
-from latmix import record, tables
+from latmix import record, report, tables
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -232,7 +232,7 @@ def test_latex_escapes_underscores_in_names(tmp_path):
 
 def test_tables_are_written_as_markdown_latex_and_csv_with_numbers(tmp_path):
     fp_and_methods(tmp_path)
-    paths, messages = tables.regenerate(tmp_path, tmp_path / "tables", reference=None)
+    paths, messages = report.regenerate(tmp_path, tmp_path / "tables", reference=None)
     assert messages == []
     assert "## tiny" in paths["md"].read_text()
     assert paths["tex"].read_text().count("\\begin{tabular}") == 1
@@ -247,14 +247,14 @@ def test_tables_are_written_as_markdown_latex_and_csv_with_numbers(tmp_path):
 def test_the_csv_carries_the_keys_that_differ_within_a_table(tmp_path):
     write_run(tmp_path, "affine", heldout=10.0, **{"optim.lr": 0.01})
     write_run(tmp_path, "affine", heldout=11.0, **{"optim.lr": 0.001})
-    paths, _ = tables.regenerate(tmp_path, tmp_path / "tables")
+    paths, _ = report.regenerate(tmp_path, tmp_path / "tables")
     assert sorted(pd.read_csv(paths["csv"])["optim.lr"]) == [0.001, 0.01]
 
 
 def test_a_corrupted_record_is_reported_and_the_rest_still_tabulated(tmp_path):
     write_run(tmp_path, "affine", heldout=10.0)
     (tmp_path / "runs" / "broken.json").write_text("{not json")
-    paths, messages = tables.regenerate(tmp_path, tmp_path / "tables")
+    paths, messages = report.regenerate(tmp_path, tmp_path / "tables")
     assert len(messages) == 1 and "broken.json" in messages[0]
     assert len(pd.read_csv(paths["csv"])) == 1
 
@@ -265,7 +265,7 @@ def test_full_precision_rows_are_labelled_by_transform_only():
 
 
 def test_no_records_give_a_table_that_says_so(tmp_path):
-    paths, messages = tables.regenerate(tmp_path, tmp_path / "tables", figures=True)
+    paths, messages = report.regenerate(tmp_path, tmp_path / "tables", figures=True)
     assert "No result records" in paths["md"].read_text() and messages == []
 
 
@@ -297,7 +297,7 @@ def test_ours_beside_published_with_the_delta():
 def test_when_nothing_matches_the_comparison_says_which_models_we_have_and_the_reference_has(tmp_path):
     write_run(tmp_path, "hadamard", heldout=10.0)
     REFERENCE.to_csv(tmp_path / "published.csv", index=False)
-    paths, messages = tables.regenerate(tmp_path, tmp_path / "tables", reference=tmp_path / "published.csv")
+    paths, messages = report.regenerate(tmp_path, tmp_path / "tables", reference=tmp_path / "published.csv")
     text = paths["vs_published"].read_text()
     assert "Nothing matches" in text or "No model in common" in text
     assert "ours tiny" in text and "llama3-8b" in text

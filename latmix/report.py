@@ -1,0 +1,55 @@
+"""make_tables.py as a function: records -> the tables, the comparison with published numbers, the figures.
+
+tables.py builds the tables and figures.py draws them; this module only runs the two in order, so
+tables.py never imports figures.py (matplotlib is imported only when figures are asked for).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from latmix.record import SkippedRecord
+from latmix.tables import (
+    build_tables,
+    compare_with_reference,
+    comparison_markdown,
+    load_reference,
+    load_runs,
+    summarize,
+    write_tables,
+)
+
+
+def format_skipped(skipped: Iterable[SkippedRecord]) -> list[str]:
+    return [f"skipped {item.path}: {item.reason}" for item in skipped]
+
+
+def regenerate(
+    results_dir: str | Path, out_dir: str | Path, reference: str | Path | None = None,
+    match_format: bool = True, figures: bool = False, run_ids: Iterable[str] | None = None,
+    max_layer_figures: int = 6,
+) -> tuple[dict[str, Path], list[str]]:
+    """Read records, write tables (and the comparison, and figures if asked); return paths and messages."""
+    frame, skipped, records = load_runs(results_dir)
+    messages = format_skipped(skipped)
+    summary = summarize(frame)
+    paths = write_tables(summary, out_dir)
+    out_dir = Path(out_dir)
+    if reference is not None and Path(reference).exists():
+        published = load_reference(reference)
+        comparison = compare_with_reference(summary, published, match_format)
+        paths["vs_published"] = out_dir / "vs_published.md"
+        paths["vs_published"].write_text(comparison_markdown(comparison, summary, published, match_format))
+        paths["vs_published_csv"] = out_dir / "vs_published.csv"
+        comparison.to_csv(paths["vs_published_csv"], index=False, float_format="%.6g")
+        if comparison.empty:
+            messages.append(f"no published number matches ours: {paths['vs_published']} says why")
+    if figures:
+        from latmix import figures as plots  # matplotlib only when figures are asked for
+
+        figure_paths, figure_messages = plots.make_figures(
+            build_tables(summary), frame, records, out_dir / "figures", run_ids, max_layer_figures)
+        paths.update(figure_paths)
+        messages += figure_messages
+    return paths, messages
