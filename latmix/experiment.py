@@ -29,7 +29,7 @@ from latmix.data import calibration_batches
 from latmix.errors import ConfigError
 from latmix.evaluate import EvalResult, eval_seq_len, evaluate, perplexity_texts
 from latmix.gptq import gptq_quantize_model
-from latmix.guard import RunGuard, guarded_run
+from latmix.guard import RunGuard, guarded_run, tidy_recorded
 from latmix.hooks import Hooks
 from latmix.models import get_adapter, inject_channel_outliers, load_config, load_model, model_dimensions
 from latmix.models.cache import cached_model, record_entry
@@ -210,6 +210,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     previous = existing_record(path)
     if previous is not None and not exp.force:
         log.info("run %s is already recorded at %s; skipping (force=true reruns it)", rid, path)
+        tidy_recorded(exp, rid)
         summary.log_run_summary(previous, exp.results_dir, recorded_earlier=True)
         return previous
 

@@ -38,7 +38,7 @@ from latmix.lock import RunInProgress, RunLock
 from latmix.preemption import is_requeued
 from latmix.settings import Experiment
 
-__all__ = ["RunGuard", "RunInProgress", "checkpoint_dir", "guarded_run", "lock_path"]
+__all__ = ["RunGuard", "RunInProgress", "checkpoint_dir", "guarded_run", "lock_path", "tidy_recorded"]
 
 log = logging.getLogger(__name__)
 
@@ -101,3 +101,14 @@ def guarded_run(exp: Experiment, rid: str) -> Iterator[RunGuard]:
     with guard.lock, interrupt.handling():
         guard.clean_leftovers()
         yield guard
+
+
+def tidy_recorded(exp: Experiment, rid: str) -> None:
+    """A recorded run that is skipped still removes what killed writers left beside its record and
+    checkpoint, when no other process holds the run (else that process may be writing them now)."""
+    guard = RunGuard(exp, rid)
+    try:
+        with guard.lock:
+            guard.clean_leftovers()
+    except RunInProgress:
+        return

@@ -830,3 +830,20 @@ def test_bad_input_is_one_line_exit_2_before_any_stage(bad_runs, case):
     assert re.search(pattern, line), line
     assert not re.search(r"stage \w+ +[\d.]+ s", run.stdout + run.stderr), run.stdout[-2000:]
     assert "calibrate end_to_end" not in run.stderr  # no calibration step either
+
+
+def test_a_skipped_recorded_run_removes_what_killed_writers_left_unless_the_run_is_held(tmp_path):
+    from latmix.config import build_experiment
+    from latmix.guard import lock_path, tidy_recorded
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        exp = build_experiment(compose("config", overrides=["model=tiny", f"paths.results_dir={tmp_path}"]))
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    left = runs / ".abc.json.k1ll3d.tmp"
+    left.write_bytes(b"")
+    with lock.RunLock(lock_path(tmp_path, "abc")):  # a live process holds the run: it may be writing that file
+        tidy_recorded(exp, "abc")
+        assert left.exists()
+    tidy_recorded(exp, "abc")
+    assert list(runs.iterdir()) == []
