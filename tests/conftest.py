@@ -4,14 +4,20 @@
 RMSNorm weights and biases (so norm folding and bias handling are exercised, not hidden by ones/zeros).
 head_dim is 32 everywhere so that per-head MX blocks of 32 fit.
 
+`relative_error`, `perturb_learnable_transforms` and the `one_thread` fixture serve the tests of
+function preservation; `load_script(name)` imports a file of scripts/ as a module.
+
 `build_tiny_checkpoint(path)` saves a random tiny Llama (or a given model) with a byte-level BPE
 tokenizer trained on the local text, as a hub model is saved: what run.py and load_model read.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -56,6 +62,41 @@ TINY_CONFIGS: dict[str, Callable[[], object]] = {
         head_dim=32, tie_word_embeddings=False,
     ),
 }
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str) -> ModuleType:
+    """scripts/<name>.py as a module (registered in sys.modules, so its dataclasses resolve)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def relative_error(logits: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((logits - reference).abs().max() / reference.abs().max())
+
+
+def perturb_learnable_transforms(prepared, scale: float = 0.02) -> None:
+    """Move every trainable transform parameter off its initialization (a generic, non-trivial point)."""
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for transform in prepared.transforms.values():
+            for param in transform.parameters():
+                if param.requires_grad:
+                    param.add_(scale * torch.randn(param.shape, generator=generator))
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: the tiny models are latency-bound, extra threads only contend on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @torch.no_grad()

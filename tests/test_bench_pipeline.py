@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from conftest import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "model=tiny", "device=cpu", "calib.n_samples=4", "calib.batch_size=2", "calib.seq_len=64",
     "eval.max_seq_len=128", "eval.max_ppl_tokens=256", "eval.ppl_datasets=[heldout]",
 ]
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("bench_pipeline", ROOT / "scripts" / "bench_pipeline.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench_pipeline = _load_script()
+bench_pipeline = load_script("bench_pipeline")
 
 
 @pytest.mark.slow

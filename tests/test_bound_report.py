@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+from conftest import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("bound_report", ROOT / "scripts" / "bound_report.py")
-bound_report = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bound_report)
+bound_report = load_script("bound_report")
 
 
 def record(transform: str, bound: float, error: float, ppl: float, seed: int = 0) -> dict:

@@ -18,13 +18,7 @@ W4A4 = QuantConfig(weight_format="mxfp4", act_format="mxfp4")
 FIXED_FAMILIES = ("hadamard", "block_hadamard", "rotation")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The tiny models are latency-bound: extra intra-op threads only contend on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def placements(family: str | None, **kwargs) -> dict:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import perturb_learnable_transforms, relative_error
 from hydra import compose, initialize_config_dir
 
 from latmix import config
@@ -22,12 +23,7 @@ W4A4 = QuantConfig(weight_format="mxfp4", act_format="mxfp4")
 BLOCK_AFFINE = {"family": "affine", "parametrization": "block_diag", "block_size": 32, "init": "block_hadamard"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def composed(*overrides: str):
@@ -45,19 +41,6 @@ def presets_with_pre_linear() -> list[str]:
 
 def token_ids(n: int, length: int, seed: int) -> torch.Tensor:
     return torch.randint(0, 128, (n, length), generator=torch.Generator().manual_seed(seed))
-
-
-def _relative_error(logits: torch.Tensor, reference: torch.Tensor) -> float:
-    return float((logits - reference).abs().max() / reference.abs().max())
-
-
-def _perturb(prepared, scale: float = 0.02) -> None:
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for transform in prepared.transforms.values():
-            for param in transform.parameters():
-                if param.requires_grad:
-                    param.add_(scale * torch.randn(param.shape, generator=generator))
 
 
 # --- fold_norms ----------------------------------------------------------------------------------
@@ -81,10 +64,10 @@ def test_fold_norms_false_preserves_the_function_of_every_preset_with_pre_linear
     prepared = prepare_model(model, transform, QuantConfig())
     after = [m.weight for m in model.modules() if "RMSNorm" in type(m).__name__]
     assert all(torch.equal(a, b) for a, b in zip(after, norms, strict=True))  # the norms keep their weights
-    _perturb(prepared)
-    assert _relative_error(model(input_ids).logits, reference) < 1e-5
+    perturb_learnable_transforms(prepared)
+    assert relative_error(model(input_ids).logits, reference) < 1e-5
     freeze_model(prepared)
-    assert _relative_error(model(input_ids).logits, reference) < 1e-5
+    assert relative_error(model(input_ids).logits, reference) < 1e-5
 
 
 def _gate_operands(make_tiny_model, fold_norms: bool, input_ids) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -195,7 +178,7 @@ def test_smooth_init_preserves_the_function(make_tiny_model, input_ids, parametr
     transform = TransformConfig({p: spec for p in ("pre_linear", "attn_vo", "down_proj")}, fold_norms=False)
     prepared = prepare_model(model, transform, QuantConfig())
     if parametrization != "svd":
-        _perturb(prepared)  # off its start (an upper part that is not 0): the scale still goes in exactly
+        perturb_learnable_transforms(prepared)  # off its start (an upper part that is not 0): the scale still goes in exactly
     before = {n: t.matrix().detach().clone() for n, t in prepared.transforms.items()}
     assert len(smooth_init(prepared, token_ids(4, 16, 0), 0.5, batch_size=2)) == 8
     for name, t in prepared.transforms.items():
@@ -204,9 +187,9 @@ def test_smooth_init_preserves_the_function(make_tiny_model, input_ids, parametr
         diagonal = torch.diagonal(ratio)
         assert torch.allclose(ratio, torch.diag(diagonal), atol=1e-5), name
         assert not torch.allclose(diagonal, torch.ones_like(diagonal)), name
-    assert _relative_error(model(input_ids).logits, reference) < 1e-5
+    assert relative_error(model(input_ids).logits, reference) < 1e-5
     freeze_model(prepared)
-    assert _relative_error(model(input_ids).logits, reference) < 1e-5
+    assert relative_error(model(input_ids).logits, reference) < 1e-5
 
 
 def _latmix_calibration(make_tiny_model, caplog, *overrides: str):

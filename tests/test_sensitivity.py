@@ -3,31 +3,18 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 from latmix import evaluate, mx
 from latmix.formats import get_format
 from latmix.quantize import QuantLinear, prepare_model
 from latmix.settings import LINEAR_ROLES, QuantConfig, TransformConfig
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("sensitivity", ROOT / "scripts" / "sensitivity.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-sensitivity = _load_script()
+sensitivity = load_script("sensitivity")
 SEQ_LEN = 16
 
 

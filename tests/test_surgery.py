@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from conftest import perturb_learnable_transforms, relative_error
 
 from latmix.fidelity import logit_deviation
 from latmix.models import get_adapter, inject_channel_outliers
@@ -66,29 +67,15 @@ LATMIX = {
 }
 
 
-def _relative_error(logits: torch.Tensor, reference: torch.Tensor) -> float:
-    return float((logits - reference).abs().max() / reference.abs().max())
-
-
-def _perturb_learnable_transforms(prepared, scale: float = 0.02) -> None:
-    """Move every trainable transform parameter off its initialization (a generic, non-trivial point)."""
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for transform in prepared.transforms.values():
-            for param in transform.parameters():
-                if param.requires_grad:
-                    param.add_(scale * torch.randn(param.shape, generator=generator))
-
-
 @torch.no_grad()
 def _assert_preserves_function(make_tiny_model, arch, placements, input_ids, **cfg):
     model = make_tiny_model(arch)
     reference = model(input_ids).logits
     prepared = prepare_model(model, TransformConfig(placements, **cfg), QuantConfig())
-    _perturb_learnable_transforms(prepared)
-    assert _relative_error(model(input_ids).logits, reference) < 1e-5
+    perturb_learnable_transforms(prepared)
+    assert relative_error(model(input_ids).logits, reference) < 1e-5
     freeze_model(prepared)
-    assert _relative_error(model(input_ids).logits, reference) < 1e-5
+    assert relative_error(model(input_ids).logits, reference) < 1e-5
 
 
 @pytest.mark.parametrize("arch", MATRIX_ARCHITECTURES)
@@ -125,7 +112,7 @@ def test_residual_unties_tied_embeddings(make_tiny_model, input_ids):
 def test_attn_vo_shift_becomes_an_o_proj_bias_when_frozen(make_tiny_model, input_ids):
     model = make_tiny_model("llama")
     prepared = prepare_model(model, TransformConfig({"attn_vo": FAMILIES["affine_qr_shift"]}), QuantConfig())
-    _perturb_learnable_transforms(prepared)
+    perturb_learnable_transforms(prepared)
     freeze_model(prepared)
     o_proj = get_adapter(model).attn_writer(get_adapter(model).layers()[0])
     assert o_proj.bias is not None and o_proj.bias.abs().max() > 0
@@ -178,8 +165,8 @@ def test_quantized_presets_run_and_switch_back_to_full_precision(make_tiny_model
             full_precision = model(input_ids).logits
         again = model(input_ids).logits
     assert torch.isfinite(quantized).all()
-    assert _relative_error(quantized, reference) > 1e-3
-    assert _relative_error(full_precision, reference) < 1e-5
+    assert relative_error(quantized, reference) > 1e-3
+    assert relative_error(full_precision, reference) < 1e-5
     torch.testing.assert_close(again, quantized)
 
 
@@ -191,8 +178,8 @@ def test_kv_cache_quantization_changes_only_attention(make_tiny_model, input_ids
         kv_quantized = model(input_ids).logits
         set_quantization(model, weights=False, acts=False)
         full_precision = model(input_ids).logits
-    assert _relative_error(kv_quantized, reference) > 1e-3
-    assert _relative_error(full_precision, reference) < 1e-5
+    assert relative_error(kv_quantized, reference) > 1e-3
+    assert relative_error(full_precision, reference) < 1e-5
 
 
 def test_gptq_leaves_weights_unquantized_until_written(make_tiny_model, input_ids):
@@ -200,11 +187,11 @@ def test_gptq_leaves_weights_unquantized_until_written(make_tiny_model, input_id
     reference = model(input_ids).logits.detach()
     prepare_model(model, TransformConfig(PRESETS["hadamard"]), QuantConfig("mxfp4", None, weight_quantizer="gptq"))
     with torch.no_grad():
-        assert _relative_error(model(input_ids).logits, reference) < 1e-5
+        assert relative_error(model(input_ids).logits, reference) < 1e-5
         q_proj = get_adapter(model).attn_readers(get_adapter(model).layers()[0])[0]
         q_proj.set_weight(torch.zeros_like(q_proj.weight))
         assert q_proj.weight_is_quantized and q_proj.weight.abs().max() == 0
-        assert _relative_error(model(input_ids).logits, reference) > 1e-3
+        assert relative_error(model(input_ids).logits, reference) > 1e-3
 
 
 @torch.no_grad()
@@ -212,7 +199,7 @@ def test_inject_channel_outliers_preserves_logits_and_creates_outliers(make_tiny
     model = make_tiny_model("llama")
     reference = model(input_ids).logits
     channels = inject_channel_outliers(model, n_channels=2, scale=50.0, seed=0)
-    assert _relative_error(model(input_ids).logits, reference) < 1e-5
+    assert relative_error(model(input_ids).logits, reference) < 1e-5
     norm = get_adapter(model).input_norm(get_adapter(model).layers()[0])
     others = torch.ones(norm.weight.shape[0], dtype=torch.bool)
     others[channels] = False
@@ -258,7 +245,7 @@ def test_outliers_at_down_proj_and_o_proj_inputs_preserve_logits_and_show(make_t
     model = make_tiny_model(arch)
     reference, before = model(input_ids).logits, _linear_inputs(model, input_ids)
     inject_channel_outliers(model, n_channels=2, scale=50.0, seed=0, points=(point,))
-    assert _relative_error(model(input_ids).logits, reference) < 1e-5
+    assert relative_error(model(input_ids).logits, reference) < 1e-5
     after = _linear_inputs(model, input_ids)
     adapter = get_adapter(model)
     role, untouched = ("down", "o") if point == "mlp" else ("o", "down")
