@@ -75,51 +75,96 @@ def _positive(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) and value > 0 else math.nan
 
 
-def per_layer_figure(per_layer: Sequence[Mapping[str, Any]], title: str | None = None) -> Figure:
-    """One panel per linear role (q/k/v/o/gate/up/down), x = block, log y: the bound dashed, the
-    measured error solid, before (blue) and after (orange) calibration. Readable at 200+ layers
-    because each panel holds one point per block."""
-    keys = [series[0] for series in PER_LAYER_SERIES]
-    rows = [row for row in per_layer if any(not math.isnan(_positive(row.get(k))) for k in keys)]
-    if not rows:
-        raise ValueError("the calibration report has no bound or error measurements per layer")
+def _role_order(role: str) -> tuple[int, str]:
+    """Data-flow order for the seven Llama roles, then any other role by name."""
+    return (ROLE_ORDER.index(role), "") if role in ROLE_ORDER else (len(ROLE_ORDER), role)
+
+
+def _rows_by_role(per_layer: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> dict[str, list[Mapping[str, Any]]]:
+    """The rows with a value under any of keys, grouped by linear role in data-flow order."""
     by_role: dict[str, list[Mapping[str, Any]]] = {}
-    for index, row in enumerate(rows):
-        by_role.setdefault(layer_role(str(row.get("layer", index))), []).append(row)
-    roles = sorted(by_role, key=lambda r: (ROLE_ORDER.index(r), "") if r in ROLE_ORDER else (len(ROLE_ORDER), r))
+    for index, row in enumerate(per_layer):
+        if any(not math.isnan(_positive(row.get(k))) for k in keys):
+            by_role.setdefault(layer_role(str(row.get("layer", index))), []).append(row)
+    return {role: by_role[role] for role in sorted(by_role, key=_role_order)}
+
+
+def _role_panels(roles: Sequence[str], width: float = 6.5) -> tuple[Figure, list[Any]]:
+    """One log-y panel per role (two columns past three roles), x shared, the x label on each column's last."""
     ncols = 1 if len(roles) <= 3 else 2
     nrows = math.ceil(len(roles) / ncols)
-    fig = Figure(figsize=(6.5 * ncols, 2.1 * nrows + 1.0), layout="constrained")
+    fig = Figure(figsize=(width * ncols, 2.1 * nrows + 1.0), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True)
-    by_blocks = all(isinstance(row.get("block"), int) for row in rows)
-    for position, role in enumerate(roles):
-        ax = axes[position // ncols][position % ncols]
-        points = by_role[role]
-        xs = [row["block"] for row in points] if by_blocks else list(range(len(points)))
-        for key, colour, style, label in PER_LAYER_SERIES:
-            ys = [_positive(row.get(key)) for row in points]
-            if not all(math.isnan(y) for y in ys):
-                ax.plot(xs, ys, color=colour, linestyle=style, marker="." if len(xs) <= 64 else None,
-                        markersize=3, linewidth=1.2, label=label)
+    for position in range(len(roles), nrows * ncols):
+        axes[position // ncols][position % ncols].set_visible(False)
+    for col in range(min(ncols, len(roles))):
+        bottom = max(r for r in range(nrows) if r * ncols + col < len(roles))
+        axes[bottom][col].tick_params(labelbottom=True)
+    panels = [axes[position // ncols][position % ncols] for position in range(len(roles))]
+    for position, ax in enumerate(panels):
         ax.set_yscale("log")
-        tightness = sorted(row["tightness_after"] for row in points
-                           if isinstance(row.get("tightness_after"), (int, float)))
-        median = f", median error/bound after {tightness[len(tightness) // 2]:.2f}" if tightness else ""
-        ax.set_title(f"{role} ({len(points)} layers{median})", fontsize=9)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, which="major", alpha=0.3)
         ax.tick_params(labelsize=7)
         if position % ncols == 0:
             ax.set_ylabel("‖error‖", fontsize=8)
-    for position in range(len(roles), nrows * ncols):
-        axes[position // ncols][position % ncols].set_visible(False)
-    for col in range(ncols):
-        bottom = max(r for r in range(nrows) if r * ncols + col < len(roles)) if len(roles) > col else 0
-        axes[bottom][col].set_xlabel("block" if by_blocks else "layer index", fontsize=8)
-        axes[bottom][col].tick_params(labelbottom=True)
-    handles, labels = axes[0][0].get_legend_handles_labels()
+    return fig, panels
+
+
+def _x_positions(rows: Sequence[Mapping[str, Any]]) -> tuple[list[int], str]:
+    if all(isinstance(row.get("block"), int) for row in rows):
+        return [row["block"] for row in rows], "block"
+    return list(range(len(rows))), "layer index"
+
+
+def per_layer_figure(per_layer: Sequence[Mapping[str, Any]], title: str | None = None) -> Figure:
+    """One panel per linear role (q/k/v/o/gate/up/down), x = block, log y: the bound dashed, the
+    measured error solid, before (blue) and after (orange) calibration. Readable at 200+ layers
+    because each panel holds one point per block."""
+    by_role = _rows_by_role(per_layer, [series[0] for series in PER_LAYER_SERIES])
+    if not by_role:
+        raise ValueError("the calibration report has no bound or error measurements per layer")
+    fig, panels = _role_panels(list(by_role))
+    for ax, (role, points) in zip(panels, by_role.items(), strict=True):
+        xs, xlabel = _x_positions(points)
+        for key, colour, style, label in PER_LAYER_SERIES:
+            ys = [_positive(row.get(key)) for row in points]
+            if not all(math.isnan(y) for y in ys):
+                ax.plot(xs, ys, color=colour, linestyle=style, marker="." if len(xs) <= 64 else None,
+                        markersize=3, linewidth=1.2, label=label)
+        tightness = sorted(row["tightness_after"] for row in points
+                           if isinstance(row.get("tightness_after"), (int, float)))
+        median = f", median error/bound after {tightness[len(tightness) // 2]:.2f}" if tightness else ""
+        ax.set_title(f"{role} ({len(points)} layers{median})", fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+    handles, labels = panels[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=4, fontsize=8)
-    fig.suptitle(title or f"bound vs measured error, {len(rows)} quantized linears", fontsize=10)
+    n_rows = sum(len(points) for points in by_role.values())
+    fig.suptitle(title or f"bound vs measured error, {n_rows} quantized linears", fontsize=10)
+    return fig
+
+
+def methods_per_layer_figure(runs: Mapping[str, Sequence[Mapping[str, Any]]], title: str | None = None) -> Figure:
+    """Several runs on one figure, {label: per_layer rows}: one panel per linear role, x = block, log y,
+    one colour per run, its bound dashed and its measured error solid (after calibration)."""
+    by_run = {label: _rows_by_role(rows, ("bound_after", "error_after")) for label, rows in runs.items()}
+    roles = list(dict.fromkeys(role for by_role in by_run.values() for role in by_role))
+    if not roles:
+        raise ValueError("none of the runs has bound or error measurements per layer")
+    roles.sort(key=_role_order)
+    fig, panels = _role_panels(roles)
+    for ax, role in zip(panels, roles, strict=True):
+        for index, (label, by_role) in enumerate(by_run.items()):
+            points = by_role.get(role, [])
+            xs, xlabel = _x_positions(points)
+            for key, style, what in (("bound_after", "--", "bound"), ("error_after", "-", "error")):
+                ax.plot(xs, [_positive(row.get(key)) for row in points], color=f"C{index % 10}", linestyle=style,
+                        linewidth=1.2, label=f"{label}: {what}")
+            ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_title(role, fontsize=9)
+    handles, labels = panels[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(runs), fontsize=8)  # a column per run
+    fig.suptitle(title or "bound (dashed) vs measured error (solid) per layer, after calibration", fontsize=10)
     return fig
 
 

@@ -2,6 +2,7 @@
 
     python scripts/bound_report.py                        # results/runs -> results/tables/bound.md
     python scripts/bound_report.py --results-dir DIR --out DIR
+    python scripts/bound_report.py --figure bound.png --runs ID ID ...   # those runs per layer, one figure
 
 For every record with per-layer rows (calib.measure): the mean over quantization points of the bound
 and of the measured error after calibration, on the calibration sequences and on held-out ones; the
@@ -70,21 +71,45 @@ def report(results_dir: Path) -> str:
     table = bound_table(iter_records(results_dir))
     if table.empty:
         return "no record with per-layer bound rows (calib.measure=true) under " + str(results_dir / "runs") + "\n"
-    shown = table.drop(columns=["run_id"])
     return (
         "# The MX error bound across runs\n\nMeans over quantization points, after calibration (error and bound: "
         "RMS over tokens of the per-token L2 norm; docs/calibration.md).\n\n"
-        + shown.to_markdown(index=False, floatfmt=".4g")
+        + table.to_markdown(index=False, floatfmt=".4g")
         + "\n\nSpearman's rank correlation across runs (per model):\n\n"
         + rank_correlations(table).to_markdown(index=False, floatfmt=".3f") + "\n"
     )
+
+
+def figure_of_runs(results_dir: Path, run_ids: list[str], path: Path) -> Path:
+    """The runs' per-layer bound and error after calibration on one figure, labelled by format, method, seed."""
+    from latmix.figures import methods_per_layer_figure, save
+
+    records = {rec["run_id"]: rec for rec in iter_records(results_dir) if isinstance(rec, dict)}
+    missing = [rid for rid in run_ids if rid not in records]
+    if missing:
+        raise SystemExit(f"no record {', '.join(missing)} under {results_dir / 'runs'}: pass run ids from bound.md")
+    runs = {}
+    for rid in run_ids:
+        rec = records[rid]
+        quantized = rec["config"].get("quant", {}).get("weight_format") is not None
+        label = f"{rec['quant']} {method_label(rec['transform'], rec['weight_quantizer'], quantized)} s{rec['seed']}"
+        runs[label] = rec["calibration"]["per_layer"]
+    title = f"{records[run_ids[0]]['model']}: bound (dashed) vs measured error (solid) per layer, after calibration"
+    return save(methods_per_layer_figure(runs, title), path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results-dir", type=Path, default=Path("results"), help="holds runs/<run_id>.json")
     parser.add_argument("--out", type=Path, default=None, help="default: <results-dir>/tables")
+    parser.add_argument("--figure", type=Path, default=None, help="draw --runs per layer into this file")
+    parser.add_argument("--runs", nargs="+", default=[], help="run ids for --figure (the run_id column of bound.md)")
     args = parser.parse_args()
+    if args.figure is not None:
+        if not args.runs:
+            parser.error("--figure needs --runs ID [ID ...] (the run_id column of bound.md)")
+        print(figure_of_runs(args.results_dir, args.runs, args.figure))
+        return
     text = report(args.results_dir)
     out = args.out or args.results_dir / "tables"
     out.mkdir(parents=True, exist_ok=True)

@@ -34,3 +34,13 @@ def test_records_without_per_layer_rows_are_left_out():
     rec = record("a", 1.0, 0.1, 10.0)
     rec["calibration"]["per_layer"] = []
     assert bound_report.bound_table([rec]).empty
+
+
+def test_the_figure_of_chosen_runs_is_drawn_and_unknown_runs_are_named(tmp_path):
+    from test_plots import write_run_with_layers
+
+    ids = [write_run_with_layers(tmp_path, transform)["run_id"] for transform in ("identity", "affine")]
+    path = bound_report.figure_of_runs(tmp_path, ids, tmp_path / "bound.png")
+    assert path.stat().st_size > 0
+    with pytest.raises(SystemExit, match="no record nope"):
+        bound_report.figure_of_runs(tmp_path, [ids[0], "nope"], tmp_path / "bound.png")

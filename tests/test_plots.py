@@ -53,6 +53,26 @@ def test_per_layer_figure_has_one_panel_per_linear_role_with_a_point_per_block()
     assert "run abc" in fig.get_suptitle()
 
 
+def test_methods_figure_draws_each_runs_bound_dashed_and_error_solid_in_one_colour_per_role():
+    smaller = [{**row, "bound_after": row["bound_after"] / 2, "error_after": row["error_after"] / 4}
+               for row in per_layer_rows()]
+    fig = figures.methods_per_layer_figure({"identity": per_layer_rows(), "latmix": smaller})
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                 "gate_proj", "up_proj", "down_proj"]
+    down = panels[-1]
+    assert [line.get_label() for line in down.lines] == ["identity: bound", "identity: error",
+                                                         "latmix: bound", "latmix: error"]
+    assert [line.get_linestyle() for line in down.lines] == ["--", "-", "--", "-"]
+    assert down.lines[0].get_color() == down.lines[1].get_color() != down.lines[2].get_color()
+    assert list(down.lines[3].get_ydata()) == [row["error_after"] for row in smaller if row["layer"].endswith("down_proj")]
+
+
+def test_methods_figure_without_measurements_says_so():
+    with pytest.raises(ValueError, match="none of the runs"):
+        figures.methods_per_layer_figure({"a": [{"layer": "x", "loss_before": 1.0}]})
+
+
 def test_bound_vs_error_keeps_the_call_experiment_makes(tmp_path):
     path = figures.bound_vs_error(per_layer_rows(), tmp_path / "run" / "bound_vs_error.png")
     assert path == tmp_path / "run" / "bound_vs_error.png"
