@@ -95,7 +95,7 @@ def test_an_offline_wandb_run_holds_the_records_metrics(tiny_checkpoint, tmp_pat
     wandb.teardown()
     run_dirs = list((tmp_path / "wandb" / "wandb").glob("offline-run-*"))
     assert len(run_dirs) == 1
-    logged = read_offline_run(run_dirs[0])
+    logged = read_offline_run(run_dirs[0], wait_for_exit=30)
     assert logged["summary"]["metrics/ppl/heldout"] == pytest.approx(rec["metrics"]["ppl"]["heldout"])
     assert logged["summary"]["timing/total"] == pytest.approx(rec["timing"]["total"])
     assert logged["config"]["run_id"] == rec["run_id"]

@@ -54,7 +54,7 @@ def test_an_offline_run_holds_summary_config_group_and_tags(no_credentials, tmp_
     tracker.log_summary({"metrics": {"ppl": {"heldout": 12.5}}, "run_id": "abc"})
     tracker.finish()
 
-    logged = read_offline_run(run_dir)
+    logged = read_offline_run(run_dir, wait_for_exit=30)
     assert logged["summary"]["metrics/ppl/heldout"] == 12.5
     assert logged["summary"]["run_id"] == "abc"
     assert logged["summary"]["calibration/loss"] == 0.5
@@ -182,7 +182,7 @@ def offline_run(tmp_path: Path, body) -> dict:
     else:
         caught = None
     wandb.teardown()  # everything the service process holds is on disk
-    logged = read_offline_run(run_dir)
+    logged = read_offline_run(run_dir, wait_for_exit=30)
     logged["caught"] = caught
     return logged
 
@@ -274,7 +274,7 @@ def test_a_run_that_fails_after_the_tracker_started_is_a_failed_wandb_run(no_cre
         run(cfg)
     wandb.teardown()
     (run_dir,) = (tmp_path / "wandb" / "wandb").glob("offline-run-*")
-    logged = read_offline_run(run_dir)
+    logged = read_offline_run(run_dir, wait_for_exit=30)
     assert logged["exit_code"] == 1 and logged["summary"]["status"] == "failed"
     assert "fewer than one window" in logged["summary"]["error"]
     assert logged["job_type"] == "identity+rtn" and logged["name"].startswith("tiny-mxfp4-identity+rtn-s0-")

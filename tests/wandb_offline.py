@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -37,14 +38,25 @@ def _log_records(data: bytes) -> Iterable[bytes]:
             yield pending + chunk
 
 
-def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
+def read_offline_run(run_dir: str | Path, wait_for_exit: float = 0.0) -> dict[str, Any]:
     """Read back what an offline run logged: {'summary', 'config', 'group', 'tags', 'name', 'job_type',
     'exit_code' (None until the run finished), 'preempting' (marked preempting), 'artifacts' ({name:
     {'type', 'files'}})}.
 
     wandb 0.31 ships no reader for its run files, so this parses the .wandb file with wandb's own
-    protobuf definitions.
+    protobuf definitions. Its service process writes the file after `run.finish()` returns (seen here:
+    the summary missing, complete a moment later), so a reader of a finished run gives it up to
+    wait_for_exit seconds to write the run's exit record.
     """
+    deadline = time.monotonic() + wait_for_exit
+    logged = _read_once(run_dir)
+    while logged["exit_code"] is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+        logged = _read_once(run_dir)
+    return logged
+
+
+def _read_once(run_dir: str | Path) -> dict[str, Any]:
     from wandb.proto import wandb_internal_pb2
 
     files = sorted(Path(run_dir).glob("run-*.wandb"))
