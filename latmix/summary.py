@@ -142,6 +142,9 @@ def run_summary(rec: Mapping[str, Any], results_dir: str | Path, *, recorded_ear
         lines.append("  no full-precision record of this model and evaluation for deltas (quant=none "
                      "transform=identity makes one)")
     lines.append(f"  stage times (s): {stage_times(rec['timing'])}")
+    measured, total = rec["calibration"].get("measure_seconds"), rec["timing"].get("total")
+    if _is_number(measured) and _is_number(total) and total > 0:
+        lines.append(f"  bound/error measurement (in calibrate): {measured:.1f} s, {100 * measured / total:.0f}% of the run")
     lines.append(f"  record: {record.record_path(results_dir, rec['run_id'])}")
     exported = Path(results_dir) / "export" / rec["run_id"]
     if exported.is_dir():

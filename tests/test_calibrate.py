@@ -368,6 +368,7 @@ def test_mode_none_is_skipped_and_measured_once(make_tiny_model, monkeypatch):
     )
     assert report.skipped == "calib.mode=none" and report.steps == 0 and len(snapshots) == 1
     assert report.per_layer and report.loss_before == report.loss_after
+    assert 0 < report.measure_seconds < report.seconds and report.as_record()["measure_seconds"] == report.measure_seconds
 
 
 @pytest.mark.parametrize(
@@ -385,7 +386,9 @@ def test_nothing_to_learn_is_skipped_and_says_why(make_tiny_model, caplog, quant
     with caplog.at_level("INFO", logger="latmix.calibrate.learn"):
         report = calibrate(prepared, make_tiny_model("llama"), ids, quick_config(), OptimConfig(), None)
     assert report.skipped is not None and reason in report.skipped and report.steps == 0
-    assert [r.getMessage() for r in caplog.records] == [f"calibration skipped: {report.skipped}"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0] == f"calibration skipped: {report.skipped}"
+    assert all(m.startswith("measured the bound and error") and "once: nothing learned" in m for m in messages[1:])
     assert report.as_record()["skipped"] == report.skipped
     if quant.weight_format is None:  # quant=none: no measurement, and the function is untouched
         assert report.per_layer == [] and report.loss_before is None
@@ -397,6 +400,7 @@ def test_calibrate_can_leave_measuring_out(make_tiny_model):
     cfg = quick_config(measure=False, epochs=1)
     report = calibrate(prepared, make_tiny_model("llama"), token_ids(2, 16, 0), cfg, OptimConfig(), None)
     assert report.steps == 1 and report.per_layer == [] and report.loss_before is None
+    assert report.measure_seconds is None
 
 
 @pytest.mark.parametrize(

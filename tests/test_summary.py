@@ -75,6 +75,13 @@ def test_a_run_summary_has_metrics_deltas_vs_full_precision_and_stage_times(tmp_
     assert f"full precision: mean of 1 record(s) ({fp['run_id']})" in text
     assert "stage times (s): load 1.0 · transform 2.0 · calibrate 30.0 · quantize 4.0 · evaluate 5.0 · total 42.0" in text
     assert str(record.record_path(tmp_path, rec["run_id"])) in text
+    assert "measurement" not in text  # the record has no measure_seconds
+
+
+def test_the_run_summary_gives_the_measurements_share_of_the_run(tmp_path):
+    rec = make_record()
+    rec["calibration"]["measure_seconds"] = 4.2
+    assert "bound/error measurement (in calibrate): 4.2 s, 10% of the run" in summary.run_summary(rec, tmp_path)
 
 
 def test_without_a_full_precision_record_the_summary_says_how_to_get_one(tmp_path):

@@ -97,6 +97,7 @@ class CalibrationReport:
     resumed_from_step: int | None = None
     skipped: str | None = None  # why nothing was calibrated (nothing to learn), or None
     smoothed: int | None = None  # maps given the calib.smooth_alpha start (None: smooth_alpha 0, off)
+    measure_seconds: float | None = None  # the per-layer bound/error and KL measurement (None: not measured)
 
     def as_record(self) -> dict[str, Any]:
         return asdict(self)
@@ -354,15 +355,21 @@ def calibrate(
     residual = prepared.residual
     with _switches(model, rtn_weights=rtn, online_maps=calib_cfg.online_maps):
         if measured:
+            clock = time.perf_counter()
             reference = block_outputs(fp_model, measure_ids)
             before = snapshot(model, reference, residual, measure_ids, heldout, flat(groups))
+            report.measure_seconds = time.perf_counter() - clock
         if groups:
             seconds = _learn(report, prepared, fp_model, calib_ids, calib_cfg, optim_cfg, groups, points, ckpt_dir, on_step)
         if measured:
+            clock = time.perf_counter()
             # With nothing learned the model has not changed: the one measurement is both before and after.
             after = snapshot(model, reference, residual, measure_ids, heldout, flat(groups)) if groups else before
             report.loss_before, report.loss_after = before.kl, after.kl
             report.per_layer = per_layer_rows(points, before, after, seconds)
+            report.measure_seconds += time.perf_counter() - clock
+            log.info("measured the bound and error at %d points in %.1f s (%s)", len(report.per_layer),
+                     report.measure_seconds, "before and after learning" if groups else "once: nothing learned")
     for params in groups.values():
         for p in params.values():
             p.requires_grad_(False)
