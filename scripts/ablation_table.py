@@ -1,0 +1,103 @@
+"""An ablation table: every configuration of one method, told apart by what it changes from a base.
+
+    python scripts/ablation_table.py                                  # smollm2-135m, mxfp4, latmix
+    python scripts/ablation_table.py --model tiny_outliers --transform affine --base 0123456789ab
+    python scripts/ablation_table.py --results-dir DIR --out DIR
+
+The rows are the recorded configurations of `--transform` on `--model` at `--quant` (mean ± std over
+their seeds). The base is the configuration of run `--base`, or else the one with the most seeds; every
+other row is named by the config keys it changes (`smooth alpha=0.25`, `without down_proj`). The
+full-precision reference and any other methods at the same format and evaluation are listed below it
+for scale. Writes <out>/ablation_<model>_<quant>_<transform>.md and prints it. Imports no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from pathlib import Path
+
+import pandas as pd
+
+from latmix.tables import load_runs, short_name, summarize
+
+METRICS = {"ppl_heldout": "held-out ppl", "ppl_ood": "ood ppl", "avg": "task avg %"}
+
+
+def change(config: Mapping[str, str], base: Mapping[str, str]) -> str:
+    """What a configuration changes from the base: 'smooth alpha=0.25', 'without down_proj', ...
+    Keys a configuration lacks are told by their group (a whole placement removed reads as one)."""
+    changed = [f"{short_name(k)}={v}" for k, v in sorted(config.items()) if k in base and base[k] != v]
+    added = [f"{short_name(k)}={v}" for k, v in sorted(config.items()) if k not in base]
+    missing = {k.rsplit(".", 1)[0] for k in base if k not in config}
+    removed = [f"without {short_name(group)}" for group in sorted(missing)
+               if not any(k.startswith(group + ".") for k in config)]
+    return ", ".join(removed + changed + added) or "(base)"
+
+
+def ablation(runs: pd.DataFrame, model: str, quant: str, transform: str, base_run: str | None = None) -> pd.DataFrame:
+    """One row per configuration of the method: change from the base, seeds, metric means/stds, delta vs base;
+    then the other methods at the same format and evaluation, and full precision, for scale."""
+    summary = summarize(runs[runs["model"] == model]).reset_index(drop=True)
+    method = summary[(summary["quant"] == quant) & (summary["transform"] == transform)]
+    if method.empty:
+        raise SystemExit(f"no record of transform={transform} at quant={quant} on model={model}")
+    if base_run is not None:
+        chosen = method[method["run_ids"].str.split().apply(lambda ids: base_run in ids)]
+        if chosen.empty:
+            raise SystemExit(f"run {base_run} is not among the transform={transform} runs at quant={quant} on model={model}")
+        base = chosen.iloc[0]
+    else:
+        base = method.sort_values("seeds", ascending=False, kind="stable").iloc[0]
+    same_setting = summary[(summary["table"] == base["table"])]
+    rows = []
+    for _, row in method[method["table"] == base["table"]].iterrows():  # same evaluation as the base
+        rows.append({"change": change(row["config"], base["config"]), "method": row["method"],
+                     **_numbers(row, base), "_order": row["ppl_heldout"]})
+    rows.sort(key=lambda r: (r["change"] != "(base)", r["_order"]))
+    others = same_setting[(same_setting["transform"] != transform) & ((same_setting["quant"] == quant)
+                                                                      | same_setting["fp_reference"])]
+    for _, group in others.groupby("method", sort=False):
+        own_base = group.sort_values("seeds", ascending=False, kind="stable").iloc[0]
+        for _, row in group.iterrows():
+            own = change(row["config"], own_base["config"]).replace("(base)", "")
+            label = "full precision" if row["fp_reference"] else f"{row['transform']} preset"
+            rows.append({"change": f"({label}{', ' + own if own else ''})", "method": row["method"],
+                         **_numbers(row, base), "_order": None})
+    return pd.DataFrame(rows).drop(columns="_order")
+
+
+def _numbers(row: pd.Series, base: pd.Series) -> dict:
+    out = {"seeds": int(row["seeds"])}
+    for metric, name in METRICS.items():
+        mean, std = row.get(metric), row.get(f"{metric}_std")
+        if mean is None or pd.isna(mean):
+            out[name], out[f"Δ {name}"] = None, None
+            continue
+        out[name] = f"{mean:.2f}" if pd.isna(std) else f"{mean:.2f} ± {std:.2f}"
+        out[f"Δ {name}"] = f"{mean - base[metric]:+.2f}"
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results-dir", type=Path, default=Path("results"), help="holds runs/<run_id>.json")
+    parser.add_argument("--out", type=Path, default=None, help="default: <results-dir>/tables")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--quant", default="mxfp4")
+    parser.add_argument("--transform", default="latmix")
+    parser.add_argument("--base", default=None, help="a run id of the base configuration (default: most seeds)")
+    args = parser.parse_args()
+    runs, _skipped, _records = load_runs(args.results_dir)
+    table = ablation(runs, args.model, args.quant, args.transform, args.base)
+    text = (f"# Ablation of {args.transform} on {args.model} at {args.quant}\n\n"
+            "Mean ± std over seeds; Δ against the base row; below the line: full precision and the other "
+            "methods at the same format and evaluation.\n\n" + table.to_markdown(index=False, disable_numparse=True) + "\n")
+    out = args.out or args.results_dir / "tables"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"ablation_{args.model}_{args.quant}_{args.transform}.md").write_text(text)
+    print(text, end="")
+
+
+if __name__ == "__main__":
+    main()

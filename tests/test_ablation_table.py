@@ -1,0 +1,54 @@
+"""scripts/ablation_table.py: one method's configurations, named by what they change from a base."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import load_script
+from test_tables import write_run
+
+from latmix.tables import load_runs
+
+ablation_table = load_script("ablation_table")
+
+
+def test_a_change_is_named_by_its_keys_and_a_removed_placement_as_one():
+    base = {"calib.smooth_alpha": "0.5", "transform.placements.down_proj.family": "affine",
+            "transform.placements.down_proj.block_size": "32", "transform.fold_norms": "false"}
+    smaller = {**base, "calib.smooth_alpha": "0.25"}
+    without = {k: v for k, v in base.items() if ".down_proj." not in k}
+    assert ablation_table.change(base, base) == "(base)"
+    assert ablation_table.change(smaller, base) == "calib smooth_alpha=0.25"
+    assert ablation_table.change(without, base) == "without down_proj"
+    assert ablation_table.change({**without, "calib.steps": "3"}, base) == "without down_proj, calib steps=3"
+
+
+def runs_of_an_ablation(results_dir):
+    for seed, ppl in ((0, 10.0), (1, 12.0)):
+        write_run(results_dir, "affine", seed=seed, heldout=ppl)
+    write_run(results_dir, "affine", heldout=9.0, **{"calib.epochs": 5})
+    write_run(results_dir, "affine", heldout=15.0, **{"transform.placements.residual.parametrization": "lu"})
+    write_run(results_dir, "hadamard", heldout=13.0)
+    write_run(results_dir, "identity", quant="none", heldout=8.0)
+    write_run(results_dir, "affine", quant="nvfp4", heldout=30.0)  # another format: not in the mxfp4 table
+    runs, _, _ = load_runs(results_dir)
+    return runs
+
+
+def test_the_base_has_the_most_seeds_and_variants_follow_best_first_then_the_others_for_scale(tmp_path):
+    table = ablation_table.ablation(runs_of_an_ablation(tmp_path), "tiny", "mxfp4", "affine")
+    assert list(table["change"]) == ["(base)", "calib epochs=5", "residual param=lu", "(full precision)",
+                                     "(hadamard preset)"]
+    assert list(table["held-out ppl"]) == ["11.00 ± 1.41", "9.00", "15.00", "8.00", "13.00"]
+    assert list(table["Δ held-out ppl"]) == ["+0.00", "-2.00", "+4.00", "-3.00", "+2.00"]
+    assert list(table["seeds"]) == [2, 1, 1, 1, 1]
+
+
+def test_a_chosen_base_run_renames_the_rows_and_an_unknown_one_is_refused(tmp_path):
+    runs = runs_of_an_ablation(tmp_path)
+    lu = runs[runs["config"].apply(lambda c: c.get("transform.placements.residual.parametrization") == "lu")]
+    table = ablation_table.ablation(runs, "tiny", "mxfp4", "affine", base_run=lu["run_id"].iloc[0])
+    assert table["change"].iloc[0] == "(base)" and "residual param=qr" in list(table["change"])
+    with pytest.raises(SystemExit, match="run nope is not among the transform=affine runs"):
+        ablation_table.ablation(runs, "tiny", "mxfp4", "affine", base_run="nope")
+    with pytest.raises(SystemExit, match="no record of transform=rotation"):
+        ablation_table.ablation(runs, "tiny", "mxfp4", "rotation")
