@@ -19,8 +19,8 @@ def test_tables_on_the_tiny_model():
     report = bench_pipeline.bench(TINY, presets=("identity", "affine"), repeats=1)
     stages = [row[0] for row in report.rows]
     assert stages == [
-        "transform", "calib step", "calib step, later epochs", "calibrate", "fold maps", "measurement", "GPTQ", "quantized ppl",
-        "run (sum of stages)",
+        "transform", "calib step", "calib step, later epochs", "calibrate", "learning", "fold maps", "GPTQ", "quantized ppl",
+        "run (sum of stages)", "measurement",
     ]
     for stage, seconds, _, fp_seconds, ratio, _ in report.rows:
         assert seconds > 0, stage
