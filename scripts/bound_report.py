@@ -7,7 +7,7 @@
 For every record with per-layer rows (calib.measure): the mean over quantization points of the bound
 and of the measured error after calibration, on the calibration sequences and on held-out ones; the
 least tightness (error / bound); how many points break bound >= error (should be none); held-out
-perplexity. Then Spearman's rank correlation across the quantized runs of each model: bound vs error,
+perplexity. Then Spearman's rank correlation across the quantized runs of each model and format (and all formats): bound vs error,
 bound vs perplexity, error vs perplexity. Imports no torch.
 """
 
@@ -57,13 +57,17 @@ def bound_table(records: Iterable[dict]) -> pd.DataFrame:
 
 
 def rank_correlations(table: pd.DataFrame) -> pd.DataFrame:
-    """Spearman's rho per model across its runs (all formats together: the bound is per format too)."""
+    """Spearman's rho across runs, per model and format, and per model over all its formats."""
     rows = []
-    for model, runs in table.groupby("model"):
-        row = {"model": model, "runs": len(runs)}
-        for a, b in CORRELATIONS:
-            row[f"{a} vs {b}"] = runs[a].rank().corr(runs[b].rank()) if len(runs) > 2 else None
-        rows.append(row)
+    for model, of_model in table.groupby("model"):
+        groups = [(quant, runs) for quant, runs in of_model.groupby("quant")]
+        if len(groups) > 1:
+            groups.append(("all", of_model))
+        for quant, runs in groups:
+            row = {"model": model, "quant": quant, "runs": len(runs)}
+            for a, b in CORRELATIONS:
+                row[f"{a} vs {b}"] = runs[a].rank().corr(runs[b].rank()) if len(runs) > 2 else None
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -75,7 +79,7 @@ def report(results_dir: Path) -> str:
         "# The MX error bound across runs\n\nMeans over quantization points, after calibration (error and bound: "
         "RMS over tokens of the per-token L2 norm; docs/calibration.md).\n\n"
         + table.to_markdown(index=False, floatfmt=".4g")
-        + "\n\nSpearman's rank correlation across runs (per model):\n\n"
+        + "\n\nSpearman's rank correlation across runs (per model and format, then all formats):\n\n"
         + rank_correlations(table).to_markdown(index=False, floatfmt=".3f") + "\n"
     )
 

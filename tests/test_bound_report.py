@@ -30,6 +30,16 @@ def test_rank_correlations_follow_the_runs_order():
     assert row["bound vs ppl"] == pytest.approx(0.5)
 
 
+def test_rank_correlations_are_per_format_and_then_over_all_formats():
+    runs = [record("a", 1.0, 0.1, 10.0), record("b", 2.0, 0.2, 20.0), record("c", 3.0, 0.3, 15.0)]
+    other = [record("a", 9.0, 0.9, 90.0), record("b", 8.0, 0.8, 80.0), record("c", 7.0, 0.7, 70.0)]
+    for rec in other:
+        rec["quant"] = "nvfp4"
+    rows = bound_report.rank_correlations(bound_report.bound_table(runs + other)).to_dict("records")
+    assert [(r["quant"], r["runs"]) for r in rows] == [("mxfp4", 3), ("nvfp4", 3), ("all", 6)]
+    assert rows[1]["bound vs ppl"] == pytest.approx(1.0)
+
+
 def test_records_without_per_layer_rows_are_left_out():
     rec = record("a", 1.0, 0.1, 10.0)
     rec["calibration"]["per_layer"] = []
