@@ -23,6 +23,9 @@ SCHEMA_VERSION = 1
 NON_IDENTITY_KEYS = ("paths", "logger", "force", "wait", "export", "hydra", "launcher")
 # The same for keys inside a group (dotted): how checkpoints are kept.
 NON_IDENTITY_SUBKEYS = ("calib.checkpoint_minutes", "calib.keep_checkpoints")
+# Calibration fields that describe one execution (how long, whether it resumed), not its result: two
+# executions of one run agree on everything else in the record's calibration section.
+EXECUTION_CALIBRATION_KEYS = ("seconds", "measure_seconds", "resumed_from_step")
 
 # Required top-level fields and their JSON types; nested parts are checked by `validate_record`.
 REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {

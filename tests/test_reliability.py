@@ -527,7 +527,7 @@ def run_cli(overrides: list[str], out_dir: Path, timeout: float = 300) -> Run:
 def comparable(rec: dict) -> dict:
     """What two executions of one run must agree on: the metrics, the calibration and fidelity numbers,
     the config (what it computes: record.identity), the run id; not when, how long, or whether it resumed."""
-    calibration = {k: v for k, v in rec["calibration"].items() if k not in ("seconds", "resumed_from_step")}
+    calibration = {k: v for k, v in rec["calibration"].items() if k not in record.EXECUTION_CALIBRATION_KEYS}
     return {"run_id": rec["run_id"], "metrics": rec["metrics"], "calibration": calibration,
             "fidelity": rec.get("fidelity"), "config": record.identity(rec["config"]), "seed": rec["seed"]}
 

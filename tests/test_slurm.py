@@ -23,6 +23,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from latmix.preemption import RequeueLimitError, check_requeue_limit, slurm_task
+from latmix.record import EXECUTION_CALIBRATION_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "tests" / "slurm_app" / "app.py"
@@ -407,7 +408,7 @@ def without_execution_facts(record: dict) -> dict:
     """The record minus what differs between two executions of one run: when, how long, where its
     files went, the commit checked out when it ended, and whether it resumed."""
     calibration = {
-        k: v for k, v in record["calibration"].items() if k not in ("seconds", "resumed_from_step")
+        k: v for k, v in record["calibration"].items() if k not in EXECUTION_CALIBRATION_KEYS
     }
     config = {k: v for k, v in record["config"].items() if k != "paths"}
     kept = {k: v for k, v in record.items() if k not in ("created", "timing", "git_sha")}
