@@ -1,6 +1,6 @@
 """An ablation table: every configuration of one method, told apart by what it changes from a base.
 
-    python scripts/ablation_table.py                                  # smollm2-135m, mxfp4, latmix
+    python scripts/ablation_table.py                                  # smollm2-135m, mxfp4, affine
     python scripts/ablation_table.py --model tiny_outliers --transform affine --base 0123456789ab
     python scripts/ablation_table.py --results-dir DIR --out DIR
 
@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="default: <results-dir>/tables")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--quant", default="mxfp4")
-    parser.add_argument("--transform", default="latmix")
+    parser.add_argument("--transform", default="affine")
     parser.add_argument("--base", default=None, help="a run id of the base configuration (default: most seeds)")
     args = parser.parse_args()
     runs, _skipped, _records = load_runs(args.results_dir)

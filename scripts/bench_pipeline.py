@@ -55,7 +55,7 @@ from latmix.settings import Experiment
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 DEFAULT_OVERRIDES = ("model=smollm2-135m", "quant=mxfp4", "transform=affine", "logger=none")
-PRESETS = ("identity", "hadamard", "block_hadamard", "rotation", "affine", "flatquant")
+PRESETS = ("identity", "hadamard", "block_hadamard", "rotation", "affine", "affine_literal", "flatquant")
 # stage -> (goal, how it is read): a ratio to the FP work, absolute seconds, or a fraction of calibrate.
 GOALS = {
     "calib step": (2.0, "ratio"),

@@ -11,7 +11,7 @@ a larger model; what does not carry is the machine. The projection therefore cou
 FP forward+backward of one calib=paper batch (3x the forward: matmuls over every linear and the lm_head,
 plus attention scores), times the measured ratio, plus one forward recomputed under activation
 checkpointing; divided by an effective throughput. It also gives the one FP forward over the
-calibration set that the `latmix` preset's smoothing start costs (it learns nothing). The SmolLM2 row
+calibration set that the `affine` preset's smoothing start costs (it learns nothing). The SmolLM2 row
 shows the throughput the measurement itself implies, as a check on the FLOP count.
 Imports no torch.
 """
@@ -98,7 +98,7 @@ def projection(
         [f"one calibration step (x{step_ratio:.2f}{' + recompute' if recompute else ''})", step,
          *_seconds(step, tflops)],
         [f"calibration, {steps} steps (end to end)", steps * step, *_minutes(steps * step, tflops)],
-        [f"latmix's smoothing start: one FP forward, {calib['n_samples']}x{seq_len}", smoothing,
+        [f"affine's smoothing start: one FP forward, {calib['n_samples']}x{seq_len}", smoothing,
          *_seconds(smoothing, tflops)],
     ]
     return rows

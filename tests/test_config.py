@@ -28,8 +28,9 @@ def options(group: str) -> list[str]:
 
 
 # The model and method these tests run on unless they name their own: the embedded tiny Llama (its
-# files load in milliseconds) and the literal LATMiX preset. `python run.py` itself runs SmolLM2-135M.
-ON_TINY = ("model=tiny", "transform=affine")
+# files load in milliseconds) and the literal LATMiX preset (it learns, so calibration is exercised).
+# `python run.py` itself runs SmolLM2-135M with transform=affine.
+ON_TINY = ("model=tiny", "transform=affine_literal")
 
 
 def on_tiny(overrides: tuple[str, ...] | list[str]) -> list[str]:
@@ -43,14 +44,14 @@ def compose_config(*overrides: str, hydra: bool = False, defaults: bool = False)
         return compose("config", overrides=chosen, return_hydra_config=hydra)
 
 
-def test_the_defaults_are_smollm2_with_latmix_gptq_and_the_local_evaluation():
+def test_the_defaults_are_smollm2_with_latmix_as_transform_affine_gptq_and_the_local_evaluation():
     cfg = compose_config(defaults=True)
     assert (cfg.model.name, cfg.quant.name, cfg.transform.name, cfg.eval.suite, cfg.logger.mode) == (
-        "smollm2-135m", "mxfp4", "latmix", "local", "auto"
+        "smollm2-135m", "mxfp4", "affine", "local", "auto"
     )
     assert (cfg.quant.weight_format, cfg.quant.act_format, cfg.quant.weight_quantizer) == ("mxfp4", "mxfp4", "gptq")
     assert (cfg.optim.name, cfg.gptq.damp, cfg.gptq.act_order) == ("adamw", 0.01, False)
-    # the measured LATMiX start (conf/transform/latmix.yaml): smoothed block-diagonal maps, nothing learned
+    # the measured LATMiX start (conf/transform/affine.yaml): smoothed block-diagonal maps, nothing learned
     assert (cfg.calib.smooth_alpha, cfg.calib.mode, cfg.transform.fold_norms) == (0.5, "none", False)
 
 

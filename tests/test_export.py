@@ -57,12 +57,15 @@ def test_nvfp4_has_no_e8m0_codes():
 
 def compose_run(*overrides: str):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=["model=tiny", "transform=affine", *overrides])
+        return compose("config", overrides=["model=tiny", *overrides])
 
 
 SETTINGS = {
-    # LATMiX: residual T1 folded, T2 with a shift (o_proj gains a bias Llama has no slot for), Hadamard before down.
+    # LATMiX, the default: smoothed block-diagonal maps online before the linears, folded between v and o.
     "affine": ["transform=affine", "quant.weight_quantizer=rtn"],
+    # LATMiX, the literal reading: residual T1 folded, T2 with a shift (o_proj gains a bias Llama has no
+    # slot for), Hadamard before down.
+    "affine_literal": ["transform=affine_literal", "quant.weight_quantizer=rtn"],
     # QuaRot with GPTQ and a quantized KV cache: q/k rotated after RoPE inside attention.
     "hadamard_kv": ["transform=hadamard", "quant.weight_quantizer=gptq", "quant.kv_format=mxfp8"],
     # FlatQuant: learned online Kronecker maps before every linear, learned activation clipping.
@@ -93,6 +96,9 @@ def test_the_reloaded_model_reproduces_the_records_perplexity_exactly(tiny_check
     manifest = json.loads((path / export.MANIFEST).read_text())
     linears = manifest["linears"]
     if setting == "affine":
+        assert linears["model.layers.0.self_attn.q_proj"]["online_in"] == ["layers.0.pre_linear_attn"]
+        assert manifest["transforms"]["layers.0.pre_linear_attn"]["family"] == "affine"
+    if setting == "affine_literal":
         assert linears["model.layers.0.self_attn.o_proj"]["bias"] == "latmix"
         assert linears["model.layers.0.mlp.down_proj"]["online_in"] == ["layers.0.down_proj"]
     if setting == "hadamard_kv":

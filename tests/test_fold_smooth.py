@@ -1,5 +1,5 @@
 """transform.fold_norms and calib.smooth_alpha (ported from the explore branch): both exact, both change
-what is quantized; the latmix and affine_literal presets that use them compose and run."""
+what is quantized; the affine (LATMiX, the default) and affine_literal presets that use them compose and run."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def token_ids(n: int, length: int, seed: int) -> torch.Tensor:
 
 
 def test_the_presets_with_pre_linear_maps_are_found():
-    assert {"block_hadamard", "flatquant", "affine_block", "latmix"} <= set(presets_with_pre_linear())
+    assert {"block_hadamard", "flatquant", "affine_block", "affine"} <= set(presets_with_pre_linear())
 
 
 @pytest.mark.parametrize("arch", ["llama", "llama_96"])
@@ -192,8 +192,8 @@ def test_smooth_init_preserves_the_function(make_tiny_model, input_ids, parametr
     assert relative_error(model(input_ids).logits, reference) < 1e-5
 
 
-def _latmix_calibration(make_tiny_model, caplog, *overrides: str):
-    exp = composed("transform=latmix", "calib.n_samples=4", "calib.seq_len=16", *overrides)
+def _affine_calibration(make_tiny_model, caplog, *overrides: str):
+    exp = composed("transform=affine", "calib.n_samples=4", "calib.seq_len=16", *overrides)
     calib = dataclasses.replace(exp.calib, grad_checkpointing=False, autocast_dtype=None)
     prepared = prepare_model(make_tiny_model("llama"), exp.transform, W4A4)
     start = {n: t.matrix().detach().clone() for n, t in prepared.transforms.items()}
@@ -202,8 +202,8 @@ def _latmix_calibration(make_tiny_model, caplog, *overrides: str):
     return exp, prepared, start, report
 
 
-def test_latmix_with_mode_none_smooths_and_skips_learning(make_tiny_model, caplog):
-    exp, prepared, start, report = _latmix_calibration(make_tiny_model, caplog, "calib.mode=none")
+def test_the_affine_preset_smooths_and_skips_learning(make_tiny_model, caplog):
+    exp, prepared, start, report = _affine_calibration(make_tiny_model, caplog, "calib.mode=none")
     assert (exp.transform.fold_norms, exp.calib.smooth_alpha, exp.calib.mode) == (False, 0.5, "none")
     assert report.skipped == "calib.mode=none" and report.steps == 0 and report.smoothed == 8
     messages = [r.getMessage() for r in caplog.records]
@@ -215,7 +215,7 @@ def test_latmix_with_mode_none_smooths_and_skips_learning(make_tiny_model, caplo
 
 
 def test_smooth_alpha_zero_leaves_the_start_unchanged(make_tiny_model, caplog):
-    _, prepared, start, report = _latmix_calibration(make_tiny_model, caplog, "calib.mode=none", "calib.smooth_alpha=0")
+    _, prepared, start, report = _affine_calibration(make_tiny_model, caplog, "calib.mode=none", "calib.smooth_alpha=0")
     assert report.smoothed is None
     assert not any("smooth_alpha" in r.getMessage() for r in caplog.records)
     for name in ("layers.0.pre_linear_attn", "layers.1.down_proj"):

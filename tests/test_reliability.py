@@ -453,7 +453,7 @@ def env() -> dict[str, str]:
 def shrunk(model_dir: Path, results: Path, *, epochs: int = 3, checkpoint_every: int = 2) -> list[str]:
     """model=tiny on the random tiny checkpoint; every stage runs, in seconds."""
     return [
-        "model=tiny", f"model.name_or_path={model_dir}", "transform=affine", f"paths.results_dir={results}", "logger=none",
+        "model=tiny", f"model.name_or_path={model_dir}", "transform=affine_literal", f"paths.results_dir={results}", "logger=none",
         "quant.weight_quantizer=gptq", "calib.n_samples=4", "calib.seq_len=64", "calib.batch_size=2",
         f"calib.epochs={epochs}", f"calib.checkpoint_every={checkpoint_every}",
         "eval=quick", "eval.max_seq_len=128", "eval.max_ppl_tokens=512", "eval.limit=4",

@@ -28,7 +28,7 @@ STAGES = {"load", "transform", "calibrate", "quantize", "evaluate", "total"}
 def shrunk(tiny_checkpoint: Path, results_dir: Path) -> list[str]:
     """Overrides that keep the pipeline whole but make it take seconds on a random tiny model."""
     return [
-        "model=tiny", f"model.name_or_path={tiny_checkpoint}", "transform=affine",
+        "model=tiny", f"model.name_or_path={tiny_checkpoint}", "transform=affine_literal",
         f"paths.results_dir={results_dir}",
         "quant.weight_quantizer=rtn",
         "calib.n_samples=4", "calib.seq_len=64", "calib.batch_size=2", "calib.steps=2",
@@ -54,12 +54,12 @@ def test_one_run_writes_a_valid_record_then_skips_then_reruns_when_forced(tiny_c
 
     path = record.record_path(tmp_path, rec["run_id"])
     assert record.read_record(path) == json.loads(json.dumps(rec))
-    assert (rec["model"], rec["quant"], rec["transform"], rec["weight_quantizer"]) == ("tiny", "mxfp4", "affine", "rtn")
+    assert (rec["model"], rec["quant"], rec["transform"], rec["weight_quantizer"]) == ("tiny", "mxfp4", "affine_literal", "rtn")
     assert set(rec["timing"]) == STAGES and all(v >= 0 for v in rec["timing"].values())
     assert rec["metrics"]["ppl"]["heldout"] > 1
     assert set(rec["metrics"]["tasks"]) == {"tiny_lambada", "tiny_hellaswag", "tiny_wordorder"}
     assert rec["calibration"]["per_layer"] and rec["calibration"]["data_sha256"]
-    assert rec["fidelity"]["after_calibration"]["kl"] >= 0  # affine T1 is approximate: measured
+    assert rec["fidelity"]["after_calibration"]["kl"] >= 0  # the literal T1 is approximate: measured
     assert rec["eval"]["lm_eval_version"] and rec["env"]["torch"]
     assert (tmp_path / "outputs" / rec["run_id"] / "activations.png").exists()
 
@@ -182,7 +182,7 @@ def test_the_default_command_quantizes_smollm2_with_latmix_and_gptq_end_to_end(t
     out = cli(str(ROOT / "run.py"), f"paths.results_dir={tmp_path}", f"hydra.run.dir={tmp_path}/out")
     assert out.returncode == 0, out.stderr[-3000:]
     (rec,) = [r for r in record.iter_records(tmp_path) if isinstance(r, dict)]
-    assert (rec["model"], rec["quant"], rec["transform"]) == ("smollm2-135m", "mxfp4", "latmix")
+    assert (rec["model"], rec["quant"], rec["transform"]) == ("smollm2-135m", "mxfp4", "affine")
     assert rec["config"]["quant"]["weight_quantizer"] == "gptq"
     assert rec["calibration"]["skipped"] and rec["calibration"]["smoothed"] > 0  # the measured LATMiX start
     rows = rec["calibration"]["per_layer"]

@@ -391,7 +391,7 @@ def run_py_overrides(tmp_path: Path, model_dir: Path) -> tuple[str, ...]:
         f"paths.output_dir={tmp_path / 'outputs'}",
         "model=tiny",
         f"model.name_or_path={model_dir}",
-        "transform=affine",
+        "transform=affine_literal",
         "calib.n_samples=4",
         "calib.seq_len=64",
         "calib.batch_size=1",
