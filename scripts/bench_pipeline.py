@@ -1,8 +1,10 @@
 """The pipeline's cost on a real model, stage by stage, against the matching full-precision work.
 
 Runs one experiment's stages as `run.py` does (same config groups; pinned: SmolLM2-135M, MXFP4 W4A4,
-transform=affine (learned affine maps, end-to-end KL); else the defaults: GPTQ, calib=default, eval=local) and times each next to the full-precision work it should be compared
-with, on the same data (goals from issue #12):
+transform=affine_literal, whose affine maps are learned end to end on the KL, so that there is a
+calibration step to time (the default transform=affine learns nothing); else the defaults: GPTQ,
+calib=default, eval=local) and times each next to the full-precision work it should be compared with,
+on the same data (goals from issue #12):
 
     calib step    one end-to-end optimizer step      vs  FP forward + backward of the same batch (<= 2x)
     fold maps     freeze_model, the learned maps folded into the weights at the end of calibrate
@@ -54,7 +56,7 @@ from latmix.quantize import prepare_model, set_quantization
 from latmix.settings import Experiment
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
-DEFAULT_OVERRIDES = ("model=smollm2-135m", "quant=mxfp4", "transform=affine", "logger=none")
+DEFAULT_OVERRIDES = ("model=smollm2-135m", "quant=mxfp4", "transform=affine_literal", "logger=none")
 PRESETS = ("identity", "hadamard", "block_hadamard", "rotation", "affine", "affine_literal", "flatquant")
 # stage -> (goal, how it is read): a ratio to the FP work, absolute seconds, or a fraction of calibrate.
 GOALS = {

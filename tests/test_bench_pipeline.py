@@ -29,7 +29,7 @@ def test_tables_on_the_tiny_model():
     assert [row[0] for row in report.presets] == ["identity", "affine"]
     assert all(value > 0 for row in report.presets for value in row[1:])
     text = report.render()
-    assert "model=tiny quant=mxfp4 transform=affine" in text
+    assert "model=tiny quant=mxfp4 transform=affine_literal" in text
     assert "| calib step" in text and "| transform preset" in text
 
 
