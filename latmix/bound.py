@@ -104,15 +104,18 @@ def error_of_transformed(
     A_inv: torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None,
     fmt: MXFormat | str,
     block_size: int | None = None,
+    quantized: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The actual RMS (over tokens) of ||A^-1 (Q(y) - y)||.
 
     A_inv: the inverse matrix; or a function applying it to rows (a structured map's own inverse, in
     float32); or None where ||A^-1 e|| = ||e|| (no map, or an orthogonal one): then no product is computed.
+    quantized: Q(y) when the caller already has it (the model's own operand), else it is computed here.
     """
     fmt = get_format(fmt)
     y32 = y.detach().float()
-    e = quantize(y32, fmt, _block_size(fmt, block_size)) - y32
+    q = quantize(y32, fmt, _block_size(fmt, block_size)) if quantized is None else quantized.detach().float()
+    e = q - y32
     if callable(A_inv):
         with torch.no_grad():
             e = A_inv(e)

@@ -224,10 +224,19 @@ class QuantLinear(nn.Module):
         return _shared_or_computed(self.operand_key(), x, lambda: self._gemm_input(x))
 
     def _gemm_input(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.transformed_input(x)
+        return self._quantized_act(self.transformed_input(x))
+
+    def _quantized_act(self, y: torch.Tensor) -> torch.Tensor:
         if self.quantize_acts:
-            x = mx.quantize(x, self.act_format, self.act_block_size, dim=-1, clip_ratio=self.act_clip)
-        return x
+            y = mx.quantize(y, self.act_format, self.act_block_size, dim=-1, clip_ratio=self.act_clip)
+        return y
+
+    def measured_operand(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(y, Q(y)): the operand before and after activation quantization, for a measurement hook that runs
+        before this linear's forward; within the model's forward that forward then reuses Q(y) instead of
+        computing the maps and the quantization a second time."""
+        y = self.transformed_input(x)
+        return y, _shared_or_computed(self.operand_key(), x, lambda: self._quantized_act(y))
 
     def operand_key(self) -> tuple:
         """Linears with equal keys turn one input tensor into the same GEMM operand (q/k/v; gate/up)."""

@@ -191,7 +191,8 @@ class _PointStats:
         last = self._last.get(key)
         if last is not None and last[0] is x:
             return last[1]
-        y = module.transformed_input(x).float().reshape(-1, module.in_features)
+        y, q = module.measured_operand(x)
+        y = y.float().reshape(-1, module.in_features)
         if not torch.isfinite(y).all():
             raise NonFiniteError(
                 f"non-finite activation at the quantized input of {name}; {describe_parameters(self.params)}"
@@ -201,12 +202,22 @@ class _PointStats:
         inv_norm, A_inv, cond = self._inverses[chain]
         stats = {
             "bound": float(bound_of_transformed(y, inv_norm, module.act_format, module.act_block_size)),
-            "error": float(error_of_transformed(y, A_inv, module.act_format, module.act_block_size)),
+            "error": float(error_of_transformed(
+                y, A_inv, module.act_format, module.act_block_size, quantized=_unclipped(module, q, y.shape)
+            )),
             "cond": cond,
         }
         # Holding x keeps its id from being reused by a later tensor.
         self._last[key] = (x, stats)
         return stats
+
+
+def _unclipped(module: QuantLinear, q: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:
+    """The model's own Q(y) where it is the plain MX quantization the bound is about; None (quantize again,
+    unclipped) where learned clipping ratios or a low-precision operand make it differ."""
+    if module.act_clip is not None or q.dtype != torch.float32:
+        return None
+    return q.reshape(shape)
 
 
 @contextlib.contextmanager
