@@ -45,7 +45,9 @@ AVERAGE_COLUMNS = ["avg6", "avg8", "avg"]
 DISPLAY_NAMES = {"ppl_wikitext2": "Wiki2 ppl", "ppl_heldout": "heldout ppl", "ppl_ood": "ood ppl", "avg": "avg (all)"}
 # Row order within a format: least to most expressive transform (DESIGN.md), RTN before GPTQ.
 QUANT_ORDER = ("none", "mxfp8", "mxint8", "mxfp6", "nvfp4", "mxfp4")
-TRANSFORM_ORDER = ("identity", "hadamard", "block_hadamard", "rotation", "flatquant", "affine_block", "affine")
+TRANSFORM_ORDER = (
+    "identity", "hadamard", "block_hadamard", "rotation", "flatquant", "affine_block", "affine_literal", "affine"
+)
 WEIGHT_QUANTIZER_ORDER = ("rtn", "gptq")
 SHORT_WORDS = {"parametrization": "param", "n_samples": "samples", "max_seq_len": "seq len",
                "max_ppl_tokens": "ppl tokens", "weight_quantizer": "wq", "reg_weight": "reg",
@@ -147,16 +149,38 @@ def load_results(results_dir: str | Path) -> tuple[pd.DataFrame, list[SkippedRec
     return frame, skipped
 
 
-def load_runs(results_dir: str | Path) -> tuple[pd.DataFrame, list[SkippedRecord], dict[str, dict]]:
-    """load_results, plus the records themselves by run id (the figures need their per-layer data)."""
-    rows, skipped, records = [], [], {}
+def load_runs(
+    results_dir: str | Path, renamed: Mapping[str, str] | None = None
+) -> tuple[pd.DataFrame, list[SkippedRecord], dict[str, dict]]:
+    """load_results, plus the records themselves by run id (the figures need their per-layer data).
+
+    renamed maps a transform preset's former name to its present one (the preset's maps unchanged):
+    records made under the former name read as the present one, and a configuration and seed recorded
+    under both names count once, as the record under the present name.
+    """
+    renamed = dict(renamed or {})
+    rows, skipped, records, former = [], [], {}, set()
     for item in iter_records(results_dir):
         if isinstance(item, SkippedRecord):
             skipped.append(item)
-        else:
-            rows.append(record_row(item))
-            records[item["run_id"]] = item
-    return pd.DataFrame(rows, columns=None if rows else RUN_COLUMNS), skipped, records
+            continue
+        if item["transform"] in renamed:
+            item = {**item, "transform": renamed[item["transform"]]}
+            former.add(item["run_id"])
+        rows.append(record_row(item))
+        records[item["run_id"]] = item
+    frame = pd.DataFrame(rows, columns=None if rows else RUN_COLUMNS)
+    return _without_former_doubles(frame, former), skipped, records
+
+
+def _without_former_doubles(frame: pd.DataFrame, former: set[str]) -> pd.DataFrame:
+    if not former:
+        return frame
+    is_former = frame["run_id"].isin(former)
+    keys = pd.MultiIndex.from_frame(frame[["config_id", "seed"]])
+    present = set(keys[~is_former.to_numpy()])
+    doubled = is_former & pd.Series([key in present for key in keys], index=frame.index)
+    return frame[~doubled].reset_index(drop=True)
 
 
 def metric_columns(frame: pd.DataFrame) -> list[str]:
@@ -204,11 +228,16 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
         references = rows_of_table[rows_of_table["fp_reference"]]
         if references.empty:
             continue
-        reference = references.sort_values("seeds", ascending=False).iloc[0]
+        reference = most_seeded(references)
         for metric in metrics:
             for index in rows_of_table.index:
                 deltas[f"delta_{metric}"][index] = summary.at[index, metric] - reference[metric]
     return pd.concat([summary, pd.DataFrame(deltas, index=summary.index)], axis=1)
+
+
+def most_seeded(rows: pd.DataFrame) -> pd.Series:
+    """The configuration with the most seeds; on a tie, the first in table order."""
+    return rows.sort_values("seeds", ascending=False, kind="stable").iloc[0]
 
 
 def _row_order(row: Mapping[str, Any]) -> tuple:

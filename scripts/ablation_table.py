@@ -3,6 +3,7 @@
     python scripts/ablation_table.py                                  # smollm2-135m, mxfp4, affine
     python scripts/ablation_table.py --model tiny_outliers --transform affine --base 0123456789ab
     python scripts/ablation_table.py --results-dir DIR --out DIR
+    python scripts/ablation_table.py --renamed latmix=affine          # records made before the rename too
 
 The rows are the recorded configurations of `--transform` on `--model` at `--quant` (mean ± std over
 their seeds). The base is the configuration of run `--base`, or else the one with the most seeds; every
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from latmix.tables import load_runs, short_name, summarize
+from latmix.tables import load_runs, most_seeded, short_name, summarize
 
 METRICS = {"ppl_heldout": "held-out ppl", "ppl_ood": "ood ppl", "avg": "task avg %"}
 
@@ -48,7 +49,7 @@ def ablation(runs: pd.DataFrame, model: str, quant: str, transform: str, base_ru
             raise SystemExit(f"run {base_run} is not among the transform={transform} runs at quant={quant} on model={model}")
         base = chosen.iloc[0]
     else:
-        base = method.sort_values("seeds", ascending=False, kind="stable").iloc[0]
+        base = most_seeded(method)
     same_setting = summary[(summary["table"] == base["table"])]
     rows = []
     for _, row in method[method["table"] == base["table"]].iterrows():  # same evaluation as the base
@@ -58,7 +59,7 @@ def ablation(runs: pd.DataFrame, model: str, quant: str, transform: str, base_ru
     others = same_setting[(same_setting["transform"] != transform) & ((same_setting["quant"] == quant)
                                                                       | same_setting["fp_reference"])]
     for _, group in others.groupby("method", sort=False):
-        own_base = group.sort_values("seeds", ascending=False, kind="stable").iloc[0]
+        own_base = most_seeded(group)
         for _, row in group.iterrows():
             own = change(row["config"], own_base["config"]).replace("(base)", "")
             label = "full precision" if row["fp_reference"] else f"{row['transform']} preset"
@@ -87,8 +88,11 @@ def main() -> None:
     parser.add_argument("--quant", default="mxfp4")
     parser.add_argument("--transform", default="affine")
     parser.add_argument("--base", default=None, help="a run id of the base configuration (default: most seeds)")
+    parser.add_argument("--renamed", action="append", default=[], metavar="FORMER=PRESENT",
+                        help="read records of a renamed preset under its present name (e.g. latmix=affine)")
     args = parser.parse_args()
-    runs, _skipped, _records = load_runs(args.results_dir)
+    renamed = dict(pair.split("=", 1) for pair in args.renamed)
+    runs, _skipped, _records = load_runs(args.results_dir, renamed)
     table = ablation(runs, args.model, args.quant, args.transform, args.base)
     text = (f"# Ablation of {args.transform} on {args.model} at {args.quant}\n\n"
             "Mean ± std over seeds; Δ against the base row; below the line: full precision and the other "

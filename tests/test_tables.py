@@ -359,3 +359,20 @@ def test_make_tables_imports_no_torch(tmp_path):
     )
     heavy = out.stderr.rsplit("HEAVY:", 1)[1].strip()
     assert heavy == "", f"make_tables imported {heavy} ({time.perf_counter() - start:.1f} s)"
+
+
+def test_records_of_a_renamed_preset_read_under_its_present_name_and_count_once(tmp_path):
+    same_maps = {"transform.placements": copy.deepcopy(BASE_CONFIG["transform"]["placements"])}
+    write_run(tmp_path, "latmix", seed=0, heldout=10.0, **same_maps)  # recorded again under the new name
+    write_run(tmp_path, "latmix", seed=1, heldout=12.0, **same_maps)  # only under the old name
+    write_run(tmp_path, "latmix", seed=0, heldout=9.0, **same_maps, **{"calib.epochs": 5})
+    write_run(tmp_path, "affine", seed=0, heldout=10.0)
+
+    frame, _, records = tables.load_runs(tmp_path, renamed={"latmix": "affine"})
+    assert set(frame["transform"]) == {"affine"} and len(frame) == 3
+    base = tables.summarize(frame).sort_values("seeds").iloc[-1]
+    assert (base["seeds"], base["ppl_heldout"]) == (2, 11.0)
+    assert all(rec["transform"] == "affine" for rec in records.values())
+
+    plain, _, _ = tables.load_runs(tmp_path)
+    assert sorted(plain["transform"]) == ["affine", "latmix", "latmix", "latmix"]
