@@ -355,19 +355,17 @@ def calibrate(
     residual = prepared.residual
     with _switches(model, rtn_weights=rtn, online_maps=calib_cfg.online_maps):
         if measured:
-            clock = time.perf_counter()
-            reference = block_outputs(fp_model, measure_ids)
-            before = snapshot(model, reference, residual, measure_ids, heldout, flat(groups))
-            report.measure_seconds = time.perf_counter() - clock
+            with _measuring(report):
+                reference = block_outputs(fp_model, measure_ids)
+                before = snapshot(model, reference, residual, measure_ids, heldout, flat(groups))
         if groups:
             seconds = _learn(report, prepared, fp_model, calib_ids, calib_cfg, optim_cfg, groups, points, ckpt_dir, on_step)
         if measured:
-            clock = time.perf_counter()
-            # With nothing learned the model has not changed: the one measurement is both before and after.
-            after = snapshot(model, reference, residual, measure_ids, heldout, flat(groups)) if groups else before
-            report.loss_before, report.loss_after = before.kl, after.kl
-            report.per_layer = per_layer_rows(points, before, after, seconds)
-            report.measure_seconds += time.perf_counter() - clock
+            with _measuring(report):
+                # With nothing learned the model has not changed: the one measurement is both before and after.
+                after = snapshot(model, reference, residual, measure_ids, heldout, flat(groups)) if groups else before
+                report.loss_before, report.loss_after = before.kl, after.kl
+                report.per_layer = per_layer_rows(points, before, after, seconds)
             log.info("measured the bound and error at %d points in %.1f s (%s)", len(report.per_layer),
                      report.measure_seconds, "before and after learning" if groups else "once: nothing learned")
     for params in groups.values():
@@ -376,6 +374,14 @@ def calibrate(
     freeze_model(prepared)
     report.seconds = time.perf_counter() - started
     return report
+
+
+@contextlib.contextmanager
+def _measuring(report: CalibrationReport) -> Iterator[None]:
+    """Adds the seconds spent inside to report.measure_seconds (the share of a run that measurement costs)."""
+    start = time.perf_counter()
+    yield
+    report.measure_seconds = (report.measure_seconds or 0.0) + time.perf_counter() - start
 
 
 def _what_to_learn(prepared: PreparedModel, points: list[Point], cfg: CalibConfig) -> tuple[Groups, str | None]:
