@@ -61,8 +61,9 @@ def compose_run(*overrides: str):
 
 
 SETTINGS = {
-    # LATMiX, the default: smoothed block-diagonal maps online before the linears, folded between v and o.
-    "affine": ["transform=affine", "quant.weight_quantizer=rtn"],
+    # LATMiX, the default: smoothed block-diagonal maps online before the linears, folded between v and o
+    # (32-blocks there: the tiny checkpoint's heads are 32 wide).
+    "affine": ["transform=affine", "transform.placements.attn_vo.block_size=32", "quant.weight_quantizer=rtn"],
     # LATMiX, the literal reading: residual T1 folded, T2 with a shift (o_proj gains a bias Llama has no
     # slot for), Hadamard before down.
     "affine_literal": ["transform=affine_literal", "quant.weight_quantizer=rtn"],

@@ -165,16 +165,16 @@ def test_learned_block_affine_maps_halve_the_kl_and_stay_near_block_hadamard_on_
 @pytest.mark.slow
 def test_a_sweep_over_three_transforms_writes_three_records_and_a_three_row_table(tiny_checkpoint, tmp_path):
     out = cli(str(ROOT / "run.py"), "-m", *shrunk(tiny_checkpoint, tmp_path), "logger=none",
-              "transform=identity,hadamard,affine", "hydra/launcher=local", f"hydra.sweep.dir={tmp_path}/sweep")
+              "transform=identity,hadamard,affine_literal", "hydra/launcher=local", f"hydra.sweep.dir={tmp_path}/sweep")
     assert out.returncode == 0, out.stderr[-3000:]
     records = [r for r in record.iter_records(tmp_path) if isinstance(r, dict)]
-    assert sorted(r["transform"] for r in records) == ["affine", "hadamard", "identity"]
+    assert sorted(r["transform"] for r in records) == ["affine_literal", "hadamard", "identity"]
     assert len({r["run_id"] for r in records}) == 3
 
     out = cli(str(ROOT / "scripts" / "make_tables.py"), "--results-dir", str(tmp_path))
     assert out.returncode == 0, out.stderr
     table = pd.read_csv(tmp_path / "tables" / "results.csv")
-    assert sorted(table["method"]) == ["affine+rtn", "hadamard+rtn", "identity+rtn"]
+    assert sorted(table["method"]) == ["affine_literal+rtn", "hadamard+rtn", "identity+rtn"]
 
 
 @pytest.mark.slow
