@@ -25,15 +25,32 @@ from latmix.tables import load_runs, most_seeded, short_name, summarize
 METRICS = {"ppl_heldout": "held-out ppl", "ppl_ood": "ood ppl", "avg": "task avg %"}
 
 
+PLACEMENT_KEY = "transform.placements."
+
+
 def change(config: Mapping[str, str], base: Mapping[str, str]) -> str:
     """What a configuration changes from the base: 'smooth alpha=0.25', 'without down_proj', ...
-    Keys a configuration lacks are told by their group (a whole placement removed reads as one)."""
-    changed = [f"{short_name(k)}={v}" for k, v in sorted(config.items()) if k in base and base[k] != v]
-    added = [f"{short_name(k)}={v}" for k, v in sorted(config.items()) if k not in base]
+    Keys a configuration lacks are told by their group (a whole placement removed reads as one), and
+    one setting changed alike at several placements reads once ('block_size=32 at 3 placements')."""
+    changed = _alike_placements({k: v for k, v in config.items() if k in base and base[k] != v})
+    added = _alike_placements({k: v for k, v in config.items() if k not in base})
     missing = {k.rsplit(".", 1)[0] for k in base if k not in config}
     removed = [f"without {short_name(group)}" for group in sorted(missing)
                if not any(k.startswith(group + ".") for k in config)]
     return ", ".join(removed + changed + added) or "(base)"
+
+
+def _alike_placements(keys: Mapping[str, str]) -> list[str]:
+    """'name=value' per key, sorted; placement keys with one setting and one value merged."""
+    alike: dict[tuple[str, str], list[str]] = {}
+    for key, value in keys.items():
+        if key.startswith(PLACEMENT_KEY) and key.count(".") == 3:
+            alike.setdefault((key.rsplit(".", 1)[1], value), []).append(key)
+    merged = {key for group in alike.values() if len(group) > 1 for key in group}
+    names = [f"{short_name(k)}={v}" for k, v in keys.items() if k not in merged]
+    names += [f"{short_name(setting)}={value} at {len(group)} placements"
+              for (setting, value), group in alike.items() if len(group) > 1]
+    return sorted(names)
 
 
 def ablation(runs: pd.DataFrame, model: str, quant: str, transform: str, base_run: str | None = None) -> pd.DataFrame:

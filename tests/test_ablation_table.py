@@ -52,3 +52,12 @@ def test_a_chosen_base_run_renames_the_rows_and_an_unknown_one_is_refused(tmp_pa
         ablation_table.ablation(runs, "tiny", "mxfp4", "affine", base_run="nope")
     with pytest.raises(SystemExit, match="no record of transform=rotation"):
         ablation_table.ablation(runs, "tiny", "mxfp4", "rotation")
+
+
+def test_one_setting_changed_alike_at_several_placements_reads_once():
+    base = {f"transform.placements.{p}.block_size": "64" for p in ("pre_linear", "attn_vo", "down_proj")}
+    base["calib.smooth_alpha"] = "0.5"
+    smaller = {**{k: "32" for k in base if k.endswith("block_size")}, "calib.smooth_alpha": "0"}
+    assert ablation_table.change(smaller, base) == "block_size=32 at 3 placements, calib smooth_alpha=0"
+    one = {**base, "transform.placements.down_proj.block_size": "32"}
+    assert ablation_table.change(one, base) == "down_proj block_size=32"
