@@ -176,10 +176,9 @@ def load_runs(
 def _without_former_doubles(frame: pd.DataFrame, former: set[str]) -> pd.DataFrame:
     if not former:
         return frame
-    is_former = frame["run_id"].isin(former)
-    keys = pd.MultiIndex.from_frame(frame[["config_id", "seed"]])
-    present = set(keys[~is_former.to_numpy()])
-    doubled = is_former & pd.Series([key in present for key in keys], index=frame.index)
+    is_former = frame["run_id"].isin(former).to_numpy()
+    keys = frame.set_index(["config_id", "seed"]).index
+    doubled = is_former & keys.isin(keys[~is_former])
     return frame[~doubled].reset_index(drop=True)
 
 

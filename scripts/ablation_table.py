@@ -9,7 +9,8 @@ The rows are the recorded configurations of `--transform` on `--model` at `--qua
 their seeds). The base is the configuration of run `--base`, or else the one with the most seeds; every
 other row is named by the config keys it changes (`smooth alpha=0.25`, `without down_proj`). The
 full-precision reference and any other methods at the same format and evaluation are listed below it
-for scale. Writes <out>/ablation_<model>_<quant>_<transform>.md and prints it. Imports no torch.
+for scale, each method's own preset first (the configuration that sets everything its
+conf/transform/<name>.yaml sets, as the file sets it; else the most seeded). Writes <out>/ablation_<model>_<quant>_<transform>.md and prints it. Imports no torch.
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
-from latmix.tables import load_runs, most_seeded, short_name, summarize
+from latmix.tables import NAME_KEYS, flatten, load_runs, most_seeded, short_name, summarize, value_text
 
 METRICS = {"ppl_heldout": "held-out ppl", "ppl_ood": "ood ppl", "avg": "task avg %"}
-
-
 PLACEMENT_KEY = "transform.placements."
+PRESETS_DIR = Path(__file__).resolve().parents[1] / "conf" / "transform"
 
 
 def change(config: Mapping[str, str], base: Mapping[str, str]) -> str:
@@ -76,13 +77,34 @@ def ablation(runs: pd.DataFrame, model: str, quant: str, transform: str, base_ru
     others = same_setting[(same_setting["transform"] != transform) & ((same_setting["quant"] == quant)
                                                                       | same_setting["fp_reference"])]
     for _, group in others.groupby("method", sort=False):
-        own_base = most_seeded(group)
+        own_base = own_preset(group, preset_settings(group["transform"].iloc[0]))
         for _, row in group.iterrows():
             own = change(row["config"], own_base["config"]).replace("(base)", "")
             label = "full precision" if row["fp_reference"] else f"{row['transform']} preset"
             rows.append({"change": f"({label}{', ' + own if own else ''})", "method": row["method"],
                          **_numbers(row, base), "_order": None})
     return pd.DataFrame(rows).drop(columns="_order")
+
+
+def preset_settings(transform: str, presets_dir: Path = PRESETS_DIR) -> dict[str, str]:
+    """The config keys a transform preset's file sets, flat, as records show them; {} without a file.
+    Interpolations (`seed: ${seed}`) and name keys say nothing about the configuration and are left out."""
+    path = presets_dir / f"{transform}.yaml"
+    if not path.is_file():
+        return {}
+    text = path.read_text()
+    tree = yaml.safe_load(text) or {}
+    tree.pop("defaults", None)
+    if "@package _global_" not in text:
+        tree = {"transform": tree}
+    return {key: value_text(value) for key, value in flatten(tree).items()
+            if key not in NAME_KEYS and not (isinstance(value, str) and "${" in value)}
+
+
+def own_preset(group: pd.DataFrame, settings: Mapping[str, str]) -> pd.Series:
+    """The configuration that runs the preset as its file sets it (most seeds among those); else the most seeded."""
+    as_shipped = group[group["config"].apply(lambda c: all(c.get(k) == v for k, v in settings.items()))]
+    return most_seeded(as_shipped if settings and not as_shipped.empty else group)
 
 
 def _numbers(row: pd.Series, base: pd.Series) -> dict:

@@ -6,6 +6,7 @@ import pytest
 from conftest import load_script
 from test_tables import write_run
 
+from latmix import tables
 from latmix.tables import load_runs
 
 ablation_table = load_script("ablation_table")
@@ -61,3 +62,25 @@ def test_one_setting_changed_alike_at_several_placements_reads_once():
     assert ablation_table.change(smaller, base) == "block_size=32 at 3 placements, calib smooth_alpha=0"
     one = {**base, "transform.placements.down_proj.block_size": "32"}
     assert ablation_table.change(one, base) == "down_proj block_size=32"
+
+
+def test_another_method_is_shown_first_as_its_preset_file_sets_it_not_as_its_most_seeded_diagnosis(tmp_path):
+    write_run(tmp_path, "hadamard", heldout=13.0, **{"transform.fold_norms": True})
+    for seed in (0, 1):
+        write_run(tmp_path, "hadamard", seed=seed, heldout=11.0, **{"transform.fold_norms": False})
+    runs, _, _ = load_runs(tmp_path)
+    group = tables.summarize(runs)
+    presets = tmp_path / "presets"
+    presets.mkdir()
+    (presets / "hadamard.yaml").write_text("name: hadamard\nfold_norms: true\nseed: ${seed}\n")
+    settings = ablation_table.preset_settings("hadamard", presets)
+    assert settings == {"transform.fold_norms": "true"}
+    assert ablation_table.own_preset(group, settings)["ppl_heldout"] == 13.0
+    assert ablation_table.own_preset(group, {})["ppl_heldout"] == 11.0  # no file: the most seeded
+    assert ablation_table.preset_settings("no_such_preset", presets) == {}
+
+
+def test_a_global_package_preset_file_names_its_keys_from_the_root():
+    settings = ablation_table.preset_settings("flatquant")
+    assert settings["transform.fold_norms"] == "true" and settings["calib.mode"] == "layer_wise"
+    assert "transform.seed" not in settings and "transform.name" not in settings

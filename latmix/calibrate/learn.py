@@ -380,8 +380,10 @@ def calibrate(
 def _measuring(report: CalibrationReport) -> Iterator[None]:
     """Adds the seconds spent inside to report.measure_seconds (the share of a run that measurement costs)."""
     start = time.perf_counter()
-    yield
-    report.measure_seconds = (report.measure_seconds or 0.0) + time.perf_counter() - start
+    try:
+        yield
+    finally:
+        report.measure_seconds = (report.measure_seconds or 0.0) + time.perf_counter() - start
 
 
 def _what_to_learn(prepared: PreparedModel, points: list[Point], cfg: CalibConfig) -> tuple[Groups, str | None]:
