@@ -6,7 +6,7 @@
     python scripts/ablation_table.py --renamed latmix=affine          # records made before the rename too
 
 The rows are the recorded configurations of `--transform` on `--model` at `--quant` (mean ± std over
-their seeds). The base is the configuration of run `--base`, or else the one with the most seeds; every
+their seeds); each Δ is against the base at the row's own seeds (where the base ran them all). The base is the configuration of run `--base`, or else the one with the most seeds; every
 other row is named by the config keys it changes (`smooth alpha=0.25`, `without down_proj`). The
 full-precision reference and any other methods at the same format and evaluation are listed below it
 for scale, each method's own preset first (the configuration that sets everything its
@@ -34,10 +34,11 @@ def change(config: Mapping[str, str], base: Mapping[str, str]) -> str:
     Keys a configuration lacks are told by their group (a whole placement removed reads as one), and
     one setting changed alike at several placements reads once ('block_size=32 at 3 placements')."""
     changed = _alike_placements({k: v for k, v in config.items() if k in base and base[k] != v})
-    added = _alike_placements({k: v for k, v in config.items() if k not in base})
     missing = {k.rsplit(".", 1)[0] for k in base if k not in config}
-    removed = [f"without {short_name(group)}" for group in sorted(missing)
-               if not any(k.startswith(group + ".") for k in config)]
+    removed_groups = sorted(g for g in missing if not any(k.startswith(g + ".") for k in config))
+    removed = [f"without {short_name(group)}" for group in removed_groups]
+    added = _alike_placements({k: v for k, v in config.items()
+                               if k not in base and not (k in removed_groups and v == "null")})
     return ", ".join(removed + changed + added) or "(base)"
 
 
@@ -69,10 +70,15 @@ def ablation(runs: pd.DataFrame, model: str, quant: str, transform: str, base_ru
     else:
         base = most_seeded(method)
     same_setting = summary[(summary["table"] == base["table"])]
+    base_runs = runs[runs["config_id"] == base["config_id"]]
+
+    def numbers(row: pd.Series) -> dict:
+        return _numbers(row, _base_at_seeds(base_runs, runs[runs["config_id"] == row["config_id"]]["seed"], base))
+
     rows = []
     for _, row in method[method["table"] == base["table"]].iterrows():  # same evaluation as the base
         rows.append({"change": change(row["config"], base["config"]), "method": row["method"],
-                     **_numbers(row, base), "_order": row["ppl_heldout"]})
+                     **numbers(row), "_order": row["ppl_heldout"]})
     rows.sort(key=lambda r: (r["change"] != "(base)", r["_order"]))
     others = same_setting[(same_setting["transform"] != transform) & ((same_setting["quant"] == quant)
                                                                       | same_setting["fp_reference"])]
@@ -82,7 +88,7 @@ def ablation(runs: pd.DataFrame, model: str, quant: str, transform: str, base_ru
             own = change(row["config"], own_base["config"]).replace("(base)", "")
             label = "full precision" if row["fp_reference"] else f"{row['transform']} preset"
             rows.append({"change": f"({label}{', ' + own if own else ''})", "method": row["method"],
-                         **_numbers(row, base), "_order": None})
+                         **numbers(row), "_order": None})
     return pd.DataFrame(rows).drop(columns="_order")
 
 
@@ -107,7 +113,17 @@ def own_preset(group: pd.DataFrame, settings: Mapping[str, str]) -> pd.Series:
     return most_seeded(as_shipped if settings and not as_shipped.empty else group)
 
 
-def _numbers(row: pd.Series, base: pd.Series) -> dict:
+def _base_at_seeds(base_runs: pd.DataFrame, seeds: pd.Series, base: pd.Series) -> Mapping[str, float]:
+    """The base's metrics averaged over the seeds a row ran, when the base ran all of them; else its
+    mean over all its seeds. A one-seed variant is then compared with the base at that seed, so the
+    seed spread does not pass for an effect."""
+    same = base_runs[base_runs["seed"].isin(seeds)]
+    if same["seed"].nunique() < seeds.nunique():
+        return base
+    return same[[m for m in METRICS if m in same]].astype(float).mean()
+
+
+def _numbers(row: pd.Series, base: Mapping[str, float]) -> dict:
     out = {"seeds": int(row["seeds"])}
     for metric, name in METRICS.items():
         mean, std = row.get(metric), row.get(f"{metric}_std")
@@ -134,7 +150,8 @@ def main() -> None:
     runs, _skipped, _records = load_runs(args.results_dir, renamed)
     table = ablation(runs, args.model, args.quant, args.transform, args.base)
     text = (f"# Ablation of {args.transform} on {args.model} at {args.quant}\n\n"
-            "Mean ± std over seeds; Δ against the base row; below the line: full precision and the other "
+            "Mean ± std over seeds; Δ against the base row at the row's own seeds (a one-seed row against the "
+            "base at that seed) where the base ran them, else against its mean; below the line: full precision and the other "
             "methods at the same format and evaluation.\n\n" + table.to_markdown(index=False, disable_numparse=True) + "\n")
     out = args.out or args.results_dir / "tables"
     out.mkdir(parents=True, exist_ok=True)

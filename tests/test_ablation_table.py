@@ -21,6 +21,8 @@ def test_a_change_is_named_by_its_keys_and_a_removed_placement_as_one():
     assert ablation_table.change(smaller, base) == "calib smooth_alpha=0.25"
     assert ablation_table.change(without, base) == "without down_proj"
     assert ablation_table.change({**without, "calib.steps": "3"}, base) == "without down_proj, calib steps=3"
+    set_to_null = {**without, "transform.placements.down_proj": "null"}
+    assert ablation_table.change(set_to_null, base) == "without down_proj"
 
 
 def runs_of_an_ablation(results_dir):
@@ -40,8 +42,18 @@ def test_the_base_has_the_most_seeds_and_variants_follow_best_first_then_the_oth
     assert list(table["change"]) == ["(base)", "calib epochs=5", "residual param=lu", "(full precision)",
                                      "(hadamard preset)"]
     assert list(table["held-out ppl"]) == ["11.00 ± 1.41", "9.00", "15.00", "8.00", "13.00"]
-    assert list(table["Δ held-out ppl"]) == ["+0.00", "-2.00", "+4.00", "-3.00", "+2.00"]
     assert list(table["seeds"]) == [2, 1, 1, 1, 1]
+    # one-seed rows (seed 0) are measured against the base at seed 0 (10.0), not its mean (11.0)
+    assert list(table["Δ held-out ppl"]) == ["+0.00", "-1.00", "+5.00", "-2.00", "+3.00"]
+
+
+def test_a_row_at_seeds_the_base_did_not_run_is_measured_against_the_base_mean(tmp_path):
+    for seed, ppl in ((0, 10.0), (1, 12.0)):
+        write_run(tmp_path, "affine", seed=seed, heldout=ppl)
+    write_run(tmp_path, "affine", seed=5, heldout=9.0, **{"calib.epochs": 5})
+    runs, _, _ = load_runs(tmp_path)
+    table = ablation_table.ablation(runs, "tiny", "mxfp4", "affine")
+    assert list(table["Δ held-out ppl"]) == ["+0.00", "-2.00"]
 
 
 def test_a_chosen_base_run_renames_the_rows_and_an_unknown_one_is_refused(tmp_path):
