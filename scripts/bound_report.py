@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from latmix.record import iter_records
-from latmix.tables import method_label
+from latmix.tables import configuration, configuration_id, method_label
 
 # Relative slack for float rounding when checking bound >= error.
 ROUNDING = 1e-6
@@ -38,9 +38,10 @@ def run_row(rec: dict) -> dict | None:
     if len(held):
         broken += (held["heldout_error_after"] > held["heldout_bound_after"] * (1 + ROUNDING)).sum()
     quantized = rec["config"].get("quant", {}).get("weight_format") is not None
+    method = method_label(rec["transform"], rec["weight_quantizer"], quantized)
     return {
         "model": rec["model"], "quant": rec["quant"], "seed": rec["seed"], "run_id": rec["run_id"],
-        "method": method_label(rec["transform"], rec["weight_quantizer"], quantized),
+        "method": method, "quantized model": quantized_model_id(rec, method),
         "points": len(frame), "bound": frame["bound_after"].mean(), "error": frame["error_after"].mean(),
         "heldout bound": held["heldout_bound_after"].mean() if len(held) else None,
         "heldout error": held["heldout_error_after"].mean() if len(held) else None,
@@ -49,17 +50,25 @@ def run_row(rec: dict) -> dict | None:
     }
 
 
+def quantized_model_id(rec: dict, method: str) -> str:
+    """Names the quantized model a run made: its configuration and seed without the evaluation keys, so
+    one model evaluated twice (e.g. with more task items) is one point of the correlations."""
+    made = {k: v for k, v in configuration(rec).items() if not k.startswith("eval.")}
+    return configuration_id(rec["model"], rec["quant"], method, {**made, "seed": str(rec["seed"])})
+
+
 def bound_table(records: Iterable[dict]) -> pd.DataFrame:
     rows = [row for rec in records if isinstance(rec, dict) and (row := run_row(rec)) is not None]
     columns = ["model", "quant", "method", "seed", "points", "bound", "error", "heldout bound", "heldout error",
-               "least tightness", "bound < error", "ppl", "run_id"]
+               "least tightness", "bound < error", "ppl", "run_id", "quantized model"]
     return pd.DataFrame(rows, columns=columns).sort_values(["model", "quant", "bound"], ignore_index=True)
 
 
 def rank_correlations(table: pd.DataFrame) -> pd.DataFrame:
-    """Spearman's rho across runs, per model and format, and per model over all its formats."""
+    """Spearman's rho across quantized models (a model evaluated twice counts once), per model and
+    format, and per model over all its formats."""
     rows = []
-    for model, of_model in table.groupby("model"):
+    for model, of_model in table.drop_duplicates("quantized model").groupby("model"):
         groups = [(quant, runs) for quant, runs in of_model.groupby("quant")]
         if len(groups) > 1:
             groups.append(("all", of_model))
@@ -78,7 +87,7 @@ def report(results_dir: Path) -> str:
     return (
         "# The MX error bound across runs\n\nMeans over quantization points, after calibration (error and bound: "
         "RMS over tokens of the per-token L2 norm; docs/calibration.md).\n\n"
-        + table.to_markdown(index=False, floatfmt=".4g")
+        + table.drop(columns="quantized model").to_markdown(index=False, floatfmt=".4g")
         + "\n\nSpearman's rank correlation across runs (per model and format, then all formats):\n\n"
         + rank_correlations(table).to_markdown(index=False, floatfmt=".3f") + "\n"
     )

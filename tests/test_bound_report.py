@@ -40,6 +40,19 @@ def test_rank_correlations_are_per_format_and_then_over_all_formats():
     assert rows[1]["bound vs ppl"] == pytest.approx(1.0)
 
 
+def test_one_quantized_model_evaluated_twice_is_one_point_of_the_correlations():
+    runs = [record("a", 1.0, 0.1, 10.0), record("b", 2.0, 0.2, 20.0), record("c", 3.0, 0.3, 15.0)]
+    again = record("c", 3.0, 0.3, 15.0)
+    again["config"]["eval"] = {"limit": None}
+    again["run_id"] = "c0-all-items"
+    table = bound_report.bound_table([*runs, again])
+    assert len(table) == 4  # listed
+    (row,) = bound_report.rank_correlations(table).to_dict("records")
+    assert row["runs"] == 3 and row["bound vs ppl"] == pytest.approx(0.5)
+    other_seed = record("c", 3.0, 0.3, 15.0, seed=1)
+    assert bound_report.rank_correlations(bound_report.bound_table([*runs, other_seed]))["runs"].item() == 4
+
+
 def test_records_without_per_layer_rows_are_left_out():
     rec = record("a", 1.0, 0.1, 10.0)
     rec["calibration"]["per_layer"] = []
