@@ -37,6 +37,7 @@ __all__ = [
     "build_transform",
     "cached_transforms",
     "random_orthogonal",
+    "skew_exp",
     "transform_kwargs",
 ]
 
@@ -305,6 +306,37 @@ def _skew(g: torch.Tensor) -> torch.Tensor:
     return (g - g.transpose(-1, -2)) / 2
 
 
+class _SkewExp(torch.autograd.Function):
+    """exp(S) of a real skew-symmetric S, differentiated through S's eigendecomposition.
+
+    matrix_exp's own backward exponentiates a 2s x 2s block matrix: 15 s at s = 1536 on one thread.
+    S is normal with eigenvalues i*theta, so the Frechet derivative is diagonal in its eigenbasis, with
+    the divided differences of exp as weights: one complex eigh and four complex matmuls, about 4x
+    cheaper at every size measured (64 to 1536). The forward stays matrix_exp, so values do not change.
+    """
+
+    @staticmethod
+    def forward(ctx, skew: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(skew)
+        return torch.linalg.matrix_exp(skew)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (skew,) = ctx.saved_tensors
+        # -iS is Hermitian: S = V diag(i theta) V^H.
+        theta, vectors = torch.linalg.eigh(-1j * skew)
+        row, col = theta.unsqueeze(-1), theta.unsqueeze(-2)
+        # (e^{i a} - e^{i b}) / (i (a - b)) written without the division, exact on (near) ties.
+        divided = torch.exp(0.5j * (row + col)) * torch.sinc((row - col) / (2 * torch.pi))
+        inner = vectors.mH @ grad.to(vectors.dtype) @ vectors
+        return (vectors @ (inner * divided.conj()) @ vectors.mH).real.to(skew.dtype)
+
+
+def skew_exp(g: torch.Tensor) -> torch.Tensor:
+    """exp((G - G^T) / 2): an orthogonal matrix (batched), at identity for G = 0."""
+    return _SkewExp.apply(_skew(g))
+
+
 class _InvertibleBlocks(nn.Module):
     """A stack of n invertible s x s matrices, invertible by construction, starting at given orthogonals.
 
@@ -348,16 +380,16 @@ class _InvertibleBlocks(nn.Module):
 
     def matrices(self) -> torch.Tensor:
         if self.parametrization == "qr":
-            return self.base @ torch.linalg.matrix_exp(_skew(self.generator)) @ self._triangular()
+            return self.base @ skew_exp(self.generator) @ self._triangular()
         if self.parametrization == "lu":
             return self.base @ (torch.tril(self.lower, -1) + self.eye) @ self._triangular()
-        left = self.base @ torch.linalg.matrix_exp(_skew(self.generator))
-        right = torch.linalg.matrix_exp(_skew(self.generator_right))
+        left = self.base @ skew_exp(self.generator)
+        right = skew_exp(self.generator_right)
         return left @ torch.diag_embed(torch.exp(self.log_scale)) @ right.transpose(-1, -2)
 
     def inverse_matrices(self) -> torch.Tensor:
         if self.parametrization == "qr":
-            q = self.base @ torch.linalg.matrix_exp(_skew(self.generator))
+            q = self.base @ skew_exp(self.generator)
             u_inv = torch.linalg.solve_triangular(self._triangular(), self.eye, upper=True)
             return u_inv @ q.transpose(-1, -2)
         if self.parametrization == "lu":
@@ -365,8 +397,8 @@ class _InvertibleBlocks(nn.Module):
             l_inv = torch.linalg.solve_triangular(unit_lower, self.eye, upper=False, unitriangular=True)
             u_inv = torch.linalg.solve_triangular(self._triangular(), self.eye, upper=True)
             return u_inv @ l_inv @ self.base.transpose(-1, -2)
-        left = self.base @ torch.linalg.matrix_exp(_skew(self.generator))
-        right = torch.linalg.matrix_exp(_skew(self.generator_right))
+        left = self.base @ skew_exp(self.generator)
+        right = skew_exp(self.generator_right)
         return right @ torch.diag_embed(torch.exp(-self.log_scale)) @ left.transpose(-1, -2)
 
     def log_abs_det(self) -> torch.Tensor:

@@ -11,6 +11,7 @@ from latmix.transforms import (
     Hadamard,
     Headwise,
     build_transform,
+    skew_exp,
     transform_kwargs,
 )
 
@@ -113,6 +114,25 @@ def test_gradients_reach_every_affine_parameter(parametrization):
     loss.backward()
     for name, param in affine.named_parameters():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.01, 3.0], ids=["at-zero", "small", "large"])
+def test_skew_exp_has_matrix_exps_value_and_gradient(scale):
+    """At zero all eigenvalues tie; at scale 3 the angles wrap past pi: the gradient must hold at both."""
+    g = (scale * torch.randn(3, 24, 24, dtype=torch.float64)).requires_grad_()
+    reference = g.detach().clone().requires_grad_()
+    upstream = torch.randn(3, 24, 24, dtype=torch.float64)
+    value = skew_exp(g)
+    expected = torch.linalg.matrix_exp((reference - reference.mT) / 2)
+    (value * upstream).sum().backward()
+    (expected * upstream).sum().backward()
+    torch.testing.assert_close(value, expected, atol=0, rtol=0)
+    torch.testing.assert_close(g.grad, reference.grad, atol=1e-10, rtol=1e-8)
+
+
+def test_skew_exp_gradient_passes_gradcheck():
+    g = (0.5 * torch.randn(2, 6, 6, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(skew_exp, (g,))
 
 
 def test_learnable_rotation_stays_orthogonal_and_trains():
