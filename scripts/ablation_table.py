@@ -6,11 +6,13 @@
     python scripts/ablation_table.py --renamed latmix=affine          # records made before the rename too
 
 The rows are the recorded configurations of `--transform` on `--model` at `--quant` (mean ± std over
-their seeds); each Δ is against the base at the row's own seeds (where the base ran them all). The base is the configuration of run `--base`, or else the one with the most seeds; every
-other row is named by the config keys it changes (`smooth alpha=0.25`, `without down_proj`). The
-full-precision reference and any other methods at the same format and evaluation are listed below it
-for scale, each method's own preset first (the configuration that sets everything its
-conf/transform/<name>.yaml sets, as the file sets it; else the most seeded). Writes <out>/ablation_<model>_<quant>_<transform>.md and prints it. Imports no torch.
+their seeds); each Δ is against the base at the row's own seeds (where the base ran them all). The
+base is the configuration of run `--base`, or else the one with the most seeds; every other row is
+named by the config keys it changes (`smooth alpha=0.25`, `without down_proj`). The full-precision
+reference and any other methods at the same format and evaluation are listed below it for scale, each
+method's own preset first (the configuration that sets everything its conf/transform/<name>.yaml
+sets, as the file sets it; else the most seeded). Writes <out>/ablation_<model>_<quant>_<transform>.md
+and prints it. Imports no torch.
 """
 
 from __future__ import annotations
@@ -65,15 +67,18 @@ def ablation(runs: pd.DataFrame, model: str, quant: str, transform: str, base_ru
     if base_run is not None:
         chosen = method[method["run_ids"].str.split().apply(lambda ids: base_run in ids)]
         if chosen.empty:
-            raise SystemExit(f"run {base_run} is not among the transform={transform} runs at quant={quant} on model={model}")
+            raise SystemExit(
+                f"run {base_run} is not among the transform={transform} runs at quant={quant} on model={model}"
+            )
         base = chosen.iloc[0]
     else:
         base = most_seeded(method)
     same_setting = summary[(summary["table"] == base["table"])]
     base_runs = runs[runs["config_id"] == base["config_id"]]
+    seeds_of = runs.groupby("config_id")["seed"]
 
     def numbers(row: pd.Series) -> dict:
-        return _numbers(row, _base_at_seeds(base_runs, runs[runs["config_id"] == row["config_id"]]["seed"], base))
+        return _numbers(row, _base_at_seeds(base_runs, seeds_of.get_group(row["config_id"]), base))
 
     rows = []
     for _, row in method[method["table"] == base["table"]].iterrows():  # same evaluation as the base
@@ -101,6 +106,7 @@ def preset_settings(transform: str, presets_dir: Path = PRESETS_DIR) -> dict[str
     text = path.read_text()
     tree = yaml.safe_load(text) or {}
     tree.pop("defaults", None)
+    # Hydra reads the package from this header comment too; without it the file sits under `transform`.
     if "@package _global_" not in text:
         tree = {"transform": tree}
     return {key: value_text(value) for key, value in flatten(tree).items()
@@ -150,9 +156,10 @@ def main() -> None:
     runs, _skipped, _records = load_runs(args.results_dir, renamed)
     table = ablation(runs, args.model, args.quant, args.transform, args.base)
     text = (f"# Ablation of {args.transform} on {args.model} at {args.quant}\n\n"
-            "Mean ± std over seeds; Δ against the base row at the row's own seeds (a one-seed row against the "
-            "base at that seed) where the base ran them, else against its mean; below the line: full precision and the other "
-            "methods at the same format and evaluation.\n\n" + table.to_markdown(index=False, disable_numparse=True) + "\n")
+            "Mean ± std over seeds; Δ against the base row at the row's own seeds (a one-seed row against "
+            "the base at that seed) where the base ran them, else against its mean; below the line: full "
+            "precision and the other methods at the same format and evaluation.\n\n"
+            + table.to_markdown(index=False, disable_numparse=True) + "\n")
     out = args.out or args.results_dir / "tables"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"ablation_{args.model}_{args.quant}_{args.transform}.md").write_text(text)
