@@ -4,6 +4,7 @@
     python scripts/ablation_table.py --model tiny_outliers --transform affine --base 0123456789ab
     python scripts/ablation_table.py --results-dir DIR --out DIR
     python scripts/ablation_table.py --renamed latmix=affine          # records made before the rename too
+    python scripts/ablation_table.py --exclude '^calib epochs='       # leave superseded rows out
 
 The rows are the recorded configurations of `--transform` on `--model` at `--quant` (mean ± std over
 their seeds); each Δ is against the base at the row's own seeds (where the base ran them all). The
@@ -18,6 +19,7 @@ and prints it. Imports no torch.
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -57,9 +59,12 @@ def _alike_placements(keys: Mapping[str, str]) -> list[str]:
     return sorted(names)
 
 
-def ablation(runs: pd.DataFrame, model: str, quant: str, transform: str, base_run: str | None = None) -> pd.DataFrame:
+def ablation(
+    runs: pd.DataFrame, model: str, quant: str, transform: str, base_run: str | None = None, exclude: str | None = None
+) -> pd.DataFrame:
     """One row per configuration of the method: change from the base, seeds, metric means/stds, delta vs base;
-    then the other methods at the same format and evaluation, and full precision, for scale."""
+    then the other methods at the same format and evaluation, and full precision, for scale. Rows of the
+    method whose change matches the regular expression `exclude` are left out (superseded settings)."""
     summary = summarize(runs[runs["model"] == model]).reset_index(drop=True)
     method = summary[(summary["quant"] == quant) & (summary["transform"] == transform)]
     if method.empty:
@@ -84,6 +89,8 @@ def ablation(runs: pd.DataFrame, model: str, quant: str, transform: str, base_ru
     for _, row in method[method["table"] == base["table"]].iterrows():  # same evaluation as the base
         rows.append({"change": change(row["config"], base["config"]), "method": row["method"],
                      **numbers(row), "_order": row["ppl_heldout"]})
+    if exclude is not None:
+        rows = [r for r in rows if r["change"] == "(base)" or not re.search(exclude, r["change"])]
     rows.sort(key=lambda r: (r["change"] != "(base)", r["_order"]))
     others = same_setting[(same_setting["transform"] != transform) & ((same_setting["quant"] == quant)
                                                                       | same_setting["fp_reference"])]
@@ -151,10 +158,12 @@ def main() -> None:
     parser.add_argument("--base", default=None, help="a run id of the base configuration (default: most seeds)")
     parser.add_argument("--renamed", action="append", default=[], metavar="FORMER=PRESENT",
                         help="read records of a renamed preset under its present name (e.g. latmix=affine)")
+    parser.add_argument("--exclude", default=None, metavar="REGEX",
+                        help="leave out the method's rows whose change matches (e.g. '^block_size=32 at 3 placements, ')")
     args = parser.parse_args()
     renamed = dict(pair.split("=", 1) for pair in args.renamed)
     runs, _skipped, _records = load_runs(args.results_dir, renamed)
-    table = ablation(runs, args.model, args.quant, args.transform, args.base)
+    table = ablation(runs, args.model, args.quant, args.transform, args.base, args.exclude)
     text = (f"# Ablation of {args.transform} on {args.model} at {args.quant}\n\n"
             "Mean ± std over seeds; Δ against the base row at the row's own seeds (a one-seed row against "
             "the base at that seed) where the base ran them, else against its mean; below the line: full "

@@ -56,6 +56,11 @@ def test_a_row_at_seeds_the_base_did_not_run_is_measured_against_the_base_mean(t
     assert list(table["Δ held-out ppl"]) == ["+0.00", "-2.00"]
 
 
+def test_rows_whose_change_matches_exclude_are_left_out_but_never_the_base(tmp_path):
+    table = ablation_table.ablation(runs_of_an_ablation(tmp_path), "tiny", "mxfp4", "affine", exclude="^calib|base")
+    assert list(table["change"]) == ["(base)", "residual param=lu", "(full precision)", "(hadamard preset)"]
+
+
 def test_a_chosen_base_run_renames_the_rows_and_an_unknown_one_is_refused(tmp_path):
     runs = runs_of_an_ablation(tmp_path)
     lu = runs[runs["config"].apply(lambda c: c.get("transform.placements.residual.parametrization") == "lu")]
