@@ -135,6 +135,17 @@ def test_skew_exp_gradient_passes_gradcheck():
     assert torch.autograd.gradcheck(skew_exp, (g,))
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_skew_exp_gradient_on_cuda_matches_matrix_exp():
+    g = (0.3 * torch.randn(4, 64, 64, device="cuda")).requires_grad_()
+    reference = g.detach().clone().requires_grad_()
+    upstream = torch.randn(4, 64, 64, device="cuda")
+    (skew_exp(g) * upstream).sum().backward()
+    (torch.linalg.matrix_exp((reference - reference.mT) / 2) * upstream).sum().backward()
+    torch.testing.assert_close(g.grad, reference.grad, atol=1e-4, rtol=1e-4)
+
+
 def test_learnable_rotation_stays_orthogonal_and_trains():
     rotation = build_transform("rotation", DIM, learnable=True, init="hadamard")
     params = list(rotation.parameters())
