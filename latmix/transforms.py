@@ -309,10 +309,10 @@ def _skew(g: torch.Tensor) -> torch.Tensor:
 class _SkewExp(torch.autograd.Function):
     """exp(S) of a real skew-symmetric S, differentiated through S's eigendecomposition.
 
-    matrix_exp's own backward exponentiates a 2s x 2s block matrix: 14 s at s = 1536 on one thread.
+    matrix_exp's own backward exponentiates a 2s x 2s block matrix: 8.9 s at s = 1536 on one idle thread.
     S is normal with eigenvalues i*theta, so the Frechet derivative is diagonal in its eigenbasis, with
-    the divided differences of exp as weights: one complex eigh and four complex matmuls, 3.7 s there
-    (scripts/bench_skew_exp.py: 3x at 576, level at 64). The forward stays matrix_exp: values do not change.
+    the divided differences of exp as weights: one complex eigh and four complex matmuls, 2.3 s there
+    (scripts/bench_skew_exp.py). The forward stays matrix_exp: values do not change.
     """
 
     @staticmethod
