@@ -90,7 +90,11 @@ def ablation(
         rows.append({"change": change(row["config"], base["config"]), "method": row["method"],
                      **numbers(row), "_order": row["ppl_heldout"]})
     if exclude is not None:
-        rows = [r for r in rows if r["change"] == "(base)" or not re.search(exclude, r["change"])]
+        try:
+            superseded = re.compile(exclude)
+        except re.error as error:
+            raise SystemExit(f"--exclude {exclude!r} is not a regular expression ({error}); escape ( ) [ ] + etc.") from None
+        rows = [r for r in rows if r["change"] == "(base)" or not superseded.search(r["change"])]
     rows.sort(key=lambda r: (r["change"] != "(base)", r["_order"]))
     others = same_setting[(same_setting["transform"] != transform) & ((same_setting["quant"] == quant)
                                                                       | same_setting["fp_reference"])]

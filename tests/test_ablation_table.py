@@ -59,6 +59,8 @@ def test_a_row_at_seeds_the_base_did_not_run_is_measured_against_the_base_mean(t
 def test_rows_whose_change_matches_exclude_are_left_out_but_never_the_base(tmp_path):
     table = ablation_table.ablation(runs_of_an_ablation(tmp_path), "tiny", "mxfp4", "affine", exclude="^calib|base")
     assert list(table["change"]) == ["(base)", "residual param=lu", "(full precision)", "(hadamard preset)"]
+    with pytest.raises(SystemExit, match="is not a regular expression"):
+        ablation_table.ablation(runs_of_an_ablation(tmp_path / "again"), "tiny", "mxfp4", "affine", exclude="(base")
 
 
 def test_a_chosen_base_run_renames_the_rows_and_an_unknown_one_is_refused(tmp_path):
