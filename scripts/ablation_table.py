@@ -65,6 +65,11 @@ def ablation(
     """One row per configuration of the method: change from the base, seeds, metric means/stds, delta vs base;
     then the other methods at the same format and evaluation, and full precision, for scale. Rows of the
     method whose change matches the regular expression `exclude` are left out (superseded settings)."""
+    try:
+        superseded = None if exclude is None else re.compile(exclude)
+    except re.error as error:
+        message = f"--exclude {exclude!r} is not a regular expression ({error}); escape ( ) [ ] + etc."
+        raise SystemExit(message) from None
     summary = summarize(runs[runs["model"] == model]).reset_index(drop=True)
     method = summary[(summary["quant"] == quant) & (summary["transform"] == transform)]
     if method.empty:
@@ -87,14 +92,10 @@ def ablation(
 
     rows = []
     for _, row in method[method["table"] == base["table"]].iterrows():  # same evaluation as the base
-        rows.append({"change": change(row["config"], base["config"]), "method": row["method"],
-                     **numbers(row), "_order": row["ppl_heldout"]})
-    if exclude is not None:
-        try:
-            superseded = re.compile(exclude)
-        except re.error as error:
-            raise SystemExit(f"--exclude {exclude!r} is not a regular expression ({error}); escape ( ) [ ] + etc.") from None
-        rows = [r for r in rows if r["change"] == "(base)" or not superseded.search(r["change"])]
+        label = change(row["config"], base["config"])
+        if superseded is not None and label != "(base)" and superseded.search(label):
+            continue
+        rows.append({"change": label, "method": row["method"], **numbers(row), "_order": row["ppl_heldout"]})
     rows.sort(key=lambda r: (r["change"] != "(base)", r["_order"]))
     others = same_setting[(same_setting["transform"] != transform) & ((same_setting["quant"] == quant)
                                                                       | same_setting["fp_reference"])]
@@ -163,7 +164,7 @@ def main() -> None:
     parser.add_argument("--renamed", action="append", default=[], metavar="FORMER=PRESENT",
                         help="read records of a renamed preset under its present name (e.g. latmix=affine)")
     parser.add_argument("--exclude", default=None, metavar="REGEX",
-                        help="leave out the method's rows whose change matches (e.g. '^block_size=32 at 3 placements, ')")
+                        help="leave out the method's rows whose change matches (e.g. '^calib epochs=')")
     args = parser.parse_args()
     renamed = dict(pair.split("=", 1) for pair in args.renamed)
     runs, _skipped, _records = load_runs(args.results_dir, renamed)
