@@ -12,7 +12,7 @@ import hashlib
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,8 @@ class EvalResult:
     task_versions: dict[str, Any] = field(default_factory=dict)
     # name -> where a perplexity dataset came from (PerplexityText.source), for the record's eval section
     ppl_sources: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # task -> its answers item by item (task_items), so that two methods can be compared item for item
+    task_items: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 def eval_seq_len(model: torch.nn.Module, max_seq_len: int) -> int:
@@ -130,6 +132,28 @@ def task_scores(task_results: Mapping[str, Any]) -> dict[str, float]:
     return scores
 
 
+ITEM_METRICS: tuple[str, ...] = ("acc", "acc_norm")
+
+
+def task_items(samples: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, dict[str, str]]:
+    """lm-eval's logged samples -> per task, in doc_id order: `docs`, a digest of the items' doc
+    hashes (two runs pair only on the same items, in the same order), and for acc and acc_norm one
+    character per item, "1" where the model chose the right answer. A task whose samples carry
+    neither metric under the unfiltered ("none") responses is left out."""
+    items: dict[str, dict[str, str]] = {}
+    for task, logged in samples.items():
+        ordered = sorted((s for s in logged if s.get("filter", "none") == "none"), key=lambda s: s["doc_id"])
+        answers = {
+            metric: "".join("1" if sample[metric] else "0" for sample in ordered)
+            for metric in ITEM_METRICS
+            if ordered and all(metric in sample for sample in ordered)
+        }
+        if answers:
+            docs = hashlib.sha256("\n".join(sample["doc_hash"] for sample in ordered).encode()).hexdigest()
+            items[task] = {"docs": docs[:16], **answers}
+    return items
+
+
 def task_manager(settings: EvalSettings) -> Any:
     from lm_eval.tasks import TaskManager
 
@@ -156,7 +180,7 @@ def zero_shot(model: torch.nn.Module, tokenizer: Any, settings: EvalSettings, se
             num_fewshot=settings.num_fewshot,
             limit=settings.limit,
             task_manager=task_manager(settings),
-            log_samples=False,
+            log_samples=True,
             # acc stderr is closed-form; bootstrapping only matters for metrics we do not report
             bootstrap_iters=1000,
         )
@@ -190,4 +214,5 @@ def evaluate(
     result.tasks = {task: scores for task, scores in result.tasks.items() if scores}
     result.task_versions = dict(output.get("versions", {}))
     result.averages = averages(result.tasks)
+    result.task_items = task_items(output.get("samples", {}))
     return result

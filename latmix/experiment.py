@@ -182,6 +182,7 @@ def build_record(
             "lm_eval_version": evaluation.lm_eval_version,
             "task_versions": evaluation.task_versions,
             "ppl_sources": evaluation.ppl_sources,
+            "task_items": evaluation.task_items,
         },
         "calibration": calibration,
         "fidelity": fidelity,

@@ -121,11 +121,27 @@ def validate_record(rec: Any) -> dict:
             _require_number(value, f"metrics.tasks.{task}.{key}")
     for name, value in metrics["averages"].items():
         _require_number(value, f"metrics.averages.{name}")
+    _validate_task_items(rec.get("eval", {}).get("task_items", {}))
     if not isinstance(rec["calibration"].get("per_layer", []), list):
         raise RecordError("calibration.per_layer must be a list")
     for stage, seconds in rec["timing"].items():
         _require_number(seconds, f"timing.{stage}")
     return rec
+
+
+def _validate_task_items(items: Any) -> None:
+    """eval.task_items (optional): task -> {docs: digest, acc / acc_norm: "0"/"1" per item, same length}."""
+    if not isinstance(items, dict):
+        raise RecordError("eval.task_items must be an object")
+    for task, entry in items.items():
+        where = f"eval.task_items.{task}"
+        if not isinstance(entry, dict) or not isinstance(entry.get("docs"), str):
+            raise RecordError(f"{where} must be an object with a 'docs' digest")
+        answers = {metric: text for metric, text in entry.items() if metric != "docs"}
+        if not answers or any(not isinstance(text, str) or set(text) - {"0", "1"} for text in answers.values()):
+            raise RecordError(f"{where}: each metric's answers must be a string of 0s and 1s")
+        if len({len(text) for text in answers.values()}) != 1:
+            raise RecordError(f"{where}: its metrics answer different numbers of items")
 
 
 def write_record(path: str | Path, rec: dict) -> Path:

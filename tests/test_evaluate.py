@@ -105,6 +105,13 @@ def test_local_suite_runs_lm_eval_on_the_in_memory_model(tiny_checkpoint):
     assert result.averages["mean"] is not None and result.averages["avg6"] is None
     assert set(result.task_versions) >= set(local_tasks.LOCAL_TASKS)
     assert result.lm_eval_version
+    # the answers item by item, for paired comparisons: 8 items each, agreeing with the accuracies
+    assert set(result.task_items) == set(local_tasks.LOCAL_TASKS)
+    for task, entry in result.task_items.items():
+        for metric in ("acc", "acc_norm"):
+            if metric in result.tasks[task]:
+                assert len(entry[metric]) == 8
+                assert entry[metric].count("1") / 8 == pytest.approx(result.tasks[task][metric])
 
 
 # --- perplexity on any text file -----------------------------------------------------------------

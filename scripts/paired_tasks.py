@@ -1,0 +1,91 @@
+"""Two methods compared item for item on the zero-shot tasks: the difference, its 95% interval, a p-value.
+
+    python scripts/paired_tasks.py --quant mxfp6 affine block_hadamard
+    python scripts/paired_tasks.py --quant mxfp4 0123456789ab block_hadamard+gptq   # a configuration id
+    python scripts/paired_tasks.py --model tiny --quant mxfp4 affine hadamard --results-dir DIR
+
+A and B are each a method label (affine+gptq), a transform (affine) or a configuration id (its first
+characters are enough), at --model and --quant. Their records must hold the per-item answers
+(eval.task_items) for the same items, and the seeds both ran are paired; see latmix/paired.py for the
+statistics. Prints one markdown row per task and one for all tasks. Imports no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+
+from latmix.paired import PairedRow, PairingError, paired_rows
+from latmix.tables import load_runs
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("a", help="method label, transform or configuration id")
+    parser.add_argument("b", help="method label, transform or configuration id")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--quant", default="mxfp4")
+    parser.add_argument("--results-dir", type=Path, default=Path("results"), help="holds runs/<run_id>.json")
+    parser.add_argument("--resamples", type=int, default=10_000, help="bootstrap and sign-flip draws")
+    return parser.parse_args()
+
+
+def select(
+    frame: pd.DataFrame, records: dict[str, dict], name: str, model: str, quant: str
+) -> tuple[str, dict[int, dict]]:
+    """(method label, its records by seed) of the one configuration of `name` with per-item answers."""
+    where = f"{name!r} at {model} {quant}"
+    rows = frame[(frame["model"] == model) & (frame["quant"] == quant)] if not frame.empty else frame
+    if not rows.empty:
+        rows = rows[rows["config_id"].str.startswith(name) | (rows["method"] == name) | (rows["transform"] == name)]
+    if rows.empty:
+        raise SystemExit(f"no record of {where}; check the name, --model, --quant and --results-dir")
+    rows = rows[rows["run_id"].map(lambda run: bool(records[run].get("eval", {}).get("task_items")))]
+    if rows.empty:
+        raise SystemExit(f"the records of {where} hold no per-item answers (eval.task_items); records written "
+                         "before they were recorded have none: run them again with force=true")
+    seeds = rows.groupby("config_id")["seed"].apply(lambda s: ", ".join(map(str, sorted(s))))
+    if len(seeds) > 1:
+        listed = "; ".join(f"{config} (seeds {s})" for config, s in seeds.items())
+        raise SystemExit(f"several configurations of {where} have per-item answers: {listed}; name one by its id")
+    return rows["method"].iloc[0], {int(row.seed): records[row.run_id] for row in rows.itertuples()}
+
+
+def markdown(rows: list[PairedRow]) -> str:
+    table = pd.DataFrame([
+        {
+            "task": row.task,
+            "items x seeds": f"{row.items} x {row.seeds}",
+            "A %": f"{row.accuracy_a:.2f}",
+            "B %": f"{row.accuracy_b:.2f}",
+            "Δ": f"{row.delta:+.2f}",
+            "95% interval": f"[{row.low:+.2f}, {row.high:+.2f}]",
+            "only A right": row.only_a,
+            "only B right": row.only_b,
+            "p": f"{row.p_value:.3f}",
+        }
+        for row in rows
+    ])
+    return table.to_markdown(index=False, disable_numparse=True)
+
+
+def main() -> None:
+    args = parse_args()
+    frame, _, records = load_runs(args.results_dir)
+    label_a, a = select(frame, records, args.a, args.model, args.quant)
+    label_b, b = select(frame, records, args.b, args.model, args.quant)
+    if a == b:
+        raise SystemExit(f"{args.a!r} and {args.b!r} name the same configuration; compare two different ones")
+    try:
+        rows = paired_rows(a, b, resamples=args.resamples)
+    except PairingError as err:
+        raise SystemExit(str(err)) from None
+    print(f"{args.model} · {args.quant} · A = {label_a}, B = {label_b} · Δ = A - B in points, "
+          f"seeds {', '.join(map(str, sorted(set(a) & set(b))))} paired, {args.resamples} draws")
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
