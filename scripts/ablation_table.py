@@ -85,10 +85,12 @@ def ablation(
         base = most_seeded(method)
     same_setting = summary[(summary["table"] == base["table"])]
     base_runs = runs[runs["config_id"] == base["config_id"]]
-    seeds_of = runs.groupby("config_id")["seed"]
+    runs_of = runs.groupby("config_id")
 
     def numbers(row: pd.Series) -> dict:
-        return _numbers(row, _base_at_seeds(base_runs, seeds_of.get_group(row["config_id"]), base))
+        if row["config_id"] == base["config_id"]:
+            return _numbers(row, base, None)
+        return _numbers(row, base, _differences_by_seed(runs_of.get_group(row["config_id"]), base_runs))
 
     rows = []
     for _, row in method[method["table"] == base["table"]].iterrows():  # same evaluation as the base
@@ -131,17 +133,20 @@ def own_preset(group: pd.DataFrame, settings: Mapping[str, str]) -> pd.Series:
     return most_seeded(as_shipped if settings and not as_shipped.empty else group)
 
 
-def _base_at_seeds(base_runs: pd.DataFrame, seeds: pd.Series, base: pd.Series) -> Mapping[str, float]:
-    """The base's metrics averaged over the seeds a row ran, when the base ran all of them; else its
-    mean over all its seeds. A one-seed variant is then compared with the base at that seed, so the
-    seed spread does not pass for an effect."""
-    same = base_runs[base_runs["seed"].isin(seeds)]
-    if same["seed"].nunique() < seeds.nunique():
-        return base
-    return same[[m for m in METRICS if m in same]].astype(float).mean()
+def _differences_by_seed(row_runs: pd.DataFrame, base_runs: pd.DataFrame) -> pd.DataFrame | None:
+    """The row's metrics minus the base's, seed by seed, when the base ran every seed the row ran (None
+    otherwise). A one-seed variant is then compared with the base at that seed, so the seed spread does
+    not pass for an effect, and the spread of these differences says whether an effect holds at every seed."""
+    if not set(row_runs["seed"]) <= set(base_runs["seed"]):
+        return None
+    columns = [m for m in METRICS if m in row_runs and m in base_runs]
+    by_seed = [frame.set_index("seed")[columns].astype(float) for frame in (row_runs, base_runs)]
+    return (by_seed[0] - by_seed[1]).dropna(how="all")
 
 
-def _numbers(row: pd.Series, base: Mapping[str, float]) -> dict:
+def _numbers(row: pd.Series, base: pd.Series, differences: pd.DataFrame | None) -> dict:
+    """Mean ± std over seeds; Δ against the base: the mean of the per-seed differences ± their std (two
+    or more seeds), or against the base's mean over all its seeds where it did not run the row's."""
     out = {"seeds": int(row["seeds"])}
     for metric, name in METRICS.items():
         mean, std = row.get(metric), row.get(f"{metric}_std")
@@ -149,7 +154,12 @@ def _numbers(row: pd.Series, base: Mapping[str, float]) -> dict:
             out[name], out[f"Δ {name}"] = None, None
             continue
         out[name] = f"{mean:.2f}" if pd.isna(std) else f"{mean:.2f} ± {std:.2f}"
-        out[f"Δ {name}"] = f"{mean - base[metric]:+.2f}"
+        paired = None if differences is None else differences[metric].dropna()
+        if paired is None or paired.empty:
+            out[f"Δ {name}"] = f"{mean - base[metric]:+.2f}"
+        else:
+            spread = f" ± {paired.std():.2f}" if len(paired) > 1 else ""
+            out[f"Δ {name}"] = f"{paired.mean():+.2f}{spread}"
     return out
 
 
@@ -171,8 +181,9 @@ def main() -> None:
     table = ablation(runs, args.model, args.quant, args.transform, args.base, args.exclude)
     text = (f"# Ablation of {args.transform} on {args.model} at {args.quant}\n\n"
             "Mean ± std over seeds; Δ against the base row at the row's own seeds (a one-seed row against "
-            "the base at that seed) where the base ran them, else against its mean; below the line: full "
-            "precision and the other methods at the same format and evaluation.\n\n"
+            "the base at that seed) where the base ran them: the mean of the per-seed differences ± their "
+            "std, so an effect that holds at every seed shows a std below its mean; else against the base's "
+            "mean. Below the line: full precision and the other methods at the same format and evaluation.\n\n"
             + table.to_markdown(index=False, disable_numparse=True) + "\n")
     out = args.out or args.results_dir / "tables"
     out.mkdir(parents=True, exist_ok=True)

@@ -56,6 +56,20 @@ def test_a_row_at_seeds_the_base_did_not_run_is_measured_against_the_base_mean(t
     assert list(table["Δ held-out ppl"]) == ["+0.00", "-2.00"]
 
 
+def test_a_delta_over_several_seeds_carries_the_spread_of_its_per_seed_differences(tmp_path):
+    # both variants are 1.0 worse on average; only the first is worse at every seed
+    for seed, (base, steady, erratic) in enumerate(((10.0, 11.0, 9.0), (12.0, 13.0, 15.0))):
+        write_run(tmp_path, "affine", seed=seed, heldout=base)
+        write_run(tmp_path, "affine", seed=seed, heldout=steady, **{"calib.epochs": 5})
+        write_run(tmp_path, "affine", seed=seed, heldout=erratic, **{"calib.epochs": 6})
+    write_run(tmp_path, "affine", seed=2, heldout=11.0)  # the base has the most seeds
+    runs, _, _ = load_runs(tmp_path)
+    table = ablation_table.ablation(runs, "tiny", "mxfp4", "affine").set_index("change")
+    assert table.loc["(base)", "Δ held-out ppl"] == "+0.00"
+    assert table.loc["calib epochs=5", "Δ held-out ppl"] == "+1.00 ± 0.00"
+    assert table.loc["calib epochs=6", "Δ held-out ppl"] == "+1.00 ± 2.83"
+
+
 def test_rows_whose_change_matches_exclude_are_left_out_but_never_the_base(tmp_path):
     table = ablation_table.ablation(runs_of_an_ablation(tmp_path), "tiny", "mxfp4", "affine", exclude="^calib|base")
     assert list(table["change"]) == ["(base)", "residual param=lu", "(full precision)", "(hadamard preset)"]
