@@ -1,0 +1,205 @@
+"""Does a step along the straight-through gradient lower the quantized model's KL? A line probe.
+
+Learning the affine maps end to end moved SmolLM2's perplexity by less than the seed spread (README,
+ablation). This asks why, at the start the calibration learns from. It loads and prepares a model as
+run.py does (trailing Hydra overrides; default SmolLM2-135M, MXFP4, transform=affine), gives the
+maps their start (calib.smooth_alpha), and sees the model as end-to-end calibration does (weights
+unquantized when GPTQ follows, the maps on the activations). On the first calibration batch it takes
+the KL to the full-precision model and its straight-through gradient g over every learnable
+parameter, then moves all of them together by a step of size eta along a direction and measures the
+KL again, on that batch and on the other calibration sequences:
+
+    sign       -sign(g): exactly Adam's first step at lr = eta, what the calibration does
+    gradient   -g / max|g|: steepest descent, the largest entry moving by eta
+    random     random sign patterns (--randoms of them): what any move of that size does, the noise floor
+
+If the sign step lowers the KL on the batch but not on the other sequences, learning overfits the
+batch; if it lowers neither more than a random step does, the gradient that the MX rounding lets
+through does not point downhill at steps that change anything.
+
+    .venv/bin/python scripts/probe_descent.py                                  # SmolLM2, MXFP4, affine
+    .venv/bin/python scripts/probe_descent.py --steps 1e-4 1e-3 model=tiny quant=nvfp4
+
+Prints a markdown table (ΔKL in % of the start's KL) and writes it with every number to --out
+(.md, .json). Takes OMP_NUM_THREADS and the device from the environment and the config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra import compose, initialize_config_dir
+
+from latmix import quantize
+from latmix.calibrate.measure import quant_points
+from latmix.calibrate.smooth import smooth_init
+from latmix.calibrate.trainer import flat, matrices_built_once, trainable
+from latmix.config import build_experiment
+from latmix.data import calibration_batches
+from latmix.experiment import load_model_checked, model_source, resolve_device, seed_everything
+from latmix.losses import next_token_kl
+from latmix.models import blocks
+from latmix.settings import Experiment
+
+REPO = Path(__file__).resolve().parents[1]
+DIRECTIONS = ("sign", "gradient", "random")
+DEFAULT_STEPS = (1e-5, 1e-4, 1e-3, 1e-2)
+
+
+def experiment(overrides: Sequence[str]) -> Experiment:
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return build_experiment(compose("config", overrides=list(overrides)))
+
+
+class Probe:
+    """The prepared model at its start, the full-precision logits, and the KL on chosen sequences."""
+
+    def __init__(self, exp: Experiment) -> None:
+        seed_everything(exp.seed)
+        device = resolve_device(exp.device)
+        model, tokenizer = load_model_checked(exp, device, model_source(exp)[0])
+        fp_model = copy.deepcopy(model).eval().requires_grad_(False)
+        calib = exp.calib
+        self.ids, _ = calibration_batches(tokenizer, calib.source, calib.n_samples, calib.seq_len, exp.seed,
+                                          path=calib.path)
+        self.batch_size = calib.batch_size
+        if self.ids.shape[0] < 2 * self.batch_size:
+            raise SystemExit(f"calib.n_samples={self.ids.shape[0]} leaves no sequences beside the first batch "
+                             f"of {self.batch_size}; use at least {2 * self.batch_size}")
+        self.prepared = quantize.prepare_model(model, exp.transform, exp.quant)
+        model.eval()
+        if calib.smooth_alpha > 0:
+            smooth_init(self.prepared, self.ids, calib.smooth_alpha, calib.batch_size)
+        self.params = flat(trainable(self.prepared, quant_points(model), learn_clipping=False))
+        if not self.params:
+            raise SystemExit(f"transform={exp.transform_name} has nothing to learn: probe a learnable preset")
+        self.learned = [t for t in self.prepared.transforms.values() if any(p.requires_grad for p in t.parameters())]
+        self.device = blocks.input_device(model)
+        with torch.no_grad():
+            self.fp_logits = [fp_model(chunk.to(self.device), use_cache=False).logits for chunk in self.batches()]
+        self.rtn_weights = calib.quantize_weights
+        self.online_maps = calib.online_maps
+
+    def batches(self) -> list[torch.Tensor]:
+        return list(self.ids.split(self.batch_size))
+
+    def _as_calibrated(self) -> contextlib.ExitStack:
+        """The model as end-to-end calibration runs it (learn._switches), the maps' matrices built once."""
+        stack = contextlib.ExitStack()
+        if self.rtn_weights:
+            stack.enter_context(quantize.rtn_weights(self.prepared.model))
+        if self.online_maps:
+            stack.enter_context(quantize.maps_on_activations(self.prepared.model))
+        stack.enter_context(matrices_built_once(self.learned))
+        return stack
+
+    def kl(self, index: int) -> torch.Tensor:
+        ids = self.batches()[index].to(self.device)
+        with self._as_calibrated():
+            logits = self.prepared.model(ids, use_cache=False).logits
+            return next_token_kl(logits, self.fp_logits[index])
+
+    def gradient(self) -> dict[str, torch.Tensor]:
+        for p in self.params.values():
+            p.grad = None
+        self.kl(0).backward()
+        return {name: p.grad.detach().clone() for name, p in self.params.items()}
+
+    @torch.no_grad()
+    def kls_at(self, direction: dict[str, torch.Tensor], step: float) -> tuple[float, float]:
+        """(KL on the first batch, mean KL on the others) with every parameter moved by step * direction."""
+        start = {name: p.detach().clone() for name, p in self.params.items()}
+        try:
+            for name, p in self.params.items():
+                p.add_(direction[name], alpha=step)
+            values = [float(self.kl(i)) for i in range(len(self.batches()))]
+        finally:
+            for name, p in self.params.items():
+                p.copy_(start[name])
+        return values[0], sum(values[1:]) / len(values[1:])
+
+
+def directions(gradient: dict[str, torch.Tensor], randoms: int, seed: int) -> dict[str, dict[str, torch.Tensor]]:
+    """The moves the probe steps along, each with its largest entry 1 (module doc); `randoms` random ones."""
+    largest = max(float(g.abs().max()) for g in gradient.values())
+    if largest == 0:
+        raise SystemExit("the straight-through gradient is zero: is anything quantized where the maps act?")
+    generator = torch.Generator().manual_seed(seed)
+    moves = {
+        "sign": {name: -g.sign() for name, g in gradient.items()},
+        "gradient": {name: -g / largest for name, g in gradient.items()},
+    }
+    for draw in range(randoms):
+        moves[f"random {draw + 1}"] = {name: (2 * torch.randint(0, 2, g.shape, generator=generator) - 1).to(g)
+                                       for name, g in gradient.items()}
+    return moves
+
+
+def probe(exp: Experiment, steps: Sequence[float], randoms: int = 2, seed: int = 0) -> dict[str, Any]:
+    """The KL at the start, the gradient's size, and one row per (direction, step) (module doc)."""
+    lens = Probe(exp)
+    kl_batch, kl_others = lens.kls_at({name: torch.zeros_like(p) for name, p in lens.params.items()}, 0.0)
+    gradient = lens.gradient()
+    rows = []
+    for name, direction in directions(gradient, randoms, seed).items():
+        slope = sum(float((gradient[key] * direction[key]).sum()) for key in gradient)
+        for step in steps:
+            batch, others = lens.kls_at(direction, step)
+            rows.append({
+                "direction": name, "step": step, "kl_batch": batch, "kl_others": others,
+                "first_order_pct": 100 * step * slope / kl_batch,
+                "batch_pct": 100 * (batch / kl_batch - 1), "others_pct": 100 * (others / kl_others - 1),
+            })
+    return {
+        "kl_batch": kl_batch, "kl_others": kl_others,
+        "parameters": sum(p.numel() for p in lens.params.values()),
+        "gradient_max": max(float(g.abs().max()) for g in gradient.values()),
+        "gradient_l1": sum(float(g.abs().sum()) for g in gradient.values()),
+        "other_sequences": lens.ids.shape[0] - lens.batch_size, "batch": lens.batch_size,
+        "rows": rows,
+    }
+
+
+def report(result: dict[str, Any], command: str) -> str:
+    lines = [
+        f"    {command}",
+        "",
+        f"KL at the start: {result['kl_batch']:.4f} on the batch ({result['batch']} sequences), "
+        f"{result['kl_others']:.4f} on the other {result['other_sequences']}; "
+        f"{result['parameters']} parameters, max |g| {result['gradient_max']:.3g}, sum |g| {result['gradient_l1']:.3g}.",
+        "",
+        "| direction | step | first-order ΔKL % | ΔKL on the batch % | ΔKL on the other sequences % |",
+        "|:--|--:|--:|--:|--:|",
+    ]
+    lines += [f"| {r['direction']} | {r['step']:g} | {r['first_order_pct']:+.2f} | {r['batch_pct']:+.2f} | "
+              f"{r['others_pct']:+.2f} |" for r in result["rows"]]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=float, nargs="+", default=list(DEFAULT_STEPS), help="step sizes eta")
+    parser.add_argument("--randoms", type=int, default=2, help="random directions (the noise floor)")
+    parser.add_argument("--direction-seed", type=int, default=0, help="draws the random directions")
+    parser.add_argument("--out", type=Path, default=Path("results/tables/probe_descent"), help="<out>.md, <out>.json")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for run.py")
+    args = parser.parse_args()
+    result = probe(experiment(args.overrides), args.steps, args.randoms, args.direction_seed)
+    text = report(result, "python scripts/probe_descent.py " + shlex.join(sys.argv[1:]))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".md").write_text(text)
+    args.out.with_suffix(".json").write_text(json.dumps({**result, "argv": sys.argv[1:]}, indent=2))
+    print(text, end="")
+
+
+if __name__ == "__main__":
+    main()
