@@ -147,13 +147,17 @@ def directions(gradient: dict[str, torch.Tensor], randoms: int, seed: int) -> di
 def probe(exp: Experiment, steps: Sequence[float], randoms: int = 2, seed: int = 0) -> dict[str, Any]:
     """The KL at the start, the gradient's size, and one row per (direction, step) (module doc)."""
     lens = Probe(exp)
-    kl_batch, kl_others = lens.kls_at({name: torch.zeros_like(p) for name, p in lens.params.items()}, 0.0)
+    unmoved = {name: torch.zeros_like(p) for name, p in lens.params.items()}
+    kl_batch, kl_others = lens.kls_at(unmoved, 0.0)
     gradient = lens.gradient()
+    # The start measured again, after the backward: a change here would be nondeterminism, not the step.
+    again_batch, again_others = lens.kls_at(unmoved, 0.0)
     rows = []
     for name, direction in directions(gradient, randoms, seed).items():
         slope = sum(float((gradient[key] * direction[key]).sum()) for key in gradient)
         for step in steps:
             batch, others = lens.kls_at(direction, step)
+            print(f"{name} step {step:g}: KL {batch:.4f} on the batch, {others:.4f} on the others", file=sys.stderr)
             rows.append({
                 "direction": name, "step": step, "kl_batch": batch, "kl_others": others,
                 "first_order_pct": 100 * step * slope / kl_batch,
@@ -164,6 +168,7 @@ def probe(exp: Experiment, steps: Sequence[float], randoms: int = 2, seed: int =
         "parameters": sum(p.numel() for p in lens.params.values()),
         "gradient_max": max(float(g.abs().max()) for g in gradient.values()),
         "gradient_l1": sum(float(g.abs().sum()) for g in gradient.values()),
+        "repeat_pct": [100 * (again_batch / kl_batch - 1), 100 * (again_others / kl_others - 1)],
         "other_sequences": lens.ids.shape[0] - lens.batch_size, "batch": lens.batch_size,
         "rows": rows,
     }
@@ -175,7 +180,9 @@ def report(result: dict[str, Any], command: str) -> str:
         "",
         f"KL at the start: {result['kl_batch']:.4f} on the batch ({result['batch']} sequences), "
         f"{result['kl_others']:.4f} on the other {result['other_sequences']}; "
-        f"{result['parameters']} parameters, max |g| {result['gradient_max']:.3g}, sum |g| {result['gradient_l1']:.3g}.",
+        f"{result['parameters']} parameters, max |g| {result['gradient_max']:.3g}, sum |g| {result['gradient_l1']:.3g}. "
+        "The start measured again changes the KL by {:+.2f}% / {:+.2f}% (nonzero would be nondeterminism).".format(
+            *result["repeat_pct"]),
         "",
         "| direction | step | first-order ΔKL % | ΔKL on the batch % | ΔKL on the other sequences % |",
         "|:--|--:|--:|--:|--:|",

@@ -36,6 +36,7 @@ def test_the_sign_step_is_adams_first_step_and_its_first_order_change_is_minus_t
     assert rows["gradient"]["first_order_pct"] < 0  # -g is downhill to first order
     assert all(math.isfinite(row[key]) for row in rows.values() for key in ("batch_pct", "others_pct"))
     assert result["other_sequences"] == 4 and result["parameters"] > 0
+    assert result["repeat_pct"] == [0.0, 0.0]  # the same maps give the same KL
     table = probe_descent.report(result, "cmd")
     assert "| sign | 0.001 |" in table and "| random 1 | 0.001 |" in table
 
