@@ -3,9 +3,10 @@
     python scripts/paired_tasks.py --quant mxfp6 affine block_hadamard
     python scripts/paired_tasks.py --quant mxfp4 0123456789ab block_hadamard+gptq   # a configuration id
     python scripts/paired_tasks.py --model tiny --quant mxfp4 affine hadamard --results-dir DIR
+    python scripts/paired_tasks.py --quant mxfp6 affine identity --b-quant none      # against full precision
 
 A and B are each a method label (affine+gptq), a transform (affine) or a configuration id (its first
-characters are enough), at --model and --quant. Their records must hold the per-item answers
+characters are enough), at --model and --quant (B at --b-quant where given). Their records must hold the per-item answers
 (eval.task_items) for the same items, and the seeds both ran are paired; see latmix/paired.py for the
 statistics. Prints one markdown row per task and one for all tasks. Imports no torch.
 """
@@ -27,6 +28,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("b", help="method label, transform or configuration id")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--quant", default="mxfp4")
+    parser.add_argument("--b-quant", default=None, help="B's format when it differs (none: full precision)")
     parser.add_argument("--results-dir", type=Path, default=Path("results"), help="holds runs/<run_id>.json")
     parser.add_argument("--resamples", type=int, default=10_000, help="bootstrap and sign-flip draws")
     return parser.parse_args()
@@ -75,14 +77,16 @@ def main() -> None:
     args = parse_args()
     frame, _, records = load_runs(args.results_dir)
     label_a, a = select(frame, records, args.a, args.model, args.quant)
-    label_b, b = select(frame, records, args.b, args.model, args.quant)
+    b_quant = args.b_quant or args.quant
+    label_b, b = select(frame, records, args.b, args.model, b_quant)
     if a == b:
         raise SystemExit(f"{args.a!r} and {args.b!r} name the same configuration; compare two different ones")
     try:
         rows = paired_rows(a, b, resamples=args.resamples)
     except PairingError as err:
         raise SystemExit(str(err)) from None
-    print(f"{args.model} · {args.quant} · A = {label_a}, B = {label_b} · Δ = A - B in points, "
+    formats = args.quant if b_quant == args.quant else f"A {args.quant}, B {b_quant}"
+    print(f"{args.model} · {formats} · A = {label_a}, B = {label_b} · Δ = A - B in points, "
           f"seeds {', '.join(map(str, sorted(set(a) & set(b))))} paired, {args.resamples} draws")
     print(markdown(rows))
 

@@ -135,6 +135,13 @@ def test_the_script_pairs_two_methods_by_name_and_prints_one_row_per_task(tmp_pa
     out = capsys.readouterr().out
     assert "A = affine+gptq, B = hadamard+gptq" in out and "seeds 0, 1 paired" in out
     assert "| piqa" in out and "+10.00" in out and "100 x 2" in out
+    # against full precision, whose format is none
+    with_items(tmp_path, write_run(tmp_path, "identity", quant="none"), "1" * 55 + "0" * 45)
+    monkeypatch.setattr("sys.argv", ["paired_tasks", "affine", "identity", "--b-quant", "none", "--model", "tiny",
+                                     "--results-dir", str(tmp_path), "--resamples", "500"])
+    paired_tasks.main()
+    out = capsys.readouterr().out
+    assert "A mxfp4, B none" in out and "seeds 0 paired" in out and "+5.00" in out
 
 
 def test_the_script_names_what_to_change_when_the_choice_is_unclear(tmp_path):
