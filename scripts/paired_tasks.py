@@ -6,9 +6,10 @@
     python scripts/paired_tasks.py --quant mxfp6 affine identity --b-quant none      # against full precision
 
 A and B are each a method label (affine+gptq), a transform (affine) or a configuration id (its first
-characters are enough), at --model and --quant (B at --b-quant where given). Their records must hold the per-item answers
-(eval.task_items) for the same items, and the seeds both ran are paired; see latmix/paired.py for the
-statistics. Prints one markdown row per task and one for all tasks. Imports no torch.
+characters are enough), at --model and --quant (B at --b-quant where given). Their records must hold
+the per-item answers (eval.task_items) for the same items, and the seeds both ran are paired (a
+full-precision B, which draws nothing at random, pairs its one record with each of A's seeds); see
+latmix/paired.py for the statistics. Prints one markdown row per task and one for all tasks. Imports no torch.
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ def main() -> None:
     label_a, a = select(frame, records, args.a, args.model, args.quant)
     b_quant = args.b_quant or args.quant
     label_b, b = select(frame, records, args.b, args.model, b_quant)
+    if b_quant == "none" and len(b) == 1:
+        b = dict.fromkeys(a, next(iter(b.values())))  # full precision draws nothing: one record serves every seed
     if a == b:
         raise SystemExit(f"{args.a!r} and {args.b!r} name the same configuration; compare two different ones")
     try:

@@ -141,7 +141,7 @@ def test_the_script_pairs_two_methods_by_name_and_prints_one_row_per_task(tmp_pa
                                      "--results-dir", str(tmp_path), "--resamples", "500"])
     paired_tasks.main()
     out = capsys.readouterr().out
-    assert "A mxfp4, B none" in out and "seeds 0 paired" in out and "+5.00" in out
+    assert "A mxfp4, B none" in out and "seeds 0, 1 paired" in out and "+5.00" in out  # its one record, each seed
 
 
 def test_the_script_names_what_to_change_when_the_choice_is_unclear(tmp_path):
