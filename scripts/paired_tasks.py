@@ -67,7 +67,7 @@ def markdown(rows: list[PairedRow]) -> str:
             "95% interval": f"[{row.low:+.2f}, {row.high:+.2f}]",
             "only A right": row.only_a,
             "only B right": row.only_b,
-            "p": f"{row.p_value:.3f}",
+            "p": f"{row.p_value:.3f}" if row.p_value >= 0.001 else "< 0.001",  # draws resolve no finer
         }
         for row in rows
     ])
