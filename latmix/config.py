@@ -19,6 +19,7 @@ dimensions against the block sizes) is checked when the model's config is read
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ from latmix.settings import (
     from_values,
 )
 
-__all__ = ["ConfigError", "build_experiment", "resolve_local_path"]
+__all__ = ["ConfigError", "build_experiment", "compose_experiment", "resolve_local_path"]
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PRIMARY_CONFIG = PROJECT_ROOT / "conf" / "config.yaml"
@@ -149,6 +150,15 @@ def _local_file(path: str) -> str:
         if candidate.is_file():
             return str(candidate.resolve())
     return path
+
+
+def compose_experiment(overrides: Sequence[str]) -> Experiment:
+    """The experiment run.py would build from these overrides, for scripts that drive the pipeline
+    themselves (benchmarks, probes): composed from the project's conf/ without Hydra's app."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(PRIMARY_CONFIG.parent), version_base="1.3"):
+        return build_experiment(compose(PRIMARY_CONFIG.stem, overrides=list(overrides)))
 
 
 def build_experiment(cfg: DictConfig) -> Experiment:

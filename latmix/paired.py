@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from latmix.metrics import headline_accuracy
+
 ALL_TASKS = "(all tasks)"
 
 
@@ -48,21 +50,23 @@ class PairedRow:
     p_value: float
 
 
+def _task_items(rec: Mapping) -> Mapping[str, Mapping[str, str]]:
+    return rec.get("eval", {}).get("task_items", {})
+
+
 def answers(rec: Mapping, task: str) -> tuple[str, np.ndarray]:
-    """A record's answers to one task as (the items' digest, bool per item) for its headline metric
-    (acc_norm where the task has it, as the tables use)."""
-    entry = rec.get("eval", {}).get("task_items", {}).get(task)
+    """A record's answers to one task as (the items' digest, bool per item) for its headline metric,
+    the one the tables average."""
+    entry = _task_items(rec).get(task)
     if entry is None:
         raise PairingError(f"run {rec['run_id']} has no per-item answers for {task}")
-    metric = "acc_norm" if "acc_norm" in entry else "acc"
-    return entry["docs"], np.frombuffer(entry[metric].encode(), dtype=np.uint8) == ord("1")
+    return entry["docs"], np.frombuffer(headline_accuracy(entry).encode(), dtype=np.uint8) == ord("1")
 
 
 def common_tasks(records: list[Mapping]) -> list[str]:
     """The tasks every record answered item by item, in the first record's order."""
-    per_record = [set(rec.get("eval", {}).get("task_items", {})) for rec in records]
-    first = list(records[0].get("eval", {}).get("task_items", {}))
-    return [task for task in first if all(task in tasks for tasks in per_record)]
+    per_record = [set(_task_items(rec)) for rec in records]
+    return [task for task in _task_items(records[0]) if all(task in tasks for tasks in per_record)]
 
 
 def _item_differences(a: list[Mapping], b: list[Mapping], task: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

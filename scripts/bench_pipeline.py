@@ -37,17 +37,15 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
-from hydra import compose, initialize_config_dir
 from tabulate import tabulate
 
 from latmix import evaluate
 from latmix.calibrate import calibrate, learn
 from latmix.calibrate.trainer import batch_indices
-from latmix.config import build_experiment
+from latmix.config import compose_experiment
 from latmix.data import calibration_batches
 from latmix.experiment import PROBE_SEQUENCES, load_model_checked, model_source, resolve_device
 from latmix.fidelity import Reference
@@ -55,7 +53,6 @@ from latmix.gptq import gptq_quantize_model
 from latmix.quantize import prepare_model, set_quantization
 from latmix.settings import Experiment
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
 DEFAULT_OVERRIDES = ("model=smollm2-135m", "quant=mxfp4", "transform=affine_literal", "logger=none")
 PRESETS = ("identity", "hadamard", "block_hadamard", "rotation", "affine", "affine_literal", "flatquant")
 # stage -> (goal, how it is read): a ratio to the FP work, absolute seconds, or a fraction of calibrate.
@@ -69,8 +66,7 @@ GOALS = {
 
 
 def experiment(overrides: Sequence[str]) -> Experiment:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return build_experiment(compose("config", overrides=[*DEFAULT_OVERRIDES, *overrides]))
+    return compose_experiment([*DEFAULT_OVERRIDES, *overrides])
 
 
 def synchronize(device: torch.device) -> None:

@@ -37,13 +37,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra import compose, initialize_config_dir
 
 from latmix import quantize
+from latmix.calibrate.learn import calibration_view
 from latmix.calibrate.measure import quant_points
 from latmix.calibrate.smooth import smooth_init
 from latmix.calibrate.trainer import flat, matrices_built_once, trainable
-from latmix.config import build_experiment
+from latmix.config import compose_experiment
 from latmix.data import calibration_batches
 from latmix.experiment import load_model_checked, model_source, resolve_device, seed_everything
 from latmix.losses import next_token_kl
@@ -53,11 +53,6 @@ from latmix.settings import Experiment
 REPO = Path(__file__).resolve().parents[1]
 DIRECTIONS = ("sign", "gradient", "random")
 DEFAULT_STEPS = (1e-5, 1e-4, 1e-3, 1e-2)
-
-
-def experiment(overrides: Sequence[str]) -> Experiment:
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return build_experiment(compose("config", overrides=list(overrides)))
 
 
 class Probe:
@@ -93,12 +88,10 @@ class Probe:
         return list(self.ids.split(self.batch_size))
 
     def _as_calibrated(self) -> contextlib.ExitStack:
-        """The model as end-to-end calibration runs it (learn._switches), the maps' matrices built once."""
+        """The model as end-to-end calibration runs it, the maps' matrices built once."""
         stack = contextlib.ExitStack()
-        if self.rtn_weights:
-            stack.enter_context(quantize.rtn_weights(self.prepared.model))
-        if self.online_maps:
-            stack.enter_context(quantize.maps_on_activations(self.prepared.model))
+        stack.enter_context(calibration_view(self.prepared.model, rtn_weights=self.rtn_weights,
+                                             online_maps=self.online_maps))
         stack.enter_context(matrices_built_once(self.learned))
         return stack
 
@@ -200,7 +193,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results/tables/probe_descent"), help="<out>.md, <out>.json")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for run.py")
     args = parser.parse_args()
-    result = probe(experiment(args.overrides), args.steps, args.randoms, args.direction_seed)
+    result = probe(compose_experiment(args.overrides), args.steps, args.randoms, args.direction_seed)
     text = report(result, "python scripts/probe_descent.py " + shlex.join(sys.argv[1:]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".md").write_text(text)

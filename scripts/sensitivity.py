@@ -44,10 +44,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra import compose, initialize_config_dir
 
 from latmix import evaluate, mx
-from latmix.config import build_experiment
+from latmix.config import compose_experiment
 from latmix.experiment import load_model_checked, model_source, resolve_device
 from latmix.formats import MXFormat
 from latmix.hooks import Hooks
@@ -421,11 +420,6 @@ def report(result: dict[str, Any], top: int = 12) -> str:
     return "\n".join(parts) + "\n"
 
 
-def experiment(overrides: Sequence[str]) -> Experiment:
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return build_experiment(compose("config", overrides=list(overrides)))
-
-
 def run(
     exp: Experiment, kinds: Sequence[str], out: Path, resume: bool, command: str, cells: Sequence[tuple[int, str]] = ()
 ) -> dict[str, Any]:
@@ -515,7 +509,7 @@ def main() -> None:
         torch.set_num_threads(threads)
     overrides = [f"model={args.model}", f"quant={args.quant}", f"transform={args.transform}", "eval=quick",
                  "quant.weight_quantizer=rtn", "logger=none", *args.overrides]
-    exp = experiment(overrides)
+    exp = compose_experiment(overrides)
     out = args.out or REPO / "results" / "sensitivity" / f"{exp.model.name}-{exp.quant_name}-{exp.transform_name}"
     command = shlex.join([".venv/bin/python", "scripts/sensitivity.py", *sys.argv[1:]])
     result = run(exp, kinds, out, args.resume, command, cells)

@@ -8,6 +8,8 @@ import pytest
 import torch
 from conftest import load_script
 
+from latmix.config import compose_experiment
+
 probe_descent = load_script("probe_descent")
 
 TINY = ["model=tiny", "quant=mxfp4", "transform=affine", "calib.n_samples=8", "calib.seq_len=64",
@@ -16,7 +18,7 @@ TINY = ["model=tiny", "quant=mxfp4", "transform=affine", "calib.n_samples=8", "c
 
 @pytest.fixture(scope="module")
 def lens():
-    return probe_descent.Probe(probe_descent.experiment(TINY))
+    return probe_descent.Probe(compose_experiment(TINY))
 
 
 def test_probing_a_step_leaves_the_maps_where_they_started(lens):
@@ -29,7 +31,7 @@ def test_probing_a_step_leaves_the_maps_where_they_started(lens):
 
 
 def test_the_sign_step_is_adams_first_step_and_its_first_order_change_is_minus_the_gradients_l1():
-    result = probe_descent.probe(probe_descent.experiment(TINY), steps=[1e-3], randoms=1)
+    result = probe_descent.probe(compose_experiment(TINY), steps=[1e-3], randoms=1)
     rows = {row["direction"]: row for row in result["rows"]}
     assert list(rows) == ["sign", "gradient", "random 1"]
     assert rows["sign"]["first_order_pct"] == pytest.approx(-100 * 1e-3 * result["gradient_l1"] / result["kl_batch"])
@@ -43,6 +45,6 @@ def test_the_sign_step_is_adams_first_step_and_its_first_order_change_is_minus_t
 
 def test_a_preset_with_nothing_to_learn_or_no_sequences_beside_the_batch_is_refused():
     with pytest.raises(SystemExit, match="has nothing to learn"):
-        probe_descent.Probe(probe_descent.experiment([*TINY, "transform=block_hadamard"]))
+        probe_descent.Probe(compose_experiment([*TINY, "transform=block_hadamard"]))
     with pytest.raises(SystemExit, match=r"calib.n_samples=4 leaves no sequences beside the first batch"):
-        probe_descent.Probe(probe_descent.experiment([*TINY, "calib.n_samples=4"]))
+        probe_descent.Probe(compose_experiment([*TINY, "calib.n_samples=4"]))

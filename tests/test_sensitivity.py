@@ -10,6 +10,7 @@ import torch
 from conftest import load_script
 
 from latmix import evaluate, mx
+from latmix.config import compose_experiment
 from latmix.formats import get_format
 from latmix.quantize import QuantLinear, prepare_model
 from latmix.settings import LINEAR_ROLES, QuantConfig, TransformConfig
@@ -189,7 +190,7 @@ def test_run_writes_markdown_and_json_and_resumes(tmp_path):
     overrides = ["model=tiny", "quant=mxfp8", "transform=identity", "eval=quick", "eval.max_ppl_tokens=512",
                  "logger=none", "device=cpu"]
     out = tmp_path / "tiny-mxfp8"
-    result = sensitivity.run(sensitivity.experiment(overrides), ["all", "first"], out, False, "cmd")
+    result = sensitivity.run(compose_experiment(overrides), ["all", "first"], out, False, "cmd")
     keys = ["all/both", "all/weights", "all/acts", "all but token 0/acts", "all but token 0/both"]
     assert [r["key"] for r in result["rows"]] == keys
     assert set(result["seconds"]) == {"fp", *keys}
@@ -199,7 +200,7 @@ def test_run_writes_markdown_and_json_and_resumes(tmp_path):
     assert len(saved["linears"]) == 4 * len(LINEAR_ROLES)  # the embedded tiny model has 4 blocks
     markdown = out.with_suffix(".md").read_text()
     assert "| 1 | all |" in markdown and "Activations by position" in markdown
-    resumed = sensitivity.run(sensitivity.experiment(overrides), ["all", "first"], out, True, "cmd")
+    resumed = sensitivity.run(compose_experiment(overrides), ["all", "first"], out, True, "cmd")
     # nothing measured again: the earlier points keep their times, and the JSON says what was resumed
     assert resumed["seconds"] == result["seconds"] and resumed["ppl"] == pytest.approx(result["ppl"])
     assert resumed["resumed"] == sorted(result["ppl"])

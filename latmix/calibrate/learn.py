@@ -72,7 +72,7 @@ from latmix.quantize import PreparedModel, freeze_model, has_formats, quantizes
 from latmix.settings import CalibConfig, OptimConfig
 from latmix.transforms import Transform
 
-__all__ = ["CalibrationReport", "StepCallback", "calibrate"]
+__all__ = ["CalibrationReport", "StepCallback", "calibrate", "calibration_view"]
 
 log = logging.getLogger(__name__)
 
@@ -353,7 +353,7 @@ def calibrate(
     heldout = None if heldout_ids is None else heldout_ids[:MEASURE_SEQUENCES]
     seconds: dict[int, float] = {}
     residual = prepared.residual
-    with _switches(model, rtn_weights=rtn, online_maps=calib_cfg.online_maps):
+    with calibration_view(model, rtn_weights=rtn, online_maps=calib_cfg.online_maps):
         if measured:
             with _measuring(report):
                 reference = block_outputs(fp_model, measure_ids)
@@ -430,7 +430,7 @@ def _learn(
 
 
 @contextlib.contextmanager
-def _switches(model: nn.Module, *, rtn_weights: bool, online_maps: bool) -> Iterator[None]:
+def calibration_view(model: nn.Module, *, rtn_weights: bool, online_maps: bool) -> Iterator[None]:
     """The model as calibration runs it: round-to-nearest weights (calib.quantize_weights) and cheap maps
     on the activations while the weights are unquantized (calib.online_maps), as configured."""
     with contextlib.ExitStack() as stack:
