@@ -54,7 +54,7 @@ from torch import Tensor
 
 from latmix.formats import ELEMENT_FORMATS, ElementFormat, MXFormat, get_format
 
-__all__ = ["fixed_scale_rounder", "quantize"]
+__all__ = ["fixed_scale_rounder", "quantize", "with_rounding_noise"]
 
 # E8M0 encodes 2^-127 .. 2^127; its one remaining code, 0xFF, is NaN.
 E8M0_MIN_EXP = -127
@@ -247,6 +247,34 @@ def _clip_to_ratio(blocks: Tensor, clip_ratio: float | Tensor) -> Tensor:
     return torch.minimum(torch.maximum(blocks, -bound), bound)
 
 
+def _blockwise(
+    x: Tensor,
+    fmt: str | MXFormat,
+    block_size: int | None,
+    dim: int,
+    clip_ratio: float | Tensor | None,
+    per_blocks: Callable[[Tensor, MXFormat], Tensor],
+) -> Tensor:
+    """per_blocks applied to x cut into blocks along `dim` (zero-padded, clipped if asked), in x's shape."""
+    mx_format = get_format(fmt)
+    block = mx_format.default_block_size if block_size is None else block_size
+    _check_arguments(x, mx_format, block, dim)
+    if x.numel() == 0:
+        return x.clone()
+
+    along_last = x.movedim(dim, -1)
+    length = along_last.shape[-1]
+    padding = -length % block
+    if padding:
+        along_last = torch.nn.functional.pad(along_last, (0, padding))
+    blocks = along_last.reshape(*along_last.shape[:-1], -1, block)
+    if clip_ratio is not None:
+        blocks = _clip_to_ratio(blocks.to(torch.float32), clip_ratio)
+
+    result = per_blocks(blocks, mx_format)
+    return result.reshape(along_last.shape)[..., :length].movedim(-1, dim).to(x.dtype)
+
+
 def quantize(
     x: Tensor,
     fmt: str | MXFormat,
@@ -263,23 +291,68 @@ def quantize(
     scale is computed; the gradient flows to a tensor ratio. See the module docstring for the exact
     semantics.
     """
-    mx_format = get_format(fmt)
-    block = mx_format.default_block_size if block_size is None else block_size
-    _check_arguments(x, mx_format, block, dim)
-    if x.numel() == 0:
-        return x.clone()
+    return _blockwise(x, fmt, block_size, dim, clip_ratio, _StraightThroughQuantize.apply)
 
-    along_last = x.movedim(dim, -1)
-    length = along_last.shape[-1]
-    padding = -length % block
-    if padding:
-        along_last = torch.nn.functional.pad(along_last, (0, padding))
-    blocks = along_last.reshape(*along_last.shape[:-1], -1, block)
-    if clip_ratio is not None:
-        blocks = _clip_to_ratio(blocks.to(torch.float32), clip_ratio)
 
-    dequantized = _StraightThroughQuantize.apply(blocks, mx_format)
-    return dequantized.reshape(along_last.shape)[..., :length].movedim(-1, dim).to(x.dtype)
+def _block_scales(blocks: Tensor, fmt: MXFormat) -> Tensor:
+    """What `quantize` divides each element of float32 `blocks` by: the E8M0 block scale, or for nvfp4
+    the FP32 tensor scale times the E4M3 block scale (broadcast against the blocks)."""
+    block_amax = blocks.abs().amax(dim=-1, keepdim=True)
+    if fmt.tensor_scale:
+        tensor_scale, block_scale = _nvfp4_scales(blocks.abs().amax(), block_amax, fmt.element)
+        return tensor_scale * block_scale
+    return _exp2(_e8m0_exponent(block_amax, fmt.element))
+
+
+def _element_steps(scaled: Tensor, element: ElementFormat) -> Tensor:
+    """The spacing of the element grid at each |value| (in element units): 2^(binade - mbits), the
+    subnormal spacing below min_normal, the top binade's spacing above max_normal."""
+    binade = _floor_log2(scaled.abs()).clamp(element.emin, element.emax)
+    return _exp2(binade - element.mbits)
+
+
+def _rounding_noise_blocks(blocks: Tensor, fmt: MXFormat) -> Tensor:
+    """blocks + u * step, u ~ U(-1/2, 1/2) per element, step the grid spacing `quantize` rounds each
+    element to; elements beyond max_normal take their saturated value instead (straight-through, as in
+    `quantize`). The step is scaled by amax / amax (1 in value), so the gradient also reaches each
+    block's largest element: a larger block max means a coarser grid for the whole block, which round to
+    nearest's straight-through gradient never says. nvfp4 scales each block so that its max lands on
+    (about) the top code, where it is hardly rounded: there the max gets no noise."""
+    blocks32 = blocks.to(torch.float32)
+    block_amax = blocks32.abs().amax(dim=-1, keepdim=True)
+    with torch.no_grad():
+        scales = _block_scales(blocks32, fmt)
+        scaled = blocks32 / scales
+        steps = _element_steps(scaled, fmt.element) * scales
+        saturated = scaled.abs() > fmt.element.max_normal
+        if fmt.tensor_scale:
+            saturated |= blocks32.abs() == block_amax
+        steps = torch.where(saturated, 0.0, steps)
+        saturation = torch.where(saturated, scaled.clamp(-fmt.element.max_normal, fmt.element.max_normal) * scales - blocks32, 0.0)
+    coarsening = block_amax / block_amax.detach().clamp(min=torch.finfo(torch.float32).tiny)
+    noise = (torch.rand_like(blocks32) - 0.5) * steps * coarsening
+    return (blocks32 + saturation + noise).to(blocks.dtype)
+
+
+def with_rounding_noise(
+    x: Tensor,
+    fmt: str | MXFormat,
+    block_size: int | None = None,
+    dim: int = -1,
+    *,
+    clip_ratio: float | Tensor | None = None,
+) -> Tensor:
+    """x plus uniform noise as wide as the rounding step `quantize` would apply to each element: a smooth
+    stand-in for the quantizer while learning (pseudo-quantization noise, as DiffQ trains with).
+
+    Round to nearest is piecewise constant in its input, so the loss of a model quantized by it jumps
+    whenever a rounding flips, and its straight-through gradient ignores the block scale. With noise
+    the expected loss is smooth in x and in each block's max, and its gradient says both. The noise
+    has the error variance of round to nearest (step^2 / 12 for uniformly placed values), and values
+    beyond the largest code saturate as they do there. Drawn from torch's global generator. Arguments
+    as `quantize`.
+    """
+    return _blockwise(x, fmt, block_size, dim, clip_ratio, _rounding_noise_blocks)
 
 
 def fixed_scale_rounder(

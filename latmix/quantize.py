@@ -111,6 +111,12 @@ def _shared_or_computed(key: tuple, x: torch.Tensor, compute: Callable[[], torch
 # --- quantized linear ----------------------------------------------------------------------------
 
 
+def _fake_quantizer(rounding_noise: bool) -> Callable[..., torch.Tensor]:
+    """Round to nearest (mx.quantize), or its smooth stand-in while rounding_noise is on."""
+    return mx.with_rounding_noise if rounding_noise else mx.quantize
+
+
+
 class QuantLinear(nn.Module):
     """A linear that folds transforms into its weight and MX-quantizes weights and input activations.
 
@@ -157,6 +163,9 @@ class QuantLinear(nn.Module):
         # The output features of every linear that reads the same input (q/k/v, gate/up; prepare_model
         # sets it): a map applied to that input is applied once for all of them.
         self.input_group_out = self.out_features
+        # While on (rounding_noise), weights and activations get noise as wide as their rounding step
+        # instead of being rounded: calibration's smooth stand-in for the quantizer.
+        self.rounding_noise = False
 
     @property
     def quantize_weights(self) -> bool:
@@ -196,13 +205,14 @@ class QuantLinear(nn.Module):
 
     def _forward_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         # Once frozen and outside autograd the quantized weight never changes: compute it once.
-        cacheable = self.frozen and not torch.is_grad_enabled()
+        cacheable = self.frozen and not torch.is_grad_enabled() and not self.rounding_noise
         key = self._cache_key()
         if cacheable and self._cached_weight is not None and self._cached_weight[0] == key:
             return self._cached_weight[1], self.bias
         weight, bias = self.effective_weight_and_bias()
         if self.quantize_weights and not self.weight_is_quantized:
-            weight = mx.quantize(weight, self.weight_format, self.weight_block_size, dim=-1, clip_ratio=self.weight_clip)
+            fake_quantize = _fake_quantizer(self.rounding_noise)
+            weight = fake_quantize(weight, self.weight_format, self.weight_block_size, dim=-1, clip_ratio=self.weight_clip)
             if cacheable:
                 self._cached_weight = (key, weight)
         return weight, bias
@@ -228,7 +238,8 @@ class QuantLinear(nn.Module):
 
     def _quantized_act(self, y: torch.Tensor) -> torch.Tensor:
         if self.quantize_acts:
-            y = mx.quantize(y, self.act_format, self.act_block_size, dim=-1, clip_ratio=self.act_clip)
+            fake_quantize = _fake_quantizer(self.rounding_noise)
+            y = fake_quantize(y, self.act_format, self.act_block_size, dim=-1, clip_ratio=self.act_clip)
         return y
 
     def measured_operand(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -362,13 +373,15 @@ class AttentionQuant(nn.Module):
         self.kv_format = kv_format
         self.kv_block_size = kv_block_size
         self.quantize_kv = kv_format is not None
+        self.rounding_noise = False
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
         if self.qk is not None:
             query, key = self.qk(query), self.qk(key)
         if self.quantize_kv:
-            key = mx.quantize(key, self.kv_format, self.kv_block_size, dim=-1)
-            value = mx.quantize(value, self.kv_format, self.kv_block_size, dim=-1)
+            fake_quantize = _fake_quantizer(self.rounding_noise)
+            key = fake_quantize(key, self.kv_format, self.kv_block_size, dim=-1)
+            value = fake_quantize(value, self.kv_format, self.kv_block_size, dim=-1)
         return query, key, value
 
 
@@ -630,6 +643,21 @@ def rtn_weights(model: nn.Module) -> Iterator[None]:
     finally:
         for linear, flag in zip(linears, saved, strict=True):
             linear.quantize_weights = flag
+
+
+@contextlib.contextmanager
+def rounding_noise(model: nn.Module) -> Iterator[None]:
+    """Inside the block every quantizer of the model (weights, activations, KV cache) adds noise as wide
+    as its rounding step instead of rounding (mx.with_rounding_noise): a loss that is smooth in the
+    transforms, for learning them (calib.rounding=noise). Round to nearest comes back after."""
+    quantizers = [*_quant_linears(model), *_kv_quantizers(model)]
+    for quantizer in quantizers:
+        quantizer.rounding_noise = True
+    try:
+        yield
+    finally:
+        for quantizer in quantizers:
+            quantizer.rounding_noise = False
 
 
 def freeze_model(prepared: PreparedModel) -> None:

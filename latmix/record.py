@@ -23,6 +23,9 @@ SCHEMA_VERSION = 1
 NON_IDENTITY_KEYS = ("paths", "logger", "force", "wait", "export", "hydra", "launcher")
 # The same for keys inside a group (dotted): how checkpoints are kept.
 NON_IDENTITY_SUBKEYS = ("calib.checkpoint_minutes", "calib.keep_checkpoints")
+# Settings added after runs were recorded, at the value every earlier run had implicitly: at that value
+# they stay out of the run id, so the earlier records keep their ids (and are found, not rerun).
+IMPLICIT_BEFORE = {"calib.rounding": "nearest"}
 # Calibration fields that describe one execution (how long, whether it resumed), not its result: two
 # executions of one run agree on everything else in the record's calibration section.
 EXECUTION_CALIBRATION_KEYS = ("seconds", "measure_seconds", "resumed_from_step")
@@ -55,13 +58,21 @@ def canonical_json(obj: Any) -> str:
 
 
 def identity(resolved_config: Mapping[str, Any]) -> dict[str, Any]:
-    """The resolved config minus where-and-how keys (NON_IDENTITY_KEYS, NON_IDENTITY_SUBKEYS)."""
+    """The resolved config minus where-and-how keys (NON_IDENTITY_KEYS, NON_IDENTITY_SUBKEYS) and minus
+    later settings at their implicit earlier value (IMPLICIT_BEFORE)."""
     kept = {k: v for k, v in resolved_config.items() if k not in NON_IDENTITY_KEYS}
-    for dotted in NON_IDENTITY_SUBKEYS:
+    implicit = [dotted for dotted, value in IMPLICIT_BEFORE.items() if _dotted_get(kept, dotted) == value]
+    for dotted in (*NON_IDENTITY_SUBKEYS, *implicit):
         group, key = dotted.split(".", 1)
         if isinstance(kept.get(group), Mapping) and key in kept[group]:
             kept[group] = {k: v for k, v in kept[group].items() if k != key}
     return kept
+
+
+def _dotted_get(config: Mapping[str, Any], dotted: str) -> Any:
+    group, key = dotted.split(".", 1)
+    section = config.get(group)
+    return section.get(key) if isinstance(section, Mapping) else None
 
 
 def run_id(resolved_config: Mapping[str, Any]) -> str:

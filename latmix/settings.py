@@ -50,7 +50,8 @@ TRANSFORM_FAMILIES: dict[str, frozenset[str]] = {
     "block_hadamard": frozenset({"block_size"}),
     "rotation": frozenset({"learnable", "init", "seed", "block_size"}),
     "affine": frozenset(
-        {"parametrization", "init", "shift", "learnable", "seed", "block_size", "factor", "kron_factors", "premix"}
+        {"parametrization", "init", "shift", "learnable", "learn", "seed", "block_size", "factor", "kron_factors",
+         "premix"}
     ),
 }
 ORTHOGONAL_FAMILIES = ("identity", "hadamard", "block_hadamard", "rotation")
@@ -61,10 +62,15 @@ AFFINE_PARAMETRIZATIONS = ("qr", "lu", "svd", "kronecker", "block_diag")
 FACTOR_PARAMETRIZATIONS = ("qr", "lu", "svd")
 # A fixed map an affine map applies first (A = B H): "hadamard" (a randomized full Hadamard), or null.
 PREMIXES = ("hadamard",)
+# What of a learnable affine map is learned: every parameter, or its per-channel scales alone.
+LEARNED_PARTS = ("all", "scales")
 
 # calib
 MODES = ("end_to_end", "layer_wise", "none")
 OBJECTIVES = ("kl", "block_mse", "bound")
+# How the quantizers round while the transforms are learned (latmix.mx): exactly, with a
+# straight-through gradient, or by adding noise as wide as the rounding step (a smooth loss).
+ROUNDINGS = ("nearest", "noise")
 SOURCES = ("local", "wikitext2", "c4")
 AUTOCAST_DTYPES = ("bfloat16", "float16")
 
@@ -313,7 +319,8 @@ def _validated_spec(placement: str, spec: Mapping | None) -> dict | None:
         raise ValueError(
             f"placement {placement}: family {family} does not take {sorted(unknown)}; it accepts {sorted(accepted)}"
         )
-    for key, choices in (("init", INITS), ("parametrization", AFFINE_PARAMETRIZATIONS), ("factor", FACTOR_PARAMETRIZATIONS)):
+    for key, choices in (("init", INITS), ("parametrization", AFFINE_PARAMETRIZATIONS),
+                         ("factor", FACTOR_PARAMETRIZATIONS), ("learn", LEARNED_PARTS)):
         if key in spec:
             check_choice(f"placement {placement}: {key}", spec[key], choices)
     if spec.get("premix") is not None:  # null: no premix
@@ -368,10 +375,15 @@ class CalibConfig:
     # (latmix.calibrate.smooth): s_j = max|x_j|^a / max|W_:,j|^(1-a), centered so log|det A| stays 0,
     # applied before learning (also with mode none). 0: off; 0 <= a < 1.
     smooth_alpha: float = 0.0
+    # While learning, the quantizers round to nearest (the deployed MX, straight-through gradient) or add
+    # noise as wide as their rounding step (mx.with_rounding_noise). Measurements, GPTQ and evaluation
+    # always round to nearest.
+    rounding: str = "nearest"
 
     def __post_init__(self) -> None:
         check_choice("calib.mode", self.mode, MODES)
         check_choice("calib.objective", self.objective, OBJECTIVES)
+        check_choice("calib.rounding", self.rounding, ROUNDINGS)
         check_choice("calib.source", self.source, SOURCES)
         if self.autocast_dtype is not None:
             check_choice("calib.autocast_dtype", self.autocast_dtype, AUTOCAST_DTYPES)

@@ -23,7 +23,7 @@ from latmix.hadamard import (
     is_hadamard_size,
     small_hadamard_factor,
 )
-from latmix.settings import AFFINE_PARAMETRIZATIONS, FACTOR_PARAMETRIZATIONS, INITS, PREMIXES
+from latmix.settings import AFFINE_PARAMETRIZATIONS, FACTOR_PARAMETRIZATIONS, INITS, LEARNED_PARTS, PREMIXES
 
 __all__ = [
     "TRANSFORMS",
@@ -429,6 +429,8 @@ class Affine(Transform):
     kron_factors, default the most balanced split, each factor a `factor` parametrization).
     init: identity | hadamard | block_hadamard | random (orthogonal starts; the transform is exactly
     that matrix before training).
+    learn: all | scales (only the per-channel scales exp(log_scale) of each block or factor, the part
+    calib.smooth_alpha sets; the mixing stays at its start). Ignored when not learnable.
     """
 
     def __init__(
@@ -443,8 +445,11 @@ class Affine(Transform):
         factor: str = "qr",
         kron_factors: tuple[int, int] | None = None,
         premix: str | None = None,
+        learn: str = "all",
     ) -> None:
         super().__init__(dim, orthogonal=False)
+        if learn not in LEARNED_PARTS:
+            raise ValueError(f"unknown affine learn {learn!r}; choose one of {LEARNED_PARTS}")
         if premix is not None and premix not in PREMIXES:
             raise ValueError(f"unknown affine premix {premix!r}; choose null or one of {PREMIXES}")
         if parametrization not in AFFINE_PARAMETRIZATIONS:
@@ -477,6 +482,9 @@ class Affine(Transform):
         # spreads outliers across all blocks, B reshapes each block (cheap: one FWHT plus the blocks).
         self.premix = Hadamard(dim, seed=seed + PREMIX_SEED_OFFSET) if premix == "hadamard" else None
         self.requires_grad_(learnable)
+        if learnable and learn == "scales":
+            for name, param in self.named_parameters():
+                param.requires_grad_(name.endswith("log_scale"))
 
     @staticmethod
     def _kron_sizes(dim: int, kron_factors: tuple[int, int] | None, hadamard_sizes: bool) -> tuple[int, int]:

@@ -62,6 +62,9 @@ def test_the_base_is_the_affine_preset_as_it_is():
         ("block_32", {f"transform.placements.{p}.block_size" for p in ("pre_linear", "attn_vo", "down_proj")}),
         ("learn_kl", {"calib.mode", "optim.lr"}),
         ("learn_kl_reg0", {"calib.mode", "optim.lr", "calib.reg_weight"}),
+        ("learn_kl_noise", {"calib.mode", "optim.lr", "calib.rounding"}),
+        ("learn_scales_noise", {"calib.mode", "optim.lr", "calib.rounding",
+                                *(f"transform.placements.{p}.learn" for p in ("pre_linear", "attn_vo", "down_proj"))}),
     ],
 )
 def test_an_ablation_changes_only_what_its_name_says(ablation, keys):

@@ -229,11 +229,15 @@ def state_of(transforms: dict) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    ("mode", "objective", "kill"),
-    [("end_to_end", "kl", ("step", 3)), ("layer_wise", "block_mse", ("block", 0))],
+    ("mode", "objective", "rounding", "kill"),
+    [
+        ("end_to_end", "kl", "nearest", ("step", 3)),
+        ("end_to_end", "kl", "noise", ("step", 3)),  # the resumed run draws the noise it would have drawn
+        ("layer_wise", "block_mse", "nearest", ("block", 0)),
+    ],
 )
-def test_killed_run_resumes_to_bit_identical_transforms(make_tiny_model, tmp_path, mode, objective, kill):
-    cfg = quick_config(mode=mode, objective=objective)
+def test_killed_run_resumes_to_bit_identical_transforms(make_tiny_model, tmp_path, mode, objective, rounding, kill):
+    cfg = quick_config(mode=mode, objective=objective, rounding=rounding)
     _, uninterrupted = run(make_tiny_model, cfg, tmp_path / "straight")
     with pytest.raises(Preempted):
         run(make_tiny_model, cfg, tmp_path / "resumed", on_step=kill_at(*kill))

@@ -48,3 +48,19 @@ def test_a_preset_with_nothing_to_learn_or_no_sequences_beside_the_batch_is_refu
         probe_descent.Probe(compose_experiment([*TINY, "transform=block_hadamard"]))
     with pytest.raises(SystemExit, match=r"calib.n_samples=4 leaves no sequences beside the first batch"):
         probe_descent.Probe(compose_experiment([*TINY, "calib.n_samples=4"]))
+
+
+def test_under_the_noise_objective_the_gradient_predicts_the_change_and_rounding_is_reported_beside():
+    """The same noise draws at every point make the objective nearly smooth in the maps (only a value
+    crossing into another binade changes its noise's width): a step along the gradient changes it about
+    as the gradient says, and tiny steps hardly move it. Round to nearest's KL is reported beside."""
+    result = probe_descent.probe(compose_experiment([*TINY, "calib.rounding=noise"]), steps=[1e-7, 1e-4],
+                                 randoms=1, draws=2)
+    assert (result["rounding"], result["draws"], result["repeat_pct"]) == ("noise", 2, [0.0, 0.0])
+    rows = {(row["direction"], row["step"]): row for row in result["rows"]}
+    sign = rows["sign", 1e-4]
+    assert sign["batch_pct"] < 0 and sign["batch_pct"] == pytest.approx(sign["first_order_pct"], rel=0.3)
+    assert all(abs(rows[name, 1e-7]["batch_pct"]) < 0.05 for name in ("sign", "gradient", "random 1"))
+    assert all(math.isfinite(row["nearest_others_pct"]) for row in result["rows"])
+    assert result["kl_others_nearest"] != result["kl_others"]
+    assert "rounding to nearest % |" in probe_descent.report(result, "cmd")

@@ -52,6 +52,14 @@ def test_run_id_ignores_how_checkpoints_are_kept_and_whether_to_wait():
     assert record.run_id(cfg) != record.run_id({**cfg, "calib": {**cfg["calib"], "checkpoint_every": 3}})
 
 
+def test_a_later_setting_at_its_implicit_earlier_value_keeps_earlier_run_ids():
+    earlier = {"seed": 0, "calib": {"steps": 4}}
+    nearest = {"seed": 0, "calib": {"steps": 4, "rounding": "nearest"}}
+    noise = {"seed": 0, "calib": {"steps": 4, "rounding": "noise"}}
+    assert record.run_id(nearest) == record.run_id(earlier)
+    assert record.run_id(noise) != record.run_id(earlier)
+
+
 def test_run_id_does_not_depend_on_key_order():
     assert record.run_id({"a": 1, "b": {"c": 2, "d": 3}}) == record.run_id({"b": {"d": 3, "c": 2}, "a": 1})
 

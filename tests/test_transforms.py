@@ -116,6 +116,16 @@ def test_gradients_reach_every_affine_parameter(parametrization):
         assert param.grad is not None and param.grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("parametrization", AFFINE_PARAMETRIZATIONS)
+def test_learning_scales_only_trains_the_per_channel_scales_and_keeps_the_start(parametrization):
+    affine = Affine(DIM, parametrization=parametrization, init="hadamard", shift=True, learn="scales", block_size=32)
+    trained = {name for name, param in affine.named_parameters() if param.requires_grad}
+    assert trained and all(name.endswith("log_scale") for name in trained)
+    torch.testing.assert_close(affine.matrix(), Affine(DIM, parametrization=parametrization, init="hadamard",
+                                                       block_size=32).matrix())
+    assert not any(p.requires_grad for p in Affine(DIM, learnable=False, learn="scales").parameters())
+
+
 @pytest.mark.parametrize("scale", [0.0, 0.01, 3.0], ids=["at-zero", "small", "large"])
 def test_skew_exp_has_matrix_exps_value_and_gradient(scale):
     """At zero all eigenvalues tie; at scale 3 the angles wrap past pi: the gradient must hold at both."""
@@ -213,6 +223,7 @@ def test_registry_holds_the_five_families():
         (lambda: build_transform("affine", DIM, parametrization="block_diag", factor="qz"), "factor parametrization"),
         (lambda: build_transform("identity", 0), "positive dimension"),
         (lambda: build_transform("affine", DIM, premix="fourier"), "unknown affine premix"),
+        (lambda: build_transform("affine", DIM, learn="mixing"), "unknown affine learn 'mixing'.*'all', 'scales'"),
     ],
 )
 def test_bad_input_is_a_clear_error(build, message):

@@ -359,7 +359,10 @@ def calibrate(
                 reference = block_outputs(fp_model, measure_ids)
                 before = snapshot(model, reference, residual, measure_ids, heldout, flat(groups))
         if groups:
-            seconds = _learn(report, prepared, fp_model, calib_ids, calib_cfg, optim_cfg, groups, points, ckpt_dir, on_step)
+            with _learning_rounding(model, calib_cfg):
+                seconds = _learn(
+                    report, prepared, fp_model, calib_ids, calib_cfg, optim_cfg, groups, points, ckpt_dir, on_step
+                )
         if measured:
             with _measuring(report):
                 # With nothing learned the model has not changed: the one measurement is both before and after.
@@ -374,6 +377,11 @@ def calibrate(
     freeze_model(prepared)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _learning_rounding(model: nn.Module, cfg: CalibConfig) -> contextlib.AbstractContextManager:
+    """How the quantizers round while learning (calib.rounding); the measurements around it round to nearest."""
+    return quantize.rounding_noise(model) if cfg.rounding == "noise" else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
