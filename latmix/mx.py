@@ -342,12 +342,13 @@ def with_rounding_noise(
     *,
     clip_ratio: float | Tensor | None = None,
 ) -> Tensor:
-    """x plus uniform noise as wide as the rounding step `quantize` would apply to each element: a smooth
+    """x plus uniform noise as wide as the rounding step `quantize` would apply to each element: a
     stand-in for the quantizer while learning (pseudo-quantization noise, as DiffQ trains with).
 
     Round to nearest is piecewise constant in its input, so the loss of a model quantized by it jumps
     whenever a rounding flips, and its straight-through gradient ignores the block scale. With noise
-    the expected loss is smooth in x and in each block's max, and its gradient says both. The noise
+    nothing flips (only a value crossing into another binade changes its noise's width), and the
+    gradient reaches each block's max as well as x. The noise
     has the error variance of round to nearest (step^2 / 12 for uniformly placed values), and values
     beyond the largest code saturate as they do there. Drawn from torch's global generator. Arguments
     as `quantize`.

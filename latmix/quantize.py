@@ -112,9 +112,8 @@ def _shared_or_computed(key: tuple, x: torch.Tensor, compute: Callable[[], torch
 
 
 def _fake_quantizer(rounding_noise: bool) -> Callable[..., torch.Tensor]:
-    """Round to nearest (mx.quantize), or its smooth stand-in while rounding_noise is on."""
+    """Round to nearest (mx.quantize), or its noisy stand-in while rounding_noise is on."""
     return mx.with_rounding_noise if rounding_noise else mx.quantize
-
 
 
 class QuantLinear(nn.Module):
@@ -164,7 +163,7 @@ class QuantLinear(nn.Module):
         # sets it): a map applied to that input is applied once for all of them.
         self.input_group_out = self.out_features
         # While on (rounding_noise), weights and activations get noise as wide as their rounding step
-        # instead of being rounded: calibration's smooth stand-in for the quantizer.
+        # instead of being rounded: calibration's noisy stand-in for the quantizer.
         self.rounding_noise = False
 
     @property
@@ -648,8 +647,8 @@ def rtn_weights(model: nn.Module) -> Iterator[None]:
 @contextlib.contextmanager
 def rounding_noise(model: nn.Module) -> Iterator[None]:
     """Inside the block every quantizer of the model (weights, activations, KV cache) adds noise as wide
-    as its rounding step instead of rounding (mx.with_rounding_noise): a loss that is smooth in the
-    transforms, for learning them (calib.rounding=noise). Round to nearest comes back after."""
+    as its rounding step instead of rounding (mx.with_rounding_noise): a loss without rounding flips,
+    for learning the transforms (calib.rounding=noise). Round to nearest comes back after."""
     quantizers = [*_quant_linears(model), *_kv_quantizers(model)]
     for quantizer in quantizers:
         quantizer.rounding_noise = True

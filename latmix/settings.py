@@ -69,7 +69,7 @@ LEARNED_PARTS = ("all", "scales")
 MODES = ("end_to_end", "layer_wise", "none")
 OBJECTIVES = ("kl", "block_mse", "bound")
 # How the quantizers round while the transforms are learned (latmix.mx): exactly, with a
-# straight-through gradient, or by adding noise as wide as the rounding step (a smooth loss).
+# straight-through gradient, or by adding noise as wide as the rounding step (a loss without rounding flips).
 ROUNDINGS = ("nearest", "noise")
 SOURCES = ("local", "wikitext2", "c4")
 AUTOCAST_DTYPES = ("bfloat16", "float16")
