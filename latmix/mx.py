@@ -294,12 +294,11 @@ def quantize(
     return _blockwise(x, fmt, block_size, dim, clip_ratio, _StraightThroughQuantize.apply)
 
 
-def _block_scales(blocks: Tensor, fmt: MXFormat) -> Tensor:
-    """What `quantize` divides each element of float32 `blocks` by: the E8M0 block scale, or for nvfp4
-    the FP32 tensor scale times the E4M3 block scale (broadcast against the blocks)."""
-    block_amax = blocks.abs().amax(dim=-1, keepdim=True)
+def _block_scales(block_amax: Tensor, fmt: MXFormat) -> Tensor:
+    """What `quantize` divides each element of blocks whose max magnitudes are block_amax (float32) by:
+    the E8M0 block scale, or for nvfp4 the FP32 tensor scale times the E4M3 block scale."""
     if fmt.tensor_scale:
-        tensor_scale, block_scale = _nvfp4_scales(blocks.abs().amax(), block_amax, fmt.element)
+        tensor_scale, block_scale = _nvfp4_scales(block_amax.amax(), block_amax, fmt.element)
         return tensor_scale * block_scale
     return _exp2(_e8m0_exponent(block_amax, fmt.element))
 
@@ -321,7 +320,7 @@ def _rounding_noise_blocks(blocks: Tensor, fmt: MXFormat) -> Tensor:
     blocks32 = blocks.to(torch.float32)
     block_amax = blocks32.abs().amax(dim=-1, keepdim=True)
     with torch.no_grad():
-        scales = _block_scales(blocks32, fmt)
+        scales = _block_scales(block_amax.detach(), fmt)
         scaled = blocks32 / scales
         steps = _element_steps(scaled, fmt.element) * scales
         saturated = scaled.abs() > fmt.element.max_normal
