@@ -139,6 +139,12 @@ def reader_inputs(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.
 
 
 def environment(device: torch.device) -> dict[str, Any]:
+    """What a run's numbers depend on besides its config and code.
+
+    The processor and the kernels torch picks for it belong here: MX rounding turns last-bit
+    differences between two CPUs' matmuls into different codes, so a run reproduces bit for bit
+    on the same machine, not across machines (docs/calibration.md, "Reproducibility").
+    """
     import lm_eval
 
     return {
@@ -147,7 +153,19 @@ def environment(device: torch.device) -> dict[str, Any]:
         "transformers": transformers.__version__,
         "lm_eval": lm_eval.__version__,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        "cpu": cpu_name(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
     }
+
+
+def cpu_name() -> str:
+    """The processor's model name ('AMD EPYC', 'Intel(R) Xeon(R) ...'), or what platform knows."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def build_record(
