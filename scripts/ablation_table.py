@@ -26,9 +26,18 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from latmix.tables import NAME_KEYS, flatten, load_runs, most_seeded, short_name, summarize, value_text
+from latmix.tables import (
+    NAME_KEYS,
+    flatten,
+    load_runs,
+    metric_columns,
+    most_seeded,
+    short_name,
+    summarize,
+    value_text,
+)
 
-METRICS = {"ppl_heldout": "held-out ppl", "ppl_ood": "ood ppl", "avg": "task avg %"}
+NAMED_METRICS = {"ppl_heldout": "held-out ppl", "ppl_ood": "ood ppl"}
 PLACEMENT_KEY = "transform.placements."
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "conf" / "transform"
 
@@ -84,20 +93,22 @@ def ablation(
     else:
         base = most_seeded(method)
     same_setting = summary[(summary["table"] == base["table"])]
+    metrics = metric_names(same_setting)
     base_runs = runs[runs["config_id"] == base["config_id"]]
     runs_of = runs.groupby("config_id")
 
     def numbers(row: pd.Series) -> dict:
         if row["config_id"] == base["config_id"]:
-            return _numbers(row, base, None)
-        return _numbers(row, base, _differences_by_seed(runs_of.get_group(row["config_id"]), base_runs))
+            return _numbers(row, base, metrics, None)
+        differences = _differences_by_seed(runs_of.get_group(row["config_id"]), base_runs, metrics)
+        return _numbers(row, base, metrics, differences)
 
     rows = []
     for _, row in method[method["table"] == base["table"]].iterrows():  # same evaluation as the base
         label = change(row["config"], base["config"])
         if superseded is not None and label != "(base)" and superseded.search(label):
             continue
-        rows.append({"change": label, "method": row["method"], **numbers(row), "_order": row["ppl_heldout"]})
+        rows.append({"change": label, "method": row["method"], **numbers(row), "_order": row[next(iter(metrics))]})
     rows.sort(key=lambda r: (r["change"] != "(base)", r["_order"]))
     others = same_setting[(same_setting["transform"] != transform) & ((same_setting["quant"] == quant)
                                                                       | same_setting["fp_reference"])]
@@ -109,6 +120,18 @@ def ablation(
             rows.append({"change": f"({label}{', ' + own if own else ''})", "method": row["method"],
                          **numbers(row), "_order": None})
     return pd.DataFrame(rows).drop(columns="_order")
+
+
+def metric_names(summary: pd.DataFrame) -> dict[str, str]:
+    """The table's metrics and their headers: each perplexity its evaluation measured (held-out and ood
+    first, any other text, such as scripts/dev_split.py's dev part, by its name), then the task average."""
+    present = metric_columns(summary)
+    ppl = [m for m in NAMED_METRICS if m in present]
+    ppl += sorted(m for m in present if m.startswith("ppl_") and m not in NAMED_METRICS)
+    if not ppl:
+        raise SystemExit("the base's records hold no perplexity: an ablation table orders its rows by one")
+    names = {m: NAMED_METRICS.get(m, f"{m.removeprefix('ppl_')} ppl") for m in ppl}
+    return names | ({"avg": "task avg %"} if "avg" in present else {})
 
 
 def preset_settings(transform: str, presets_dir: Path = PRESETS_DIR) -> dict[str, str]:
@@ -133,22 +156,24 @@ def own_preset(group: pd.DataFrame, settings: Mapping[str, str]) -> pd.Series:
     return most_seeded(as_shipped if settings and not as_shipped.empty else group)
 
 
-def _differences_by_seed(row_runs: pd.DataFrame, base_runs: pd.DataFrame) -> pd.DataFrame | None:
+def _differences_by_seed(
+    row_runs: pd.DataFrame, base_runs: pd.DataFrame, metrics: Mapping[str, str]
+) -> pd.DataFrame | None:
     """The row's metrics minus the base's, seed by seed, when the base ran every seed the row ran (None
     otherwise). A one-seed variant is then compared with the base at that seed, so the seed spread does
     not pass for an effect, and the spread of these differences says whether an effect holds at every seed."""
     if not set(row_runs["seed"]) <= set(base_runs["seed"]):
         return None
-    columns = [m for m in METRICS if m in row_runs and m in base_runs]
+    columns = [m for m in metrics if m in row_runs and m in base_runs]
     by_seed = [frame.set_index("seed")[columns].astype(float) for frame in (row_runs, base_runs)]
     return (by_seed[0] - by_seed[1]).dropna(how="all")
 
 
-def _numbers(row: pd.Series, base: pd.Series, differences: pd.DataFrame | None) -> dict:
+def _numbers(row: pd.Series, base: pd.Series, metrics: Mapping[str, str], differences: pd.DataFrame | None) -> dict:
     """Mean ± std over seeds; Δ against the base: the mean of the per-seed differences ± their std (two
     or more seeds), or against the base's mean over all its seeds where it did not run the row's."""
     out = {"seeds": int(row["seeds"])}
-    for metric, name in METRICS.items():
+    for metric, name in metrics.items():
         mean, std = row.get(metric), row.get(f"{metric}_std")
         if mean is None or pd.isna(mean):
             out[name], out[f"Δ {name}"] = None, None

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from conftest import load_script
 from test_tables import write_run
 
-from latmix import tables
+from latmix import record, tables
 from latmix.tables import load_runs
 
 ablation_table = load_script("ablation_table")
@@ -68,6 +70,27 @@ def test_a_delta_over_several_seeds_carries_the_spread_of_its_per_seed_differenc
     assert table.loc["(base)", "Δ held-out ppl"] == "+0.00"
     assert table.loc["calib epochs=5", "Δ held-out ppl"] == "+1.00 ± 0.00"
     assert table.loc["calib epochs=6", "Δ held-out ppl"] == "+1.00 ± 2.83"
+
+
+def measured_on_a_dev_split(results_dir, rec):
+    """The record as scripts/dev_split.py's overrides make it: perplexity on the dev text only, no tasks."""
+    path = record.record_path(results_dir, rec["run_id"])
+    data = json.loads(path.read_text())
+    data["metrics"].update(ppl={"calib_dev": data["metrics"]["ppl"]["heldout"]}, tasks={}, averages={})
+    path.write_text(json.dumps(data))
+
+
+def test_an_ablation_on_a_dev_split_is_tabulated_on_the_text_it_measured(tmp_path):
+    for seed, (base, learned) in enumerate(((10.0, 9.5), (12.0, 11.0))):
+        measured_on_a_dev_split(tmp_path, write_run(tmp_path, "affine", seed=seed, heldout=base))
+        measured_on_a_dev_split(tmp_path, write_run(tmp_path, "affine", seed=seed, heldout=learned,
+                                                    **{"calib.epochs": 5}))
+    measured_on_a_dev_split(tmp_path, write_run(tmp_path, "affine", seed=2, heldout=11.0))  # the base: most seeds
+    runs, _, _ = load_runs(tmp_path)
+    table = ablation_table.ablation(runs, "tiny", "mxfp4", "affine")
+    assert list(table.columns) == ["change", "method", "seeds", "calib_dev ppl", "Δ calib_dev ppl"]
+    assert list(table["calib_dev ppl"]) == ["11.00 ± 1.00", "10.25 ± 1.06"]
+    assert list(table["Δ calib_dev ppl"]) == ["+0.00", "-0.75 ± 0.35"]
 
 
 def test_rows_whose_change_matches_exclude_are_left_out_but_never_the_base(tmp_path):
