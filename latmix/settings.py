@@ -346,6 +346,11 @@ class CalibConfig:
     epochs: int = 2
     steps: int | None = None
     batch_size: int = 4
+    # Sequences per forward/backward within a step (null: the whole batch at once). Gradients are summed
+    # over the micro-batches, each loss weighted by its share of the batch: for the KL (a mean over
+    # tokens) the step is the whole batch's; block_mse and bound normalize per micro-batch. Less memory,
+    # the same compute: how a batch larger than memory allows is learned on.
+    micro_batch_size: int | None = None
     n_samples: int = 128
     seq_len: int = 2048
     source: str = "wikitext2"
@@ -390,6 +395,11 @@ class CalibConfig:
         for name in ("epochs", "batch_size", "n_samples", "seq_len", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"calib.{name} must be >= 1, got {getattr(self, name)}")
+        if self.micro_batch_size is not None and not 1 <= self.micro_batch_size <= self.batch_size:
+            raise ValueError(
+                f"calib.micro_batch_size={self.micro_batch_size} must be between 1 and calib.batch_size="
+                f"{self.batch_size}, or null (the whole batch at once)"
+            )
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"calib.steps must be >= 1 or null (no cap), got {self.steps}")
         check_seed("calib.seed", self.seed)

@@ -66,6 +66,8 @@ def quick_config(**overrides) -> CalibConfig:
         ({"epochs": 0}, "calib.epochs must be >= 1"),
         ({"cond_limit": 1.0}, "calib.cond_limit must be > 1"),
         ({"autocast_dtype": "fp8"}, "calib.autocast_dtype='fp8' is not supported"),
+        ({"batch_size": 4, "micro_batch_size": 8}, "calib.micro_batch_size=8 must be between 1 and calib.batch_size=4"),
+        ({"micro_batch_size": 0}, "calib.micro_batch_size=0 must be between 1"),
     ],
 )
 def test_bad_calibration_settings_say_what_to_change(overrides, message):
@@ -254,6 +256,27 @@ def test_killed_run_resumes_to_bit_identical_transforms(make_tiny_model, tmp_pat
     assert any(not torch.equal(start[name], tensor) for name, tensor in resumed.items()), (
         "training changed nothing"
     )
+
+
+@pytest.mark.parametrize("micro_batch_size", [1, 2])
+def test_a_step_in_micro_batches_moves_the_maps_as_the_whole_batch_does(make_tiny_model, micro_batch_size):
+    # SGD without momentum moves each parameter by lr x its gradient: equal moves are equal gradients.
+    def moves(micro: int | None) -> dict[str, torch.Tensor]:
+        prepared = prepare_model(
+            make_tiny_model("llama", seed=3), TransformConfig(placements("affine", init="hadamard")), W4A4
+        )
+        transforms = dict(prepared.transforms)
+        start = state_of(transforms)
+        cfg = quick_config(batch_size=4, steps=1, micro_batch_size=micro, measure=False)
+        optim = OptimConfig(name="sgd", lr=1e-2, momentum=0.0, grad_clip=None)
+        calibrate(prepared, make_tiny_model("llama", seed=3), token_ids(4, 16, 2), cfg, optim, None)
+        return {name: tensor - start[name] for name, tensor in state_of(transforms).items()}
+
+    whole, split = moves(None), moves(micro_batch_size)
+    assert any(move.abs().max() > 0 for move in whole.values()), "the step moved nothing"
+    for name, move in whole.items():
+        # The micro-batches' forwards reduce in another order, so equal up to float rounding.
+        assert torch.allclose(split[name], move, rtol=1e-4, atol=1e-4 * move.abs().max() + 1e-12), name
 
 
 def test_a_checkpoint_from_another_calibration_is_not_resumed(make_tiny_model, tmp_path, caplog):

@@ -58,6 +58,10 @@ def test_a_later_setting_at_its_implicit_earlier_value_keeps_earlier_run_ids():
     noise = {"seed": 0, "calib": {"steps": 4, "rounding": "noise"}}
     assert record.run_id(nearest) == record.run_id(earlier)
     assert record.run_id(noise) != record.run_id(earlier)
+    whole = {"seed": 0, "calib": {"steps": 4, "rounding": "nearest", "micro_batch_size": None}}
+    split = {"seed": 0, "calib": {"steps": 4, "rounding": "nearest", "micro_batch_size": 2}}
+    assert record.run_id(whole) == record.run_id(earlier)
+    assert record.run_id(split) != record.run_id(earlier)
 
 
 def test_run_id_does_not_depend_on_key_order():

@@ -61,6 +61,7 @@ from latmix.calibrate.trainer import (
     flat,
     install_clipping,
     matrices_built_once,
+    micro_losses,
     total_steps,
     trainable,
 )
@@ -195,8 +196,13 @@ def _run_end_to_end(run: _Calibration) -> tuple[int, list[str]]:
     with blocks.gradient_checkpointing(model, cfg.grad_checkpointing), finite_guard(model, trainer.params):
         for step in progress:
             indices = batch_indices(cfg, calib_ids.shape[0], step)
-            with matrices_built_once(learned):
-                loss = trainer.step(step, _end_to_end_loss(run, reference, indices, learned))
+            losses = micro_losses(
+                cfg,
+                indices,
+                lambda chunk: _end_to_end_loss(run, reference, chunk, learned),
+                around=lambda: matrices_built_once(learned),
+            )
+            loss = trainer.step(step, losses)
             progress.set_postfix(loss=f"{loss:.4g}", epoch=step // batches_per_epoch(cfg, calib_ids.shape[0]))
             done = step + 1
             due = done % cfg.checkpoint_every == 0 or done == total
@@ -249,7 +255,10 @@ def _train_block(
     with finite_guard(block, trainer.params):
         for step in progress:
             idx = batch_indices(cfg, x_q.shape[0], step)
-            loss = trainer.step(step, _layer_wise_loss(block, x_q[idx], target[idx], kwargs, cfg, points, learned))
+            losses = micro_losses(
+                cfg, idx, lambda chunk: _layer_wise_loss(block, x_q[chunk], target[chunk], kwargs, cfg, points, learned)
+            )
+            loss = trainer.step(step, losses)
             progress.set_postfix(loss=f"{loss:.4g}")
             interrupt.check(f"block {index}, step {step + 1} (the block is redone on resume)")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,7 @@ __all__ = [
     "flat",
     "install_clipping",
     "matrices_built_once",
+    "micro_losses",
     "total_steps",
     "trainable",
 ]
@@ -95,17 +96,21 @@ class Trainer:
         self.best = param_state(self.params)
         self.rolled_back: list[str] = []
 
-    def step(self, step: int, loss: torch.Tensor) -> float:
-        if not torch.isfinite(loss):
-            raise NonFiniteError(
-                f"non-finite loss in {self.label} at step {step}; {describe_parameters(self.params)}"
-            )
+    def step(self, step: int, losses: Iterable[torch.Tensor]) -> float:
+        """One optimizer step on the summed gradients of `losses` (`micro_losses`); returns the step's loss."""
         set_lr(self.optimizer, step, self.total_steps, self.optim_cfg)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total = 0.0
+        for loss in losses:
+            if not torch.isfinite(loss):
+                raise NonFiniteError(
+                    f"non-finite loss in {self.label} at step {step}; {describe_parameters(self.params)}"
+                )
+            loss.backward()
+            total += float(loss.detach())
         clip_gradients(list(self.params.values()), self.optim_cfg)
         self.optimizer.step()
-        return float(loss.detach())
+        return total
 
     def guard_conditioning(self, transforms: dict[str, Transform]) -> None:
         """Roll any transform whose condition number passed cond_limit back to its last good state, then fix it."""
@@ -144,6 +149,20 @@ class Trainer:
         for owner in self.rolled_back:
             for p in self.groups[owner].values():
                 p.requires_grad_(False)
+
+
+def micro_losses(
+    cfg: CalibConfig,
+    indices: torch.Tensor,
+    loss_of: Callable[[torch.Tensor], torch.Tensor],
+    around: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> Iterator[torch.Tensor]:
+    """A step's loss in micro-batches of calib.micro_batch_size sequences, each weighted by its share of
+    the batch, so their gradients sum to the batch's (exactly so for a mean over tokens). Each loss is
+    yielded inside `around()`, which therefore stays open through that micro-batch's backward."""
+    for chunk in indices.split(cfg.micro_batch_size or len(indices)):
+        with around():
+            yield loss_of(chunk) * (len(chunk) / len(indices))
 
 
 def batches_per_epoch(cfg: CalibConfig, n: int) -> int:
