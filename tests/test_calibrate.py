@@ -214,16 +214,22 @@ def kill_at(step_or_block: str, value: int):
     return callback
 
 
-def run(build, cfg, ckpt_dir, on_step=None):
+def run(build, cfg, ckpt_dir, on_step=None, optim=None):
     fp_model = build("llama", seed=3)
     prepared = prepare_model(
         build("llama", seed=3), TransformConfig(placements("affine", init="hadamard")), W4A4
     )
     transforms = dict(prepared.transforms)
-    report = calibrate(
-        prepared, fp_model, token_ids(4, 16, 2), cfg, OptimConfig(lr=1e-2), ckpt_dir, on_step=on_step
-    )
+    optim = OptimConfig(lr=1e-2) if optim is None else optim
+    report = calibrate(prepared, fp_model, token_ids(4, 16, 2), cfg, optim, ckpt_dir, on_step=on_step)
     return report, state_of(transforms)
+
+
+def start_state(build) -> dict[str, torch.Tensor]:
+    """The maps of `run` before calibration."""
+    return state_of(
+        prepare_model(build("llama", seed=3), TransformConfig(placements("affine", init="hadamard")), W4A4).transforms
+    )
 
 
 def state_of(transforms: dict) -> dict[str, torch.Tensor]:
@@ -248,11 +254,7 @@ def test_killed_run_resumes_to_bit_identical_transforms(make_tiny_model, tmp_pat
     assert uninterrupted.keys() == resumed.keys()
     for name, tensor in uninterrupted.items():
         assert torch.equal(tensor, resumed[name]), name
-    start = state_of(
-        prepare_model(
-            make_tiny_model("llama", seed=3), TransformConfig(placements("affine", init="hadamard")), W4A4
-        ).transforms
-    )
+    start = start_state(make_tiny_model)
     assert any(not torch.equal(start[name], tensor) for name, tensor in resumed.items()), (
         "training changed nothing"
     )
@@ -261,16 +263,13 @@ def test_killed_run_resumes_to_bit_identical_transforms(make_tiny_model, tmp_pat
 @pytest.mark.parametrize("micro_batch_size", [1, 2])
 def test_a_step_in_micro_batches_moves_the_maps_as_the_whole_batch_does(make_tiny_model, micro_batch_size):
     # SGD without momentum moves each parameter by lr x its gradient: equal moves are equal gradients.
+    start = start_state(make_tiny_model)
+
     def moves(micro: int | None) -> dict[str, torch.Tensor]:
-        prepared = prepare_model(
-            make_tiny_model("llama", seed=3), TransformConfig(placements("affine", init="hadamard")), W4A4
-        )
-        transforms = dict(prepared.transforms)
-        start = state_of(transforms)
         cfg = quick_config(batch_size=4, steps=1, micro_batch_size=micro, measure=False)
         optim = OptimConfig(name="sgd", lr=1e-2, momentum=0.0, grad_clip=None)
-        calibrate(prepared, make_tiny_model("llama", seed=3), token_ids(4, 16, 2), cfg, optim, None)
-        return {name: tensor - start[name] for name, tensor in state_of(transforms).items()}
+        _, learned = run(make_tiny_model, cfg, None, optim=optim)
+        return {name: tensor - start[name] for name, tensor in learned.items()}
 
     whole, split = moves(None), moves(micro_batch_size)
     assert any(move.abs().max() > 0 for move in whole.values()), "the step moved nothing"
