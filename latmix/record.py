@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from latmix.files import atomic_write
+from latmix.settings import float_keys
 
 SCHEMA_VERSION = 1
 
@@ -57,10 +58,25 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
+def typed_numbers(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config with whole numbers at float settings written as floats: `calib.reg_weight=0` on the
+    command line (an int to Hydra) and `reg_weight: 0.0` in a YAML file are one experiment."""
+    typed = dict(config)
+    for section, keys in float_keys().items():
+        values = typed.get(section)
+        if isinstance(values, Mapping):
+            typed[section] = {k: _as_float(v) if k in keys else v for k, v in values.items()}
+    return typed
+
+
+def _as_float(value: Any) -> Any:
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
 def identity(resolved_config: Mapping[str, Any]) -> dict[str, Any]:
-    """The resolved config minus where-and-how keys (NON_IDENTITY_KEYS, NON_IDENTITY_SUBKEYS) and minus
-    later settings at their implicit earlier value (IMPLICIT_BEFORE)."""
-    kept = {k: v for k, v in resolved_config.items() if k not in NON_IDENTITY_KEYS}
+    """The resolved config, numbers typed (typed_numbers), minus where-and-how keys (NON_IDENTITY_KEYS,
+    NON_IDENTITY_SUBKEYS) and minus later settings at their implicit earlier value (IMPLICIT_BEFORE)."""
+    kept = {k: v for k, v in typed_numbers(resolved_config).items() if k not in NON_IDENTITY_KEYS}
     implicit = [dotted for dotted, value in IMPLICIT_BEFORE.items() if _dotted_get(kept, dotted) == value]
     for dotted in (*NON_IDENTITY_SUBKEYS, *implicit):
         group, key = dotted.split(".", 1)

@@ -20,7 +20,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 from latmix.errors import ConfigError
 from latmix.formats import get_format
@@ -607,3 +607,28 @@ class Experiment:
                 "calib.objective=bound measures activation quantization error, but quant.act_format is null; "
                 "quantize activations (e.g. quant=mxfp4) or use objective kl / block_mse"
             )
+
+
+# --- the config sections ----------------------------------------------------------------------------
+
+# The Hydra config group each settings class is built from (latmix.config.build_experiment).
+SECTION_SETTINGS: dict[str, type] = {
+    "model": ModelSettings,
+    "quant": QuantConfig,
+    "gptq": GPTQSettings,
+    "transform": TransformConfig,
+    "calib": CalibConfig,
+    "optim": OptimConfig,
+    "eval": EvalSettings,
+    "logger": LoggerSettings,
+}
+
+
+def float_keys() -> dict[str, frozenset[str]]:
+    """section -> its keys typed float (or float | None): where `reg_weight=0` and `reg_weight: 0.0`
+    mean the same number, however YAML or the command line spelled it."""
+    keys = {}
+    for section, cls in SECTION_SETTINGS.items():
+        hints = get_type_hints(cls)
+        keys[section] = frozenset(name for name, hint in hints.items() if hint is float or float in get_args(hint))
+    return keys

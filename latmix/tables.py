@@ -26,7 +26,7 @@ from typing import Any
 import pandas as pd
 
 from latmix.metrics import headline_accuracy
-from latmix.record import NON_IDENTITY_KEYS, SkippedRecord, canonical_json, iter_records
+from latmix.record import NON_IDENTITY_KEYS, SkippedRecord, canonical_json, iter_records, typed_numbers
 
 # Keys that say how a run executes, not what it computes (the results do not depend on them).
 EXECUTION_KEYS = ("device", "calib.offload", "calib.grad_checkpointing", "calib.checkpoint_every")
@@ -91,7 +91,7 @@ def is_full_precision(rec: Mapping[str, Any]) -> bool:
 def configuration(rec: Mapping[str, Any]) -> dict[str, str]:
     """What the run computes, as flat 'dotted.key' -> text: the resolved config minus seed, names and
     where/how keys. The full-precision reference keeps only what can change its numbers."""
-    config = {k: v for k, v in rec["config"].items() if k not in NON_IDENTITY_KEYS and k != "seed"}
+    config = {k: v for k, v in typed_numbers(rec["config"]).items() if k not in NON_IDENTITY_KEYS and k != "seed"}
     identity = {}
     for key, value in flatten(config).items():
         if key in EXECUTION_KEYS or key in NAME_KEYS or (key in SEED_KEYS and value == rec["seed"]):

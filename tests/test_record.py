@@ -7,6 +7,8 @@ import json
 import os
 
 import pytest
+from omegaconf import OmegaConf
+from test_config import compose_config
 
 from latmix import record
 
@@ -62,6 +64,26 @@ def test_a_later_setting_at_its_implicit_earlier_value_keeps_earlier_run_ids():
     split = {"seed": 0, "calib": {"steps": 4, "rounding": "nearest", "micro_batch_size": 2}}
     assert record.run_id(whole) == record.run_id(earlier)
     assert record.run_id(split) != record.run_id(earlier)
+
+
+def test_a_whole_number_at_a_float_setting_is_the_same_run_however_it_is_spelled():
+    # Hydra reads calib.reg_weight=0 on the command line as an int, a preset's `reg_weight: 0.0` as a float
+    spelled = {
+        spelling: OmegaConf.to_container(
+            compose_config(f"calib.reg_weight={spelling}", f"optim.lr={spelling}"), resolve=True
+        )
+        for spelling in ("0", "0.0")
+    }
+    assert spelled["0"]["calib"]["reg_weight"] == 0 and isinstance(spelled["0"]["calib"]["reg_weight"], int)
+    assert record.run_id(spelled["0"]) == record.run_id(spelled["0.0"])
+    other_weight = OmegaConf.to_container(compose_config("calib.reg_weight=1", "optim.lr=0"), resolve=True)
+    assert record.run_id(spelled["0"]) != record.run_id(other_weight)
+
+
+def test_whole_numbers_at_integer_settings_stay_integers():
+    typed = record.typed_numbers({"calib": {"steps": 4, "reg_weight": 1, "offload": True}, "optim": {"momentum": None}})
+    assert typed == {"calib": {"steps": 4, "reg_weight": 1.0, "offload": True}, "optim": {"momentum": None}}
+    assert type(typed["calib"]["steps"]) is int and type(typed["calib"]["reg_weight"]) is float
 
 
 def test_run_id_does_not_depend_on_key_order():

@@ -112,6 +112,12 @@ def test_runs_that_differ_in_one_key_are_two_rows(tmp_path, key, values):
     assert list(summary["seeds"]) == [1, 1]
 
 
+def test_a_float_setting_spelled_as_a_whole_number_does_not_split_a_configuration(tmp_path):
+    write_run(tmp_path, "affine", seed=0, heldout=10.0, **{"calib.reg_weight": 0})
+    write_run(tmp_path, "affine", seed=1, heldout=12.0, **{"calib.reg_weight": 0.0})
+    assert list(summary_of(tmp_path)["seeds"]) == [2]
+
+
 def test_where_and_how_keys_and_the_run_seed_do_not_split_a_configuration(tmp_path):
     write_run(tmp_path, "affine", seed=0, heldout=10.0, **{"paths.results_dir": "/a", "device": "cuda"})
     write_run(tmp_path, "affine", seed=1, heldout=12.0, **{"logger.mode": "disabled", "calib.offload": True})
