@@ -65,10 +65,26 @@ def test_the_base_is_the_affine_preset_as_it_is():
         ("learn_kl_noise", {"calib.mode", "optim.lr", "calib.rounding"}),
         ("learn_scales_noise", {"calib.mode", "optim.lr", "calib.rounding",
                                 *(f"transform.placements.{p}.learn" for p in ("pre_linear", "attn_vo", "down_proj"))}),
+        ("learn_scales_noise_64x512_b16_reg0", {
+            "calib.mode", "optim.lr", "calib.rounding", "calib.n_samples", "calib.seq_len", "calib.batch_size",
+            "calib.micro_batch_size", "calib.reg_weight",
+            *(f"transform.placements.{p}.learn" for p in ("pre_linear", "attn_vo", "down_proj"))}),
     ],
 )
 def test_an_ablation_changes_only_what_its_name_says(ablation, keys):
     assert changed_keys(composed(ablation), composed("base")) == keys
+
+
+def test_the_measured_reg0_preset_is_the_run_its_documented_command_made():
+    # docs/calibration.md's seed-0 dev run, spelled on the command line as `calib.reg_weight=0`
+    overrides = ["calib.n_samples=64", "calib.seq_len=512", "calib.batch_size=16", "calib.micro_batch_size=2",
+                 "optim.lr=2e-2", "calib.reg_weight=0"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        spelled = compose("config", overrides=["+experiment=ablation_smollm2", "+ablation=learn_scales_noise", *overrides])
+    preset = composed("learn_scales_noise_64x512_b16_reg0")
+    assert record.run_id(OmegaConf.to_container(preset, resolve=True)) == record.run_id(
+        OmegaConf.to_container(spelled, resolve=True)
+    )
 
 
 def test_every_ablation_is_a_different_run():
