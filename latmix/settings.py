@@ -16,6 +16,7 @@ accept).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -624,9 +625,11 @@ SECTION_SETTINGS: dict[str, type] = {
 }
 
 
+@functools.cache
 def float_keys() -> dict[str, frozenset[str]]:
     """section -> its keys typed float (or float | None): where `reg_weight=0` and `reg_weight: 0.0`
-    mean the same number, however YAML or the command line spelled it."""
+    mean the same number, however YAML or the command line spelled it. Cached: the classes do not
+    change, and every run id and every tabulated record asks (resolving the hints takes 1.6 ms)."""
     keys = {}
     for section, cls in SECTION_SETTINGS.items():
         hints = get_type_hints(cls)
