@@ -27,20 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from latmix.errors import ConfigError
 from latmix.modelfiles import check_model_directory
-from latmix.settings import (
-    PPL_DATASETS,
-    SEED_MAX,
-    CalibConfig,
-    EvalSettings,
-    Experiment,
-    GPTQSettings,
-    LoggerSettings,
-    ModelSettings,
-    OptimConfig,
-    QuantConfig,
-    TransformConfig,
-    from_values,
-)
+from latmix.settings import PPL_DATASETS, SECTION_SETTINGS, SEED_MAX, Experiment, from_values
 
 __all__ = ["ConfigError", "build_experiment", "compose_experiment", "resolve_local_path"]
 
@@ -165,25 +152,15 @@ def build_experiment(cfg: DictConfig) -> Experiment:
     """Turn a composed Hydra config into typed settings; ConfigError on the first bad value."""
     check_top_level_keys(cfg)
     seed = _int_setting(cfg, "seed", 0)
-    model = _section(cfg, "model")
-    quant, transform = _section(cfg, "quant"), _section(cfg, "transform")
-    quant_name, transform_name = str(quant.pop("name", "custom")), str(transform.pop("name", "custom"))
-    if model.get("name_or_path") is not None:
-        model["name_or_path"] = resolve_local_path(str(model["name_or_path"]))
-    quant_config = from_values(QuantConfig, quant, "quant")
+    values = {section: _section(cfg, section) for section in SECTION_SETTINGS}
+    quant_name, transform_name = (str(values[s].pop("name", "custom")) for s in ("quant", "transform"))
+    built: dict[str, Any] = {}
+    for section, cls in SECTION_SETTINGS.items():  # quant before transform, whose placements read it
+        built[section] = from_values(cls, _translated(section, values[section], built), section)
     exp = Experiment(
-        model=from_values(ModelSettings, model, "model"),
+        **built,
         quant_name=quant_name,
-        quant=quant_config,
         transform_name=transform_name,
-        transform=from_values(
-            TransformConfig, _transform_values(transform, quant_config.kv_format is not None), "transform"
-        ),
-        calib=from_values(CalibConfig, _calib_values(_section(cfg, "calib")), "calib"),
-        optim=from_values(OptimConfig, _section(cfg, "optim"), "optim"),
-        gptq=from_values(GPTQSettings, _section(cfg, "gptq"), "gptq"),
-        eval=from_values(EvalSettings, _eval_values(_section(cfg, "eval")), "eval"),
-        logger=from_values(LoggerSettings, _section(cfg, "logger"), "logger"),
         seed=seed,
         device=str(cfg.get("device", "auto")),
         force=bool(cfg.get("force", False)),
@@ -195,6 +172,19 @@ def build_experiment(cfg: DictConfig) -> Experiment:
         # config.json, architecture, custom code, safetensors headers, positions: milliseconds, no torch
         check_model_directory(Path(exp.model.name_or_path), exp.model.trust_remote_code, exp.calib.seq_len)
     return exp
+
+
+def _translated(section: str, values: dict[str, Any], built: dict[str, Any]) -> dict[str, Any]:
+    """A section's yaml values as its settings class takes them (the translations in the module docstring)."""
+    if section == "model" and values.get("name_or_path") is not None:
+        values["name_or_path"] = resolve_local_path(str(values["name_or_path"]))
+    if section == "transform":
+        return _transform_values(values, built["quant"].kv_format is not None)
+    if section == "calib":
+        return _calib_values(values)
+    if section == "eval":
+        return _eval_values(values)
+    return values
 
 
 def _calib_values(values: dict[str, Any]) -> dict[str, Any]:
