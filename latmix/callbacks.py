@@ -34,8 +34,10 @@ def job_run_id(config: Any) -> str:
     """The run id experiment.run computes for a job's config (its task config: without `hydra`)."""
     from omegaconf import OmegaConf
 
+    from latmix.config import identity_config
+
     task = OmegaConf.masked_copy(config, [key for key in config if key != "hydra"])
-    return record.run_id(OmegaConf.to_container(task, resolve=True))
+    return record.run_id(identity_config(task))
 
 
 def write_marker(output_dir: Path, run_id: str, results_dir: str, status: str, error: str | None) -> Path:

@@ -6,6 +6,8 @@ gptq -> GPTQSettings, eval -> EvalSettings, logger -> LoggerSettings), built by 
 of any unknown or rejected value in a ConfigError. Three translations happen on the way: `name` keys
 (quant, transform) are labels for records and tables only; a transform's `kv_placements` join its
 placements only when the KV cache is quantized; a model path that exists locally is made absolute.
+A run's id hashes `identity_config`: the resolved config with its local files spelled one way
+(relative to the project root when inside it), however the command line spelled them.
 
 Checked here too, before anything is imported: unknown top-level keys (`+foo=1`), seeds outside
 0..2^32-1, a model.name_or_path that can only be a path and does not exist (`resolve_local_path`),
@@ -29,7 +31,7 @@ from latmix.errors import ConfigError
 from latmix.modelfiles import check_model_directory
 from latmix.settings import PPL_DATASETS, SECTION_SETTINGS, SEED_MAX, Experiment, from_values
 
-__all__ = ["ConfigError", "build_experiment", "compose_experiment", "resolve_local_path"]
+__all__ = ["ConfigError", "build_experiment", "compose_experiment", "identity_config", "resolve_local_path"]
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PRIMARY_CONFIG = PROJECT_ROOT / "conf" / "config.yaml"
@@ -48,16 +50,24 @@ def resolve_local_path(name_or_path: str) -> str:
     that exists here, like models/x) and does not exist is a ConfigError: a missing path, never a
     hub id to fetch.
     """
-    for base in (Path.cwd(), PROJECT_ROOT):
-        candidate = (base / name_or_path).expanduser()
-        if candidate.exists():
-            return str(candidate.resolve())
+    if (found := _found(name_or_path)) is not None:
+        return str(found)
     if _looks_like_a_path(name_or_path):
         raise ConfigError(
             f"model.name_or_path={name_or_path}: no such directory (a relative path is looked up from the "
             f"working directory {Path.cwd()}, then {PROJECT_ROOT}); point it at the model's directory"
         )
     return name_or_path
+
+
+def _found(path: str, file: bool = False) -> Path | None:
+    """The absolute path of `path` where it exists (a file, with file=True), looked up from the working
+    directory, then the project root; None where it does not."""
+    for base in (Path.cwd(), PROJECT_ROOT):
+        candidate = (base / path).expanduser()
+        if candidate.is_file() if file else candidate.exists():
+            return candidate.resolve()
+    return None
 
 
 def _looks_like_a_path(name: str) -> bool:
@@ -106,11 +116,36 @@ def resolve_calibration_text(path: Any) -> str | None:
     """calib.path as an absolute path to an existing file (from the working directory, then the project root)."""
     if path is None:
         return None
-    for base in (Path.cwd(), PROJECT_ROOT):
-        candidate = (base / str(path)).expanduser()
-        if candidate.is_file():
-            return str(candidate.resolve())
+    if (found := _found(str(path), file=True)) is not None:
+        return str(found)
     raise ConfigError(f"calib.path={path}: no such file; set calib.path to a text file (with calib.source=local)")
+
+
+def identity_config(cfg: DictConfig) -> dict[str, Any]:
+    """The composed config resolved to plain values, with every local file it names (model.name_or_path,
+    calib.path, eval.ppl_datasets) spelled one way: relative to the project root when inside it, else
+    absolute. A run's id and record come from this, so `calib.path=results/x.txt`, `./results/x.txt` and
+    its absolute path are one run, and a run's id is the same in every clone of the project."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    model, calib, evaluation = (resolved.get(key) for key in ("model", "calib", "eval"))
+    if isinstance(model, dict) and isinstance(model.get("name_or_path"), str):
+        model["name_or_path"] = _canonical_path(model["name_or_path"])
+    if isinstance(calib, dict) and isinstance(calib.get("path"), str):
+        calib["path"] = _canonical_path(calib["path"])
+    if isinstance(evaluation, dict) and isinstance(evaluation.get("ppl_datasets"), list):
+        evaluation["ppl_datasets"] = [
+            d if not isinstance(d, str) or d in PPL_DATASETS else _canonical_path(d) for d in evaluation["ppl_datasets"]
+        ]
+    return resolved
+
+
+def _canonical_path(path: str) -> str:
+    """A path that exists (from the working directory, then the project root) relative to the project
+    root when inside it, else absolute; anything else (a hub id, a missing file) as given."""
+    found = _found(path)
+    if found is None:
+        return path
+    return str(found.relative_to(PROJECT_ROOT)) if found.is_relative_to(PROJECT_ROOT) else str(found)
 
 
 def _transform_values(values: dict[str, Any], kv_quantized: bool) -> dict[str, Any]:
@@ -132,11 +167,8 @@ def _eval_values(values: dict[str, Any]) -> dict[str, Any]:
 
 def _local_file(path: str) -> str:
     """The absolute path of a file that exists (from the working directory, then the project root), else as given."""
-    for base in (Path.cwd(), PROJECT_ROOT):
-        candidate = (base / path).expanduser()
-        if candidate.is_file():
-            return str(candidate.resolve())
-    return path
+    found = _found(path, file=True)
+    return path if found is None else str(found)
 
 
 def compose_experiment(overrides: Sequence[str]) -> Experiment:

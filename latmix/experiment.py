@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from latmix import export, figures, interrupt, logs, record, summary, tracking
 from latmix.calibrate import calibrate
-from latmix.config import build_experiment
+from latmix.config import build_experiment, identity_config
 from latmix.data import calibration_batches
 from latmix.errors import ConfigError
 from latmix.evaluate import EvalResult, eval_seq_len, evaluate, perplexity_texts
@@ -222,8 +222,8 @@ def existing_record(path: Path) -> dict[str, Any] | None:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one experiment from a composed config and return its result record."""
     logs.quiet_third_party()
-    resolved = OmegaConf.to_container(cfg, resolve=True)
     exp = build_experiment(cfg)
+    resolved = identity_config(cfg)
     rid = record.run_id(resolved)
     path = record.record_path(exp.results_dir, rid)
     previous = existing_record(path)

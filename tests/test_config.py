@@ -11,9 +11,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
 from transformers import LlamaConfig
 
-from latmix import config
+from latmix import config, record
 from latmix.models import model_dimensions
 from latmix.settings import TRANSFORM_FAMILIES
 from latmix.transforms import TRANSFORMS, transform_kwargs
@@ -185,6 +186,30 @@ def test_a_hub_id_stays_a_hub_id_and_a_calibration_text_is_made_absolute():
     assert exp.model.name_or_path == "org/some-model"
     assert exp.calib.path == str(ROOT / "data" / "text" / "heldout.txt")
     assert exp.calib.checkpoint_minutes == 5 and exp.calib.keep_checkpoints is False and exp.wait is False
+
+
+def test_a_text_path_is_one_run_however_it_is_spelled(tmp_path, monkeypatch):
+    text = ROOT / "data" / "text" / "heldout.txt"
+
+    def identity(path: str) -> dict:
+        return config.identity_config(compose_config(f"calib.path={path}", f"eval.ppl_datasets=[heldout,{path}]"))
+
+    spelled = [identity(p) for p in ("data/text/heldout.txt", "./data/text/heldout.txt", str(text))]
+    monkeypatch.chdir(ROOT / "data")
+    spelled.append(identity("text/heldout.txt"))
+    assert {record.run_id(i) for i in spelled} == {record.run_id(spelled[0])}
+    # Relative to the project: the same id in every clone of it.
+    assert spelled[0]["calib"]["path"] == "data/text/heldout.txt"
+    assert spelled[0]["eval"]["ppl_datasets"] == ["heldout", "data/text/heldout.txt"]
+
+    outside = tmp_path / "mine.txt"
+    outside.write_text("text")
+    assert identity(str(outside))["calib"]["path"] == str(outside.resolve())
+
+
+def test_the_shipped_configs_keep_their_run_ids():
+    for cfg in (compose_config(), compose_config(defaults=True), compose_config("model.name_or_path=org/some-model")):
+        assert config.identity_config(cfg) == OmegaConf.to_container(cfg, resolve=True)
 
 
 def test_the_bound_objective_without_quantized_activations_is_rejected():

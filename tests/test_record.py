@@ -150,3 +150,28 @@ def test_malformed_files_are_reported_by_path_and_skipped(tmp_path):
     assert set(skipped) == {"truncated.json", "wrong.json"}
     assert "not readable JSON" in skipped["truncated.json"]
     assert str(runs / "wrong.json") in skipped["wrong.json"] and "missing field" in skipped["wrong.json"]
+
+
+def test_rekey_moves_a_record_keyed_by_an_absolute_text_path_to_the_id_the_same_command_computes_now(tmp_path):
+    from conftest import load_script
+
+    from latmix.config import PROJECT_ROOT, identity_config
+
+    rekey = load_script("rekey_records").rekey
+    now = identity_config(compose_config("calib.path=data/text/heldout.txt"))
+    earlier = {**now, "calib": {**now["calib"], "path": str(PROJECT_ROOT / "data" / "text" / "heldout.txt")}}
+    old = make_record(run_id=record.run_id(earlier), config=earlier)
+    current = make_record(run_id=record.run_id(now), config=now, seed=1)
+    for rec in (old, current):
+        record.write_record(record.record_path(tmp_path, rec["run_id"]), rec)
+
+    assert rekey(tmp_path, apply=False) == [(old["run_id"], current["run_id"], "kept: a different record has the new id")]
+    record.record_path(tmp_path, current["run_id"]).unlink()
+    assert rekey(tmp_path, apply=False) == [(old["run_id"], current["run_id"], "would move")]
+    assert record.record_path(tmp_path, old["run_id"]).exists()
+
+    assert rekey(tmp_path, apply=True) == [(old["run_id"], current["run_id"], "moved")]
+    moved = record.read_record(record.record_path(tmp_path, current["run_id"]))
+    assert moved == {**old, "run_id": current["run_id"], "config": now}
+    assert not record.record_path(tmp_path, old["run_id"]).exists()
+    assert rekey(tmp_path, apply=True) == []

@@ -44,10 +44,10 @@ from typing import Any
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from latmix import files, interrupt, lock, record, version
 from latmix.calibrate.checkpoint import CHECKPOINT_FILE, CheckpointCorrupt, Checkpoints, fingerprint
+from latmix.config import identity_config
 from latmix.errors import ConfigError
 from latmix.interrupt import Interrupted
 from latmix.lock import RunInProgress, RunLock
@@ -583,7 +583,7 @@ def kill_chain(model_dir: Path, results: Path, out: Path, points: list[tuple[str
 def record_id(model_dir: Path, results: Path) -> str:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=shrunk(model_dir, results))
-    return record.run_id(OmegaConf.to_container(cfg, resolve=True))
+    return record.run_id(identity_config(cfg))
 
 
 @pytest.mark.slow

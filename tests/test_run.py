@@ -15,10 +15,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 from wandb_offline import read_offline_run
 
 from latmix import record
+from latmix.config import identity_config
 from latmix.experiment import run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,7 +79,7 @@ def test_one_run_writes_a_valid_record_then_skips_then_reruns_when_forced(tiny_c
 @pytest.mark.slow
 def test_a_corrupted_record_is_replaced_by_a_rerun(tiny_checkpoint, tmp_path):
     overrides = [*shrunk(tiny_checkpoint, tmp_path), "logger=none", "transform=identity"]
-    rid = record.run_id(OmegaConf.to_container(compose_run(*overrides), resolve=True))
+    rid = record.run_id(identity_config(compose_run(*overrides)))
     path = record.record_path(tmp_path, rid)
     path.parent.mkdir(parents=True)
     path.write_text("{truncated")
