@@ -9,8 +9,10 @@ A run's id hashes its config (latmix.record.run_id over latmix.config.identity_c
 when inside it), so a record written earlier with an absolute or ./ path is stored under an id that
 the same command no longer computes: rerunning it would run it again, and the tables would put it in
 an evaluation setting of its own. This rewrites each such record's `run_id` and `config` and moves it
-to its new id; nothing else in it changes. A record whose new id is taken by a different record is
-left where it is and named. Imports no torch.
+to its new id; nothing else in it changes. What else the results folder keeps under the run's id
+moves with it: the learned maps (`transforms/<id>.safetensors`), an export (`export/<id>/`) and a
+calibration checkpoint (`ckpt/<id>/`). A record whose new id is taken by a different record is left
+where it is and named. Hydra's output folders and W&B runs keep the old id. Imports no torch.
 """
 
 from __future__ import annotations
@@ -24,6 +26,12 @@ from latmix import record
 from latmix.config import identity_config
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def companions(results_dir: Path, run_id: str) -> list[Path]:
+    """What results_dir keeps under a run's id besides its record, where the run wrote it."""
+    return [results_dir / "transforms" / f"{run_id}.safetensors", results_dir / "export" / run_id,
+            results_dir / "ckpt" / run_id]
 
 
 def rekeyed(rec: dict) -> dict:
@@ -49,8 +57,16 @@ def rekey(results_dir: Path, apply: bool) -> list[tuple[str, str, str]]:
             record.write_record(target, new)
             if target != path:
                 path.unlink()
+                move_companions(results_dir, rec["run_id"], new["run_id"])
         moves.append((rec["run_id"], new["run_id"], "moved" if apply else "would move"))
     return moves
+
+
+def move_companions(results_dir: Path, old: str, new: str) -> None:
+    """Moves the run's files kept under its old id to its new one; an existing target is left alone."""
+    for source, target in zip(companions(results_dir, old), companions(results_dir, new), strict=True):
+        if source.exists() and not target.exists():
+            source.rename(target)
 
 
 def main() -> None:

@@ -175,3 +175,23 @@ def test_rekey_moves_a_record_keyed_by_an_absolute_text_path_to_the_id_the_same_
     assert moved == {**old, "run_id": current["run_id"], "config": now}
     assert not record.record_path(tmp_path, old["run_id"]).exists()
     assert rekey(tmp_path, apply=True) == []
+
+
+def test_rekey_moves_the_learned_maps_export_and_checkpoint_kept_under_the_old_id(tmp_path):
+    from conftest import load_script
+
+    from latmix.config import PROJECT_ROOT, identity_config
+
+    script = load_script("rekey_records")
+    now = identity_config(compose_config("calib.path=data/text/heldout.txt"))
+    earlier = {**now, "calib": {**now["calib"], "path": str(PROJECT_ROOT / "data" / "text" / "heldout.txt")}}
+    old_id, new_id = record.run_id(earlier), record.run_id(now)
+    record.write_record(record.record_path(tmp_path, old_id), make_record(run_id=old_id, config=earlier))
+    for path in script.companions(tmp_path, old_id):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(old_id)
+
+    script.rekey(tmp_path, apply=True)
+
+    assert [p.read_text() for p in script.companions(tmp_path, new_id)] == [old_id] * 3
+    assert not any(p.exists() for p in script.companions(tmp_path, old_id))
