@@ -173,13 +173,17 @@ def summary(report, prepared, fp_model, heldout_ids) -> dict[str, float]:
 
 @pytest.mark.parametrize(
     # Each metric of the learned affine maps as a fraction of the best fixed family's (deterministic:
-    # fixed seeds, one thread). Measured here: end_to_end held-out KL 0.85, held-out perplexity excess
-    # 0.84, calibration KL 0.86; layer_wise held-out KL 0.83, perplexity excess 0.78, block error 0.76.
-    # Over 3 model seeds x 2 data seeds: held-out KL 0.79-0.90, perplexity excess 0.73-0.96, layer-wise
-    # block error 0.76-0.88; end_to_end does not target block error (0.80-0.97), so it is not asserted.
+    # fixed seeds, one thread). Measured on an AMD EPYC: end_to_end held-out KL 0.85, held-out
+    # perplexity excess 0.84, calibration KL 0.86; layer_wise held-out KL 0.83, perplexity excess 0.78,
+    # block error 0.76. Over 3 model seeds x 2 data seeds: held-out KL 0.79-0.90, perplexity excess
+    # 0.73-0.96, layer-wise block error 0.76-0.88; end_to_end does not target block error (0.80-0.97),
+    # so it is not asserted. Nor is the calibration KL (the report's, on 4 calibration sequences): on an
+    # AVX-512 Xeon it is 1.04 of block_hadamard's while held-out KL is 0.85 and perplexity excess 0.79;
+    # block_hadamard's own calibration KL is 0.86 of its held-out KL there, so 4 sequences measure the
+    # processor's rounding flips as much as the maps.
     ("mode", "objective", "ratios"),
     [
-        ("end_to_end", "kl", {"kl": 0.93, "heldout_kl": 0.93, "heldout_ppl_excess": 0.93}),
+        ("end_to_end", "kl", {"heldout_kl": 0.93, "heldout_ppl_excess": 0.93}),
         ("layer_wise", "block_mse", {"block_error": 0.9, "heldout_kl": 0.93, "heldout_ppl_excess": 0.93}),
     ],
 )
