@@ -303,7 +303,7 @@ def execute(
 
     with timer.stage("calibrate"), interrupt.deferred("calibration"):  # signals: a checkpoint, then stop
         report = calibrate(
-            prepared, fp_model, calib_ids, exp.calib, exp.optim, exp.results_dir / "ckpt" / rid,
+            prepared, fp_model, calib_ids, exp.calib, exp.optim, record.checkpoint_dir(exp.results_dir, rid),
             heldout_ids=heldout_ids, on_step=tracker.log_step,
         )
         calibration = {**report.as_record(), "data_sha256": calib_sha}
@@ -323,7 +323,7 @@ def execute(
 
     if exp.export:
         with timer.stage("export"):
-            export.export_model(prepared, tokenizer, exp, rid, exp.results_dir / "export" / rid, resolved)
+            export.export_model(prepared, tokenizer, exp, rid, record.export_dir(exp.results_dir, rid), resolved)
 
     timer.seconds["total"] = round(time.perf_counter() - start, 3)
     rec = build_record(exp, resolved, rid, evaluation, calibration, fidelity, timer.seconds, device, source)

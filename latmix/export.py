@@ -42,7 +42,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from latmix import mx
+from latmix import mx, record
 from latmix.formats import MXFormat, get_format
 from latmix.models import attention, load_model
 from latmix.quantize import AttentionQuant, PreparedModel, QuantLinear
@@ -57,7 +57,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-MANIFEST = "latmix_quant.json"
+MANIFEST = record.EXPORT_MANIFEST
 SIDECAR = "latmix_transforms.safetensors"
 CODES = "latmix_mx_codes.safetensors"
 WEIGHTS = "model.safetensors"
@@ -94,7 +94,7 @@ def save_learned(transforms: Mapping[str, Transform], results_dir: str | Path, r
     """The learned transforms of a run as `<results_dir>/transforms/<run_id>.safetensors` (None: nothing learned)."""
     if not transforms:
         return None
-    return save_transforms(transforms, Path(results_dir) / "transforms" / f"{run_id}.safetensors")
+    return save_transforms(transforms, record.transforms_path(results_dir, run_id))
 
 
 def _placement(name: str) -> str:

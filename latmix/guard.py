@@ -38,17 +38,9 @@ from latmix.lock import RunInProgress, RunLock
 from latmix.preemption import is_requeued
 from latmix.settings import Experiment
 
-__all__ = ["RunGuard", "RunInProgress", "checkpoint_dir", "guarded_run", "lock_path", "tidy_recorded"]
+__all__ = ["RunGuard", "RunInProgress", "guarded_run", "tidy_recorded"]
 
 log = logging.getLogger(__name__)
-
-
-def checkpoint_dir(results_dir: str | Path, rid: str) -> Path:
-    return Path(results_dir) / "ckpt" / rid
-
-
-def lock_path(results_dir: str | Path, rid: str) -> Path:
-    return Path(results_dir) / "runs" / f"{rid}.lock"
 
 
 class RunGuard:
@@ -59,9 +51,9 @@ class RunGuard:
         self.force = exp.force
         self.keep_checkpoints = bool(getattr(exp.calib, "keep_checkpoints", False))
         self.record_path = record.record_path(exp.results_dir, rid)
-        self.ckpt_dir = checkpoint_dir(exp.results_dir, rid)
+        self.ckpt_dir = record.checkpoint_dir(exp.results_dir, rid)
         self.lock = RunLock(
-            lock_path(exp.results_dir, rid),
+            record.lock_path(exp.results_dir, rid),
             wait=bool(getattr(exp, "wait", False)),
             label=f"run {rid}",
             hint=f"its record will be {self.record_path}; rerun with wait=true to wait for it",

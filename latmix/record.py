@@ -96,8 +96,37 @@ def run_id(resolved_config: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json(identity(resolved_config)).encode()).hexdigest()[:12]
 
 
+# What a run keeps under its id in the results folder. One place spells the layout, so that what moves
+# a run (scripts/rekey_records.py) finds every file the run wrote.
+EXPORT_MANIFEST = "latmix_quant.json"
+
+
 def record_path(results_dir: str | Path, rid: str) -> Path:
     return Path(results_dir) / "runs" / f"{rid}.json"
+
+
+def lock_path(results_dir: str | Path, rid: str) -> Path:
+    return Path(results_dir) / "runs" / f"{rid}.lock"
+
+
+def transforms_path(results_dir: str | Path, rid: str) -> Path:
+    """The run's learned maps (latmix.export.save_learned)."""
+    return Path(results_dir) / "transforms" / f"{rid}.safetensors"
+
+
+def export_dir(results_dir: str | Path, rid: str) -> Path:
+    """The run's quantized model (export=true; latmix.export.export_model), its manifest EXPORT_MANIFEST."""
+    return Path(results_dir) / "export" / rid
+
+
+def checkpoint_dir(results_dir: str | Path, rid: str) -> Path:
+    """The run's calibration checkpoint, while it calibrates or after it was stopped."""
+    return Path(results_dir) / "ckpt" / rid
+
+
+def run_files(results_dir: str | Path, rid: str) -> tuple[Path, Path, Path]:
+    """What the results folder keeps under a run's id besides its record and lock."""
+    return transforms_path(results_dir, rid), export_dir(results_dir, rid), checkpoint_dir(results_dir, rid)
 
 
 def git_sha(repo_dir: str | Path | None = None) -> str | None:

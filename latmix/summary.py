@@ -146,7 +146,7 @@ def run_summary(rec: Mapping[str, Any], results_dir: str | Path, *, recorded_ear
     if _is_number(measured) and _is_number(total) and total > 0:
         lines.append(f"  bound/error measurement (in calibrate): {measured:.1f} s, {100 * measured / total:.0f}% of the run")
     lines.append(f"  record: {record.record_path(results_dir, rec['run_id'])}")
-    exported = Path(results_dir) / "export" / rec["run_id"]
+    exported = record.export_dir(results_dir, rec["run_id"])
     if exported.is_dir():
         lines.append(f"  exported model: {exported}")
     return "\n".join(fit(line) for line in lines)

@@ -10,28 +10,24 @@ when inside it), so a record written earlier with an absolute or ./ path is stor
 the same command no longer computes: rerunning it would run it again, and the tables would put it in
 an evaluation setting of its own. This rewrites each such record's `run_id` and `config` and moves it
 to its new id; nothing else in it changes. What else the results folder keeps under the run's id
-moves with it: the learned maps (`transforms/<id>.safetensors`), an export (`export/<id>/`) and a
-calibration checkpoint (`ckpt/<id>/`). A record whose new id is taken by a different record is left
-where it is and named. Hydra's output folders and W&B runs keep the old id. Imports no torch.
+moves with it (latmix.record.run_files): the learned maps (`transforms/<id>.safetensors`), an export
+(`export/<id>/`, its manifest then naming the new id) and a calibration checkpoint (`ckpt/<id>/`). A
+record whose new id is taken by a different record is left where it is and named. Hydra's output folders and W&B runs keep the old id. Imports no torch.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from latmix import record
 from latmix.config import identity_config
+from latmix.files import atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def companions(results_dir: Path, run_id: str) -> list[Path]:
-    """What results_dir keeps under a run's id besides its record, where the run wrote it."""
-    return [results_dir / "transforms" / f"{run_id}.safetensors", results_dir / "export" / run_id,
-            results_dir / "ckpt" / run_id]
 
 
 def rekeyed(rec: dict) -> dict:
@@ -63,10 +59,17 @@ def rekey(results_dir: Path, apply: bool) -> list[tuple[str, str, str]]:
 
 
 def move_companions(results_dir: Path, old: str, new: str) -> None:
-    """Moves the run's files kept under its old id to its new one; an existing target is left alone."""
-    for source, target in zip(companions(results_dir, old), companions(results_dir, new), strict=True):
+    """Moves the run's files kept under its old id (record.run_files) to its new one; an existing
+    target is left alone. A moved export's manifest names the new id."""
+    for source, target in zip(record.run_files(results_dir, old), record.run_files(results_dir, new), strict=True):
         if source.exists() and not target.exists():
             source.rename(target)
+    manifest = record.export_dir(results_dir, new) / record.EXPORT_MANIFEST
+    if manifest.is_file():
+        content = json.loads(manifest.read_text())
+        if content.get("run_id") == old:
+            text = json.dumps({**content, "run_id": new}, indent=2, sort_keys=True)
+            atomic_write(manifest, lambda f: f.write(text.encode()))
 
 
 def main() -> None:

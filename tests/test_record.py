@@ -152,46 +152,60 @@ def test_malformed_files_are_reported_by_path_and_skipped(tmp_path):
     assert str(runs / "wrong.json") in skipped["wrong.json"] and "missing field" in skipped["wrong.json"]
 
 
-def test_rekey_moves_a_record_keyed_by_an_absolute_text_path_to_the_id_the_same_command_computes_now(tmp_path):
-    from conftest import load_script
-
+@pytest.fixture
+def ids_before_and_after_path_spelling():
+    """(config, run id) of one command as an earlier identity keyed it (its text path absolute) and as
+    the current identity keys it (relative to the project root)."""
     from latmix.config import PROJECT_ROOT, identity_config
 
-    rekey = load_script("rekey_records").rekey
     now = identity_config(compose_config("calib.path=data/text/heldout.txt"))
     earlier = {**now, "calib": {**now["calib"], "path": str(PROJECT_ROOT / "data" / "text" / "heldout.txt")}}
-    old = make_record(run_id=record.run_id(earlier), config=earlier)
-    current = make_record(run_id=record.run_id(now), config=now, seed=1)
+    return (earlier, record.run_id(earlier)), (now, record.run_id(now))
+
+
+def test_rekey_moves_a_record_keyed_by_an_absolute_text_path_to_the_id_the_same_command_computes_now(
+    tmp_path, ids_before_and_after_path_spelling,
+):
+    from conftest import load_script
+
+    rekey = load_script("rekey_records").rekey
+    (earlier, old_id), (now, new_id) = ids_before_and_after_path_spelling
+    old = make_record(run_id=old_id, config=earlier)
+    current = make_record(run_id=new_id, config=now, seed=1)
     for rec in (old, current):
         record.write_record(record.record_path(tmp_path, rec["run_id"]), rec)
 
-    assert rekey(tmp_path, apply=False) == [(old["run_id"], current["run_id"], "kept: a different record has the new id")]
-    record.record_path(tmp_path, current["run_id"]).unlink()
-    assert rekey(tmp_path, apply=False) == [(old["run_id"], current["run_id"], "would move")]
-    assert record.record_path(tmp_path, old["run_id"]).exists()
+    assert rekey(tmp_path, apply=False) == [(old_id, new_id, "kept: a different record has the new id")]
+    record.record_path(tmp_path, new_id).unlink()
+    assert rekey(tmp_path, apply=False) == [(old_id, new_id, "would move")]
+    assert record.record_path(tmp_path, old_id).exists()
 
-    assert rekey(tmp_path, apply=True) == [(old["run_id"], current["run_id"], "moved")]
-    moved = record.read_record(record.record_path(tmp_path, current["run_id"]))
-    assert moved == {**old, "run_id": current["run_id"], "config": now}
-    assert not record.record_path(tmp_path, old["run_id"]).exists()
+    assert rekey(tmp_path, apply=True) == [(old_id, new_id, "moved")]
+    moved = record.read_record(record.record_path(tmp_path, new_id))
+    assert moved == {**old, "run_id": new_id, "config": now}
+    assert not record.record_path(tmp_path, old_id).exists()
     assert rekey(tmp_path, apply=True) == []
 
 
-def test_rekey_moves_the_learned_maps_export_and_checkpoint_kept_under_the_old_id(tmp_path):
+def test_rekey_moves_the_learned_maps_export_and_checkpoint_kept_under_the_old_id(
+    tmp_path, ids_before_and_after_path_spelling,
+):
     from conftest import load_script
 
-    from latmix.config import PROJECT_ROOT, identity_config
-
-    script = load_script("rekey_records")
-    now = identity_config(compose_config("calib.path=data/text/heldout.txt"))
-    earlier = {**now, "calib": {**now["calib"], "path": str(PROJECT_ROOT / "data" / "text" / "heldout.txt")}}
-    old_id, new_id = record.run_id(earlier), record.run_id(now)
+    rekey = load_script("rekey_records").rekey
+    (earlier, old_id), (_, new_id) = ids_before_and_after_path_spelling
     record.write_record(record.record_path(tmp_path, old_id), make_record(run_id=old_id, config=earlier))
-    for path in script.companions(tmp_path, old_id):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(old_id)
+    maps, export, ckpt = record.run_files(tmp_path, old_id)
+    maps.parent.mkdir(parents=True)
+    maps.write_text("maps")
+    for folder in (export, ckpt):
+        folder.mkdir(parents=True)
+    (export / record.EXPORT_MANIFEST).write_text(json.dumps({"run_id": old_id, "model": "m"}))
+    (ckpt / "calibration.pt").write_text("state")
 
-    script.rekey(tmp_path, apply=True)
+    rekey(tmp_path, apply=True)
 
-    assert [p.read_text() for p in script.companions(tmp_path, new_id)] == [old_id] * 3
-    assert not any(p.exists() for p in script.companions(tmp_path, old_id))
+    maps, export, ckpt = record.run_files(tmp_path, new_id)
+    assert maps.read_text() == "maps" and (ckpt / "calibration.pt").read_text() == "state"
+    assert json.loads((export / record.EXPORT_MANIFEST).read_text()) == {"run_id": new_id, "model": "m"}
+    assert not any(path.exists() for path in record.run_files(tmp_path, old_id))

@@ -834,7 +834,8 @@ def test_bad_input_is_one_line_exit_2_before_any_stage(bad_runs, case):
 
 def test_a_skipped_recorded_run_removes_what_killed_writers_left_unless_the_run_is_held(tmp_path):
     from latmix.config import build_experiment
-    from latmix.guard import lock_path, tidy_recorded
+    from latmix.guard import tidy_recorded
+    from latmix.record import lock_path
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         exp = build_experiment(compose("config", overrides=["model=tiny", f"paths.results_dir={tmp_path}"]))

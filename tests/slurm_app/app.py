@@ -19,7 +19,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from latmix.preemption import slurm_task
-from latmix.record import record_path, run_id
+from latmix.record import checkpoint_dir, record_path, run_id
 
 
 def write_json_atomically(path: Path, payload: dict) -> None:
@@ -36,7 +36,7 @@ def calibrate_block(previous_state: str, block: int) -> str:
 def run(cfg: DictConfig) -> dict:
     rid = run_id(OmegaConf.to_container(cfg, resolve=True))
     results_dir = Path(cfg.paths.results_dir)
-    ckpt_dir = results_dir / "ckpt" / rid
+    ckpt_dir = checkpoint_dir(results_dir, rid)
     done = sorted(ckpt_dir.glob("block_*.json"))
     states = [json.loads(path.read_text())["state"] for path in done]
 
