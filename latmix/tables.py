@@ -46,7 +46,8 @@ DISPLAY_NAMES = {"ppl_wikitext2": "Wiki2 ppl", "ppl_heldout": "heldout ppl", "pp
 # Row order within a format: least to most expressive transform (DESIGN.md), RTN before GPTQ.
 QUANT_ORDER = ("none", "mxfp8", "mxint8", "mxfp6", "nvfp4", "mxfp4")
 TRANSFORM_ORDER = (
-    "identity", "hadamard", "block_hadamard", "rotation", "flatquant", "affine_block", "affine_literal", "affine"
+    "identity", "hadamard", "block_hadamard", "rotation", "flatquant", "affine_block", "affine_literal", "affine",
+    "affine_learned",
 )
 WEIGHT_QUANTIZER_ORDER = ("rtn", "gptq")
 SHORT_WORDS = {"parametrization": "param", "n_samples": "samples", "max_seq_len": "seq len",

@@ -87,6 +87,25 @@ def test_the_measured_reg0_preset_is_the_run_its_documented_command_made():
     )
 
 
+def test_the_learned_method_preset_is_the_paired_ablation_run_under_its_own_name():
+    # docs/calibration.md "Paired on one machine": `+ablation=learn_scales_noise_64x512_b16_reg0 calib.epochs=1`
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        preset = compose("config", overrides=["model=smollm2-135m", "quant=mxfp4", "transform=affine_learned"])
+        paired = compose("config", overrides=["+experiment=ablation_smollm2",
+                                              "+ablation=learn_scales_noise_64x512_b16_reg0", "calib.epochs=1"])
+    assert changed_keys(preset, paired) == {"transform.name"}
+    assert preset.transform.name == "affine_learned"
+
+
+def test_a_calib_named_on_the_command_line_replaces_the_learned_presets_calibration_set():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        paper = compose("config", overrides=["model=llama3-8b", "transform=affine_learned", "calib=paper"])
+    assert (paper.calib.source, paper.calib.n_samples, paper.calib.seq_len, paper.calib.epochs) == ("wikitext2", 128, 2048, 2)
+    # what the preset learns stays: the scales, against rounding noise, without the volume regularizer
+    assert (paper.calib.mode, paper.calib.rounding, paper.calib.reg_weight, paper.optim.lr) == ("end_to_end", "noise", 0.0, 2e-2)
+    assert paper.transform.placements.down_proj.learn == "scales"
+
+
 def test_every_ablation_is_a_different_run():
     ids = {name: record.run_id(OmegaConf.to_container(composed(name), resolve=True)) for name in ABLATIONS}
     assert len(set(ids.values())) == len(ABLATIONS)
