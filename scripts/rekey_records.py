@@ -12,7 +12,8 @@ an evaluation setting of its own. This rewrites each such record's `run_id` and 
 to its new id; nothing else in it changes. What else the results folder keeps under the run's id
 moves with it (latmix.record.run_files): the learned maps (`transforms/<id>.safetensors`), an export
 (`export/<id>/`, its manifest then naming the new id) and a calibration checkpoint (`ckpt/<id>/`). A
-record whose new id is taken by a different record is left where it is and named. Hydra's output folders and W&B runs keep the old id. Imports no torch.
+record whose new id is taken by a different record is left where it is and named. Hydra's output
+folders and W&B runs keep the old id. Imports no torch.
 """
 
 from __future__ import annotations
