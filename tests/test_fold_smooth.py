@@ -32,10 +32,12 @@ def composed(*overrides: str):
 
 
 def on_tiny(preset: str, *overrides: str):
-    """A preset composed for the tiny test models (hidden 64, d_ff 96, heads 32 wide): the affine
-    preset's 64-blocks become 32-blocks there."""
-    blocks = [f"transform.placements.{p}.block_size=32" for p in ("pre_linear", "attn_vo", "down_proj")]
-    return composed(f"transform={preset}", *(blocks if preset == "affine" else []), *overrides)
+    """A preset composed for the tiny test models (hidden 64, d_ff 96, heads 32 wide): blocks wider
+    than 32 (the affine presets' 64-blocks) become 32-blocks there."""
+    placements = composed(f"transform={preset}").transform.placements
+    blocks = [f"transform.placements.{name}.block_size=32"
+              for name, spec in placements.items() if (spec.get("block_size") or 0) > 32]
+    return composed(f"transform={preset}", *blocks, *overrides)
 
 
 def presets_with_pre_linear() -> list[str]:
