@@ -7,7 +7,8 @@
     python scripts/ablation_table.py --exclude '^calib epochs='       # leave superseded rows out
 
 The rows are the recorded configurations of `--transform` on `--model` at `--quant` (mean ± std over
-their seeds); each Δ is against the base at the row's own seeds (where the base ran them all). The
+their seeds); each Δ is against the base at the row's own seeds (where the base ran them all), and
+`lower` says at how many of those seeds the row's first perplexity is below the base's. The
 base is the configuration of run `--base`, or else the one with the most seeds; every other row is
 named by the config keys it changes (`smooth alpha=0.25`, `without down_proj`). The full-precision
 reference and any other methods at the same format and evaluation are listed below it for scale, each
@@ -171,21 +172,29 @@ def _differences_by_seed(
 
 def _numbers(row: pd.Series, base: pd.Series, metrics: Mapping[str, str], differences: pd.DataFrame | None) -> dict:
     """Mean ± std over seeds; Δ against the base: the mean of the per-seed differences ± their std (two
-    or more seeds), or against the base's mean over all its seeds where it did not run the row's."""
+    or more seeds), or against the base's mean over all its seeds where it did not run the row's. After
+    the first perplexity's Δ, at how many of the paired seeds the row's perplexity is below the base's
+    (blank for the base and where the base did not run the row's seeds)."""
     out = {"seeds": int(row["seeds"])}
+    first = next(iter(metrics))
     for metric, name in metrics.items():
         mean, std = row.get(metric), row.get(f"{metric}_std")
+        paired = None if differences is None or metric not in differences else differences[metric].dropna()
         if mean is None or pd.isna(mean):
             out[name], out[f"Δ {name}"] = None, None
-            continue
-        out[name] = f"{mean:.2f}" if pd.isna(std) else f"{mean:.2f} ± {std:.2f}"
-        paired = None if differences is None else differences[metric].dropna()
-        if paired is None or paired.empty:
-            out[f"Δ {name}"] = f"{mean - base[metric]:+.2f}"
         else:
-            spread = f" ± {paired.std():.2f}" if len(paired) > 1 else ""
-            out[f"Δ {name}"] = f"{paired.mean():+.2f}{spread}"
+            out[name] = f"{mean:.2f}" if pd.isna(std) else f"{mean:.2f} ± {std:.2f}"
+            out[f"Δ {name}"] = _delta(mean - base[metric], paired)
+        if metric == first:
+            out[f"lower {name}"] = "" if paired is None or paired.empty else f"{(paired < 0).sum()} of {len(paired)}"
     return out
+
+
+def _delta(against_mean: float, paired: pd.Series | None) -> str:
+    if paired is None or paired.empty:
+        return f"{against_mean:+.2f}"
+    spread = f" ± {paired.std():.2f}" if len(paired) > 1 else ""
+    return f"{paired.mean():+.2f}{spread}"
 
 
 def main() -> None:
@@ -208,7 +217,8 @@ def main() -> None:
             "Mean ± std over seeds; Δ against the base row at the row's own seeds (a one-seed row against "
             "the base at that seed) where the base ran them: the mean of the per-seed differences ± their "
             "std, so an effect that holds at every seed shows a std below its mean; else against the base's "
-            "mean. Below the line: full precision and the other methods at the same format and evaluation.\n\n"
+            "mean. `lower` counts the paired seeds at which the row's perplexity is below the base's. "
+            "Below the line: full precision and the other methods at the same format and evaluation.\n\n"
             + table.to_markdown(index=False, disable_numparse=True) + "\n")
     out = args.out or args.results_dir / "tables"
     out.mkdir(parents=True, exist_ok=True)

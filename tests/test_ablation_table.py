@@ -88,7 +88,7 @@ def test_an_ablation_on_a_dev_split_is_tabulated_on_the_text_it_measured(tmp_pat
     measured_on_a_dev_split(tmp_path, write_run(tmp_path, "affine", seed=2, heldout=11.0))  # the base: most seeds
     runs, _, _ = load_runs(tmp_path)
     table = ablation_table.ablation(runs, "tiny", "mxfp4", "affine")
-    assert list(table.columns) == ["change", "method", "seeds", "calib_dev ppl", "Δ calib_dev ppl"]
+    assert list(table.columns) == ["change", "method", "seeds", "calib_dev ppl", "Δ calib_dev ppl", "lower calib_dev ppl"]
     assert list(table["calib_dev ppl"]) == ["11.00 ± 1.00", "10.25 ± 1.06"]
     assert list(table["Δ calib_dev ppl"]) == ["+0.00", "-0.75 ± 0.35"]
 
@@ -140,3 +140,16 @@ def test_a_global_package_preset_file_names_its_keys_from_the_root():
     settings = ablation_table.preset_settings("flatquant")
     assert settings["transform.fold_norms"] == "true" and settings["calib.mode"] == "layer_wise"
     assert "transform.seed" not in settings and "transform.name" not in settings
+
+
+def test_lower_counts_the_paired_seeds_at_which_a_row_beats_the_base(tmp_path):
+    for seed, (base, mostly_better) in enumerate(((10.0, 9.0), (12.0, 12.5), (11.0, 10.0))):
+        write_run(tmp_path, "affine", seed=seed, heldout=base)
+        write_run(tmp_path, "affine", seed=seed, heldout=mostly_better, **{"calib.epochs": 5})
+    write_run(tmp_path, "affine", seed=3, heldout=11.0)  # the base has the most seeds
+    write_run(tmp_path, "affine", seed=7, heldout=8.0, **{"calib.epochs": 6})  # the base never ran seed 7
+    runs, _, _ = load_runs(tmp_path)
+    table = ablation_table.ablation(runs, "tiny", "mxfp4", "affine").set_index("change")
+    assert table.loc["calib epochs=5", "lower held-out ppl"] == "2 of 3"
+    assert table.loc["(base)", "lower held-out ppl"] == ""
+    assert table.loc["calib epochs=6", "lower held-out ppl"] == ""
