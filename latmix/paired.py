@@ -92,6 +92,26 @@ def _p_value(observed: float, flipped: np.ndarray) -> float:
     return float((1 + np.count_nonzero(np.abs(flipped) >= abs(observed) - tolerance)) / (1 + flipped.size))
 
 
+EXACT_FLIPS_UP_TO = 16  # seeds; 2^16 sign patterns, beyond that as many drawn at random
+
+
+def seed_sign_flip_p(differences: np.ndarray, seed: int = 0) -> float:
+    """Two-sided p-value of paired per-seed differences (method minus base, one per seed) under "the
+    change does nothing, each difference's sign is chance": the share of the 2^n sign patterns whose
+    mean is at least as far from 0 as the observed mean. Exact up to EXACT_FLIPS_UP_TO seeds. With n
+    seeds it is never below 2 / 2^n (0.0625 at 5 seeds, all of one sign)."""
+    d = np.asarray(differences, dtype=float)
+    if d.size == 0:
+        raise ValueError("no paired difference to test")
+    observed = abs(d.mean())
+    if d.size <= EXACT_FLIPS_UP_TO:
+        patterns = np.arange(2 ** d.size)[:, None] >> np.arange(d.size) & 1
+        flipped = (d * np.where(patterns == 1, -1.0, 1.0)).mean(axis=1)
+        return float(np.count_nonzero(np.abs(flipped) >= observed - 1e-12) / flipped.size)
+    signs = np.random.default_rng(seed).choice((-1.0, 1.0), size=(2 ** EXACT_FLIPS_UP_TO, d.size))
+    return _p_value(float(d.mean()), (d * signs).mean(axis=1))
+
+
 @dataclass(frozen=True)
 class _Part:
     """One task's (or all tasks') paired numbers as fractions, with their resampled and sign-flipped draws."""

@@ -8,7 +8,8 @@
 
 The rows are the recorded configurations of `--transform` on `--model` at `--quant` (mean ± std over
 their seeds); each Δ is against the base at the row's own seeds (where the base ran them all), and
-`lower` says at how many of those seeds the row's first perplexity is below the base's. The
+`lower` says at how many of those seeds the row's first perplexity is below the base's, `p` how
+likely differences that far from 0 are if each one's sign were chance (exact sign flips). The
 base is the configuration of run `--base`, or else the one with the most seeds; every other row is
 named by the config keys it changes (`smooth alpha=0.25`, `without down_proj`). The full-precision
 reference and any other methods at the same format and evaluation are listed below it for scale, each
@@ -27,6 +28,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from latmix.paired import seed_sign_flip_p
 from latmix.tables import (
     NAME_KEYS,
     flatten,
@@ -173,8 +175,9 @@ def _differences_by_seed(
 def _numbers(row: pd.Series, base: pd.Series, metrics: Mapping[str, str], differences: pd.DataFrame | None) -> dict:
     """Mean ± std over seeds; Δ against the base: the mean of the per-seed differences ± their std (two
     or more seeds), or against the base's mean over all its seeds where it did not run the row's. After
-    the first perplexity's Δ, at how many of the paired seeds the row's perplexity is below the base's
-    (blank for the base and where the base did not run the row's seeds)."""
+    the first perplexity's Δ, at how many of the paired seeds the row's perplexity is below the base's,
+    and the sign-flip p-value of those differences (latmix.paired.seed_sign_flip_p); both blank for the
+    base and where the base did not run the row's seeds."""
     out = {"seeds": int(row["seeds"])}
     first = next(iter(metrics))
     for metric, name in metrics.items():
@@ -186,7 +189,9 @@ def _numbers(row: pd.Series, base: pd.Series, metrics: Mapping[str, str], differ
             out[name] = f"{mean:.2f}" if pd.isna(std) else f"{mean:.2f} ± {std:.2f}"
             out[f"Δ {name}"] = _delta(mean - base[metric], paired)
         if metric == first:
-            out[f"lower {name}"] = "" if paired is None or paired.empty else f"{(paired < 0).sum()} of {len(paired)}"
+            unpaired = paired is None or paired.empty
+            out[f"lower {name}"] = "" if unpaired else f"{(paired < 0).sum()} of {len(paired)}"
+            out[f"p {name}"] = "" if unpaired else f"{seed_sign_flip_p(paired.to_numpy()):.3g}"
     return out
 
 
@@ -217,7 +222,8 @@ def main() -> None:
             "Mean ± std over seeds; Δ against the base row at the row's own seeds (a one-seed row against "
             "the base at that seed) where the base ran them: the mean of the per-seed differences ± their "
             "std, so an effect that holds at every seed shows a std below its mean; else against the base's "
-            "mean. `lower` counts the paired seeds at which the row's perplexity is below the base's. "
+            "mean. `lower` counts the paired seeds at which the row's perplexity is below the base's; `p` is "
+            "the two-sided sign-flip p-value of those per-seed differences (at n seeds never below 2/2^n). "
             "Below the line: full precision and the other methods at the same format and evaluation.\n\n"
             + table.to_markdown(index=False, disable_numparse=True) + "\n")
     out = args.out or args.results_dir / "tables"

@@ -88,7 +88,8 @@ def test_an_ablation_on_a_dev_split_is_tabulated_on_the_text_it_measured(tmp_pat
     measured_on_a_dev_split(tmp_path, write_run(tmp_path, "affine", seed=2, heldout=11.0))  # the base: most seeds
     runs, _, _ = load_runs(tmp_path)
     table = ablation_table.ablation(runs, "tiny", "mxfp4", "affine")
-    assert list(table.columns) == ["change", "method", "seeds", "calib_dev ppl", "Δ calib_dev ppl", "lower calib_dev ppl"]
+    assert list(table.columns) == ["change", "method", "seeds", "calib_dev ppl", "Δ calib_dev ppl", "lower calib_dev ppl",
+                                  "p calib_dev ppl"]
     assert list(table["calib_dev ppl"]) == ["11.00 ± 1.00", "10.25 ± 1.06"]
     assert list(table["Δ calib_dev ppl"]) == ["+0.00", "-0.75 ± 0.35"]
 
@@ -151,5 +152,8 @@ def test_lower_counts_the_paired_seeds_at_which_a_row_beats_the_base(tmp_path):
     runs, _, _ = load_runs(tmp_path)
     table = ablation_table.ablation(runs, "tiny", "mxfp4", "affine").set_index("change")
     assert table.loc["calib epochs=5", "lower held-out ppl"] == "2 of 3"
-    assert table.loc["(base)", "lower held-out ppl"] == ""
-    assert table.loc["calib epochs=6", "lower held-out ppl"] == ""
+    # differences -1, +0.5, -1 (mean -0.5): of the 8 sign patterns, the 4 whose two 1s share a sign
+    # have |mean| >= 0.5; the other 4 have |mean| = 0.5 / 3
+    assert table.loc["calib epochs=5", "p held-out ppl"] == "0.5"
+    for unpaired in ("(base)", "calib epochs=6"):
+        assert table.loc[unpaired, "lower held-out ppl"] == table.loc[unpaired, "p held-out ppl"] == ""

@@ -11,7 +11,7 @@ from test_tables import write_run
 
 from latmix import record
 from latmix.evaluate import task_items
-from latmix.paired import ALL_TASKS, PairingError, paired_rows
+from latmix.paired import ALL_TASKS, PairingError, paired_rows, seed_sign_flip_p
 from latmix.tables import load_runs
 
 paired_tasks = load_script("paired_tasks")
@@ -160,3 +160,25 @@ def test_the_script_names_what_to_change_when_the_choice_is_unclear(tmp_path):
     five = frame[frame["config"].apply(lambda c: c.get("calib.epochs") == "5")]["config_id"].iloc[0]
     label, chosen = paired_tasks.select(frame, records, five[:6], "tiny", "mxfp4")
     assert label == "affine+gptq" and list(chosen) == [0]
+
+
+# --- seeds compared pair by pair (scripts/ablation_table.py's p column) --------------------------------
+
+
+def test_differences_of_one_sign_at_every_seed_reach_the_smallest_p_the_seeds_allow():
+    assert seed_sign_flip_p(np.array([-0.6, -0.4, -0.6, -0.1, -0.5])) == pytest.approx(2 / 2**5)
+    assert seed_sign_flip_p(np.array([-1.0])) == 1.0  # one seed cannot tell a change from chance
+
+
+def test_a_mean_carried_by_one_large_seed_against_the_others_is_not_significant():
+    # mean -0.41: 8 of the 32 sign patterns land at least as far from 0
+    assert seed_sign_flip_p(np.array([-0.77, -0.22, 0.58, -1.08, -0.55])) == pytest.approx(8 / 32)
+    assert seed_sign_flip_p(np.array([0.5, -0.5])) == 1.0
+
+
+def test_beyond_the_exact_limit_the_sign_patterns_are_drawn_from_a_fixed_generator():
+    one_sign = -np.ones(20)
+    assert seed_sign_flip_p(one_sign) < 1e-3
+    assert seed_sign_flip_p(one_sign) == seed_sign_flip_p(one_sign)  # a fixed generator
+    with pytest.raises(ValueError, match="no paired difference"):
+        seed_sign_flip_p(np.array([]))
