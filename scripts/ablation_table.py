@@ -8,7 +8,7 @@
 
 The rows are the recorded configurations of `--transform` on `--model` at `--quant` (mean ± std over
 their seeds); each Δ is against the base at the row's own seeds (where the base ran them all), and
-`lower` says at how many of those seeds the row's first perplexity is below the base's, `p` how
+`lower` says at how many of those seeds a row's perplexity is below the base's, `p` how
 likely differences that far from 0 are if each one's sign were chance (exact sign flips). The
 base is the configuration of run `--base`, or else the one with the most seeds; every other row is
 named by the config keys it changes (`smooth alpha=0.25`, `without down_proj`). The full-precision
@@ -175,11 +175,10 @@ def _differences_by_seed(
 def _numbers(row: pd.Series, base: pd.Series, metrics: Mapping[str, str], differences: pd.DataFrame | None) -> dict:
     """Mean ± std over seeds; Δ against the base: the mean of the per-seed differences ± their std (two
     or more seeds), or against the base's mean over all its seeds where it did not run the row's. After
-    the first perplexity's Δ, at how many of the paired seeds the row's perplexity is below the base's,
-    and the sign-flip p-value of those differences (latmix.paired.seed_sign_flip_p); both blank for the
-    base and where the base did not run the row's seeds."""
+    each perplexity's Δ, at how many of the paired seeds the row's perplexity is below the base's, and
+    the sign-flip p-value of those differences (latmix.paired.seed_sign_flip_p); both blank for the base
+    and where the base did not run the row's seeds."""
     out = {"seeds": int(row["seeds"])}
-    first = next(iter(metrics))
     for metric, name in metrics.items():
         mean, std = row.get(metric), row.get(f"{metric}_std")
         paired = None if differences is None or metric not in differences else differences[metric].dropna()
@@ -188,7 +187,7 @@ def _numbers(row: pd.Series, base: pd.Series, metrics: Mapping[str, str], differ
         else:
             out[name] = f"{mean:.2f}" if pd.isna(std) else f"{mean:.2f} ± {std:.2f}"
             out[f"Δ {name}"] = _delta(mean - base[metric], paired)
-        if metric == first:
+        if metric.startswith("ppl_"):
             unpaired = paired is None or paired.empty
             out[f"lower {name}"] = "" if unpaired else f"{(paired < 0).sum()} of {len(paired)}"
             out[f"p {name}"] = "" if unpaired else f"{seed_sign_flip_p(paired.to_numpy()):.3g}"

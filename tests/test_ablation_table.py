@@ -143,10 +143,19 @@ def test_a_global_package_preset_file_names_its_keys_from_the_root():
     assert "transform.seed" not in settings and "transform.name" not in settings
 
 
-def test_lower_counts_the_paired_seeds_at_which_a_row_beats_the_base(tmp_path):
+def with_ood(results_dir, rec, ood):
+    """The record with an out-of-domain perplexity beside its held-out one."""
+    path = record.record_path(results_dir, rec["run_id"])
+    data = json.loads(path.read_text())
+    data["metrics"]["ppl"]["ood"] = ood
+    path.write_text(json.dumps(data))
+
+
+def test_lower_counts_the_paired_seeds_at_which_a_row_beats_the_base_for_each_perplexity(tmp_path):
     for seed, (base, mostly_better) in enumerate(((10.0, 9.0), (12.0, 12.5), (11.0, 10.0))):
-        write_run(tmp_path, "affine", seed=seed, heldout=base)
-        write_run(tmp_path, "affine", seed=seed, heldout=mostly_better, **{"calib.epochs": 5})
+        with_ood(tmp_path, write_run(tmp_path, "affine", seed=seed, heldout=base), ood=20.0)
+        with_ood(tmp_path, write_run(tmp_path, "affine", seed=seed, heldout=mostly_better, **{"calib.epochs": 5}),
+                 ood=19.0)
     write_run(tmp_path, "affine", seed=3, heldout=11.0)  # the base has the most seeds
     write_run(tmp_path, "affine", seed=7, heldout=8.0, **{"calib.epochs": 6})  # the base never ran seed 7
     runs, _, _ = load_runs(tmp_path)
@@ -155,5 +164,9 @@ def test_lower_counts_the_paired_seeds_at_which_a_row_beats_the_base(tmp_path):
     # differences -1, +0.5, -1 (mean -0.5): of the 8 sign patterns, the 4 whose two 1s share a sign
     # have |mean| >= 0.5; the other 4 have |mean| = 0.5 / 3
     assert table.loc["calib epochs=5", "p held-out ppl"] == "0.5"
+    # out of domain lower by 1 at every seed: only the 2 all-same-sign patterns reach |mean| 1
+    assert table.loc["calib epochs=5", "lower ood ppl"] == "3 of 3"
+    assert table.loc["calib epochs=5", "p ood ppl"] == "0.25"
+    assert "lower task avg %" not in table.columns
     for unpaired in ("(base)", "calib epochs=6"):
         assert table.loc[unpaired, "lower held-out ppl"] == table.loc[unpaired, "p held-out ppl"] == ""
