@@ -253,7 +253,7 @@ def _run_guarded(
     log.info("run %s: model=%s quant=%s transform=%s seed=%d on %s",
              rid, exp.model.name, exp.quant_name, exp.transform_name, exp.seed, device)
     with tracking.start_run(exp, rid, resolved) as tracker:  # a failure marks the W&B run failed
-        rec, figure_paths = execute(exp, device, resolved, rid, tracker)
+        rec, figure_paths = execute(exp, device, resolved, rid, tracker, guard.ckpt_dir)
         record.write_record(path, rec)
         guard.finished()  # the calibration checkpoints have served
         log.info("record written to %s (%.1f s in all)", path, rec["timing"]["total"])
@@ -264,9 +264,11 @@ def _run_guarded(
 
 
 def execute(
-    exp: Experiment, device: torch.device, resolved: dict[str, Any], rid: str, tracker: tracking.Tracker
+    exp: Experiment, device: torch.device, resolved: dict[str, Any], rid: str, tracker: tracking.Tracker,
+    checkpoint_dir: Path,
 ) -> tuple[dict[str, Any], dict[str, Path]]:
-    """The pipeline proper: returns the record (not yet written) and the figures it saved."""
+    """The pipeline proper: returns the record (not yet written) and the figures it saved. Calibration
+    checkpoints go to `checkpoint_dir`, the run guard's, which removes them once the record is written."""
     seed_everything(exp.seed)
     timer = StageTimer()
     start = time.perf_counter()
@@ -303,7 +305,7 @@ def execute(
 
     with timer.stage("calibrate"), interrupt.deferred("calibration"):  # signals: a checkpoint, then stop
         report = calibrate(
-            prepared, fp_model, calib_ids, exp.calib, exp.optim, record.checkpoint_dir(exp.results_dir, rid),
+            prepared, fp_model, calib_ids, exp.calib, exp.optim, checkpoint_dir,
             heldout_ids=heldout_ids, on_step=tracker.log_step,
         )
         calibration = {**report.as_record(), "data_sha256": calib_sha}
