@@ -94,7 +94,9 @@ def gptq_quantize_weight(
     return Q if order is None else Q[:, order.argsort()]
 
 
-def mx_rounder(fmt: MXFormat | str, tensor_amax: torch.Tensor | float) -> ColumnRounder:
+def mx_rounder(
+    fmt: MXFormat | str, tensor_amax: torch.Tensor | float, clip_ratio: torch.Tensor | None = None
+) -> ColumnRounder:
     """The MX quantizer as a GPTQ rounder: one shared scale per (row, block), fixed at block start.
 
     When a block starts, its per-row scale is computed once from the block's current (error-updated)
@@ -103,13 +105,34 @@ def mx_rounder(fmt: MXFormat | str, tensor_amax: torch.Tensor | float) -> Column
     rounded elementwise with it (`mx.fixed_scale_rounder`), values that grew past their row's amax
     under error feedback clipped to it. tests/test_gptq.py holds it bit-identical to quantizing each
     value with the full quantizer in a two-element block beside its row's amax.
+
+    clip_ratio (out,), a learned weight clipping ratio per row (`calib.learn_clipping`), scales each
+    block's max before the scale is fixed and clips the row's values to it, as `mx.quantize` does with
+    clip_ratio: with H = I the result is round-to-nearest with that clipping, bit for bit. For nvfp4,
+    tensor_amax is then the clipped weight's max (`clipped_amax`).
     """
     fmt = get_format(fmt)
 
     def fix_block(block: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        return fixed_scale_rounder(fmt, block.abs().amax(dim=1), tensor_amax)
+        block_amax = block.abs().amax(dim=1)
+        if clip_ratio is not None:
+            block_amax = clip_ratio * block_amax
+        return fixed_scale_rounder(fmt, block_amax, tensor_amax)
 
     return fix_block
+
+
+def clipped_amax(weight: torch.Tensor, clip_ratio: torch.Tensor | None) -> torch.Tensor:
+    """The max magnitude of weight (out, in) after each row is clipped to clip_ratio (out,) of its max."""
+    row_amax = weight.abs().amax(dim=1)
+    return (row_amax if clip_ratio is None else clip_ratio * row_amax).max()
+
+
+def row_clip_ratio(linear: QuantLinear) -> torch.Tensor | None:
+    """The linear's learned weight clipping ratio per output row, or None when it learned none."""
+    if linear.weight_clip is None:
+        return None
+    return linear.weight_clip.detach().to(torch.float32).reshape(linear.out_features)
 
 
 class _HessianAccumulator:
@@ -203,20 +226,23 @@ def _gptq_block(
         groups.setdefault((id(hessians.of[id(linear)]), linear.weight_format.name, block_size), []).append(linear)
     for (_, _, block_size), group in groups.items():
         weights = [linear.effective_weight_and_bias()[0] for linear in group]
-        rounder = _stacked_rounder(group[0].weight_format, weights)
+        rounder = _stacked_rounder(group[0].weight_format, weights, [row_clip_ratio(linear) for linear in group])
         H = hessians.of[id(group[0])].H
         stacked = gptq_quantize_weight(torch.cat(weights), H, block_size, rounder, settings.damp, settings.act_order)
         for linear, weight in zip(group, stacked.split([w.shape[0] for w in weights]), strict=True):
             linear.set_weight(weight)
 
 
-def _stacked_rounder(fmt: MXFormat, weights: list[torch.Tensor]) -> ColumnRounder:
-    """The MX rounder of weights stacked by rows: E8M0 scales are per row already; NVFP4 rounds each
-    weight's rows with that weight's own FP32 tensor scale."""
+def _stacked_rounder(
+    fmt: MXFormat, weights: list[torch.Tensor], clip_ratios: list[torch.Tensor | None]
+) -> ColumnRounder:
+    """The MX rounder of weights stacked by rows, each row clipped by its linear's ratio if it has one:
+    E8M0 scales are per row already; NVFP4 rounds each weight's rows with that weight's own FP32 tensor
+    scale."""
     if not fmt.tensor_scale:
-        return mx_rounder(fmt, 0.0)
+        return mx_rounder(fmt, 0.0, _stacked_ratios(weights, clip_ratios))
     sizes = [w.shape[0] for w in weights]
-    parts = [mx_rounder(fmt, w.abs().max()) for w in weights]
+    parts = [mx_rounder(fmt, clipped_amax(w, r), r) for w, r in zip(weights, clip_ratios, strict=True)]
 
     def fix_block(block: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         rounders = [part(rows) for part, rows in zip(parts, block.split(sizes), strict=True)]
@@ -225,3 +251,12 @@ def _stacked_rounder(fmt: MXFormat, weights: list[torch.Tensor]) -> ColumnRounde
         )
 
     return fix_block
+
+
+def _stacked_ratios(weights: list[torch.Tensor], clip_ratios: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """The stacked weights' clipping ratio per row (1 for a weight without one), or None if none has one."""
+    if all(r is None for r in clip_ratios):
+        return None
+    return torch.cat([
+        torch.ones(w.shape[0], device=w.device) if r is None else r for w, r in zip(weights, clip_ratios, strict=True)
+    ])

@@ -5,7 +5,7 @@ import torch
 
 from latmix.fidelity import Reference, deviation
 from latmix.formats import FORMATS, get_format
-from latmix.gptq import gptq_quantize_model, gptq_quantize_weight, mx_rounder
+from latmix.gptq import clipped_amax, gptq_quantize_model, gptq_quantize_weight, mx_rounder
 from latmix.mx import quantize
 from latmix.quantize import QuantLinear, prepare_model, set_quantization
 from latmix.settings import QuantConfig, TransformConfig
@@ -72,6 +72,20 @@ def test_uncorrelated_inputs_reduce_gptq_to_round_to_nearest():
     H = torch.eye(96) * 3.0
     W_q = gptq_quantize_weight(W, H, 32, mx_rounder("mxfp4", W.abs().max()))
     assert torch.equal(W_q, quantize(W, "mxfp4"))
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_a_clipping_ratio_per_row_makes_uncorrelated_gptq_the_clipped_round_to_nearest(fmt):
+    # A learned weight clipping ratio (calib.learn_clipping) scales each row's block max before the
+    # scale is fixed, exactly as mx.quantize's clip_ratio: GPTQ without error to feed is then RTN
+    # with that clipping, bit for bit (nvfp4's tensor scale from the clipped weight too).
+    W = layer(32, 96, seed=4)
+    ratio = torch.rand(32, generator=torch.Generator().manual_seed(5)) * 0.3 + 0.7
+    block = get_format(fmt).default_block_size
+    W_q = gptq_quantize_weight(W, torch.eye(96) * 3.0, block, mx_rounder(fmt, clipped_amax(W, ratio), ratio))
+    clipped_rtn = quantize(W, fmt, clip_ratio=ratio.reshape(-1, 1, 1))
+    assert torch.equal(W_q, clipped_rtn)
+    assert not torch.equal(W_q, quantize(W, fmt))
 
 
 def test_dead_inputs_get_zero_weights():
@@ -228,3 +242,33 @@ def test_linears_reading_one_operand_share_one_hessian_with_the_same_result(make
     separate = quantized_weights()
     assert len(computed) == 2 * 4 * 7
     assert all(torch.equal(a, b) for a, b in zip(shared, separate, strict=True))
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_gptq_on_a_model_keeps_each_linears_learned_weight_clipping(make_tiny_model, monkeypatch, fmt):
+    # GPTQ replaces the round-to-nearest weights that calibration learned clipping ratios for; it must
+    # round with those ratios, not drop them. With an identity Hessian GPTQ is RTN, so the installed
+    # weights are what each linear's own clipped RTN forward computed before GPTQ.
+    import latmix.gptq as gptq
+    from latmix.calibrate.measure import quant_points
+    from latmix.calibrate.trainer import install_clipping
+
+    quant = QuantConfig(weight_format=fmt, act_format=fmt, weight_quantizer="gptq")
+    prepared = prepare_model(make_tiny_model("llama"), TransformConfig({}), quant)
+    points = quant_points(prepared.model)
+    install_clipping(points)
+    generator = torch.Generator().manual_seed(10)
+    with torch.no_grad():
+        for _, _, linear in points:
+            logits = linear.parametrizations.weight_clip.original
+            logits.copy_(torch.rand(logits.shape, generator=generator) * 3.0)  # ratios 0.5 to 0.95
+    linears = [linear for _, _, linear in points if linear.weight_format is not None]
+    clipped_rtn = [
+        quantize(linear.effective_weight_and_bias()[0], fmt, clip_ratio=linear.weight_clip).detach()
+        for linear in linears
+    ]
+    solve = gptq.gptq_quantize_weight
+    monkeypatch.setattr(gptq, "gptq_quantize_weight", lambda W, H, *a, **k: solve(W, torch.eye(len(H)), *a, **k))
+    gptq_quantize_model(prepared, torch.randint(0, 128, (2, 32), generator=generator), quant)
+    assert all(linear.weight_is_quantized for linear in linears)
+    assert all(torch.equal(linear.weight, w) for linear, w in zip(linears, clipped_rtn, strict=True))
