@@ -74,8 +74,8 @@ class CayleySGD(torch.optim.Optimizer):
         return torch.linalg.solve(eye + half, (eye - half) @ X)
 
 
-def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
-    """The optimizer of cfg over params."""
+def build_optimizer(params: list[nn.Parameter] | list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """The optimizer of cfg over params, or over parameter groups that may carry a "base_lr" (`set_lr`)."""
     if not params:
         raise ValueError("no trainable parameters to optimize; check the transform config (learnable: true)")
     if cfg.name == "adamw":
@@ -98,7 +98,7 @@ def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
 def set_lr(optimizer: torch.optim.Optimizer, step: int, total_steps: int, cfg: OptimConfig) -> None:
     """Set the learning rate for `step` from the step alone, so a resumed run follows the same schedule."""
     for group in optimizer.param_groups:
-        group["lr"] = cfg.lr * lr_factor(step, total_steps, cfg)
+        group["lr"] = group.get("base_lr", cfg.lr) * lr_factor(step, total_steps, cfg)
 
 
 def clip_gradients(params: list[nn.Parameter], cfg: OptimConfig) -> float:

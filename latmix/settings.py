@@ -457,12 +457,17 @@ class OptimConfig:
     schedule: str = "cosine"
     warmup: int = 0
     grad_clip: float | None = 1.0
+    # The learned clipping logits' own learning rate (calib.learn_clipping); None: lr. They start
+    # saturated (sigmoid(4) = 0.982), so at an lr chosen for the maps a few steps hardly move them.
+    clip_lr: float | None = None
 
     def __post_init__(self) -> None:
         check_choice("optim.name", self.name, OPTIMIZERS)
         check_choice("optim.schedule", self.schedule, SCHEDULES)
         if not self.lr > 0:
             raise ValueError(f"optim.lr must be positive, got {self.lr}")
+        if self.clip_lr is not None and not self.clip_lr > 0:
+            raise ValueError(f"optim.clip_lr must be positive or null (optim.lr), got {self.clip_lr}")
         if self.name in MOMENTUM_OPTIMIZERS:
             if self.momentum is None:
                 _set(self, "momentum", 0.9)

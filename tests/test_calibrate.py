@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from latmix.calibrate import NonFiniteError, calibrate
+from latmix.calibrate.trainer import param_groups
 from latmix.fidelity import Reference, deviation
 from latmix.models import inject_channel_outliers
-from latmix.optim import build_optimizer, lr_factor
+from latmix.optim import build_optimizer, lr_factor, set_lr
 from latmix.quantize import prepare_model
 from latmix.settings import CalibConfig, OptimConfig, QuantConfig, TransformConfig
 
@@ -374,9 +375,37 @@ def test_learning_rate_schedule_depends_on_the_step_alone():
     assert lr_factor(7, 10, OptimConfig(schedule="constant")) == 1.0
 
 
+@pytest.mark.parametrize("clip_lr", [None, 0.5])
+def test_learned_clipping_logits_follow_optim_clip_lr_on_the_same_schedule(clip_lr):
+    # The clipping logits start saturated (sigmoid(4)); optim.clip_lr lets a few steps move them
+    # without moving the maps faster. Adam's first step is lr in size whatever the gradient's.
+    params = {
+        "residual.scale": torch.nn.Parameter(torch.zeros(3)),
+        "model.layers.0.mlp.up_proj.parametrizations.weight_clip.original": torch.nn.Parameter(torch.full((2,), 4.0)),
+    }
+    cfg = OptimConfig(lr=1e-3, clip_lr=clip_lr)
+    optimizer = build_optimizer(param_groups(params, cfg), cfg)
+    set_lr(optimizer, 0, 4, cfg)
+    for p in params.values():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    scale, clip = params.values()
+    assert torch.allclose(scale, torch.full((3,), -1e-3), atol=1e-6)
+    assert torch.allclose(clip, torch.full((2,), 4.0 - (clip_lr or 1e-3)), atol=1e-5)
+    set_lr(optimizer, 2, 4, cfg)  # halfway down the cosine: both at half their own rate
+    assert [group["lr"] for group in optimizer.param_groups] == pytest.approx(
+        [0.5e-3] if clip_lr is None else [0.5e-3, 0.5 * clip_lr]
+    )
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
-    [({"name": "adam"}, "optim.name='adam'"), ({"lr": 0.0}, "optim.lr"), ({"grad_clip": -1.0}, "grad_clip")],
+    [
+        ({"name": "adam"}, "optim.name='adam'"),
+        ({"lr": 0.0}, "optim.lr"),
+        ({"clip_lr": 0.0}, "optim.clip_lr"),
+        ({"grad_clip": -1.0}, "grad_clip"),
+    ],
 )
 def test_bad_optimizer_settings_say_what_to_change(overrides, message):
     with pytest.raises(ValueError, match=message):

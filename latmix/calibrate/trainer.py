@@ -37,6 +37,7 @@ __all__ = [
     "install_clipping",
     "matrices_built_once",
     "micro_losses",
+    "param_groups",
     "total_steps",
     "trainable",
 ]
@@ -70,10 +71,25 @@ def trainable(prepared: PreparedModel, points: list[Point], learn_clipping: bool
             groups[tname] = params
     if learn_clipping:
         for name, _, linear in points:
-            params = {f"{name}.{n}": p for n, p in linear.named_parameters() if "_clip" in n}
+            params = {f"{name}.{n}": p for n, p in linear.named_parameters() if is_clipping(n)}
             if params:
                 groups[name] = params
     return groups
+
+
+def is_clipping(name: str) -> bool:
+    """Whether a parameter name is a learned clipping logit (weight_clip, act_clip)."""
+    return "_clip" in name
+
+
+def param_groups(params: dict[str, nn.Parameter], optim_cfg: OptimConfig) -> list[dict]:
+    """The optimizer's parameter groups: the clipping logits at optim.clip_lr when it is set, the rest at optim.lr."""
+    clipping = [p for n, p in params.items() if is_clipping(n)]
+    if optim_cfg.clip_lr is None or not clipping:
+        return [{"params": list(params.values())}]
+    others = [p for n, p in params.items() if not is_clipping(n)]
+    groups = [{"params": others, "base_lr": optim_cfg.lr}, {"params": clipping, "base_lr": optim_cfg.clip_lr}]
+    return [group for group in groups if group["params"]]
 
 
 def flat(groups: Groups) -> dict[str, nn.Parameter]:
@@ -92,7 +108,7 @@ class Trainer:
 
     def __post_init__(self) -> None:
         self.params = flat(self.groups)
-        self.optimizer = build_optimizer(list(self.params.values()), self.optim_cfg)
+        self.optimizer = build_optimizer(param_groups(self.params, self.optim_cfg), self.optim_cfg)
         self.best = param_state(self.params)
         self.rolled_back: list[str] = []
 
