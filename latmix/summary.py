@@ -145,6 +145,8 @@ def run_summary(rec: Mapping[str, Any], results_dir: str | Path, *, recorded_ear
     measured, total = rec["calibration"].get("measure_seconds"), rec["timing"].get("total")
     if _is_number(measured) and _is_number(total) and total > 0:
         lines.append(f"  bound/error measurement (in calibrate): {measured:.1f} s, {100 * measured / total:.0f}% of the run")
+    for kind, ratios in (rec["calibration"].get("clipping") or {}).items():
+        lines.append(f"  learned {kind} clipping ratios: {ratios['min']:.3f} to {ratios['max']:.3f}, mean {ratios['mean']:.3f}")
     lines.append(f"  record: {record.record_path(results_dir, rec['run_id'])}")
     exported = record.export_dir(results_dir, rec["run_id"])
     if exported.is_dir():

@@ -324,16 +324,21 @@ def test_exploding_condition_number_is_rolled_back_and_reported(make_tiny_model)
 # --- options --------------------------------------------------------------------------------------
 
 
-def test_learned_clipping_ratios_move_from_their_start(make_tiny_model):
+def test_learned_clipping_ratios_move_from_their_start_and_the_report_says_where_to(make_tiny_model):
     fp_model = make_tiny_model("llama")
     prepared = prepare_model(make_tiny_model("llama"), TransformConfig(placements("affine")), W4A4)
-    calibrate(
+    report = calibrate(
         prepared, fp_model, token_ids(4, 16, 0), quick_config(learn_clipping=True), OptimConfig(lr=5e-2), None
     )
     q_proj = prepared.model.model.layers[0].self_attn.q_proj
     assert q_proj.weight_clip.shape == (q_proj.out_features, 1, 1)
     assert not torch.allclose(q_proj.weight_clip, torch.sigmoid(torch.tensor(4.0)))
     assert 0 < float(q_proj.act_clip) < 1
+    weight, act = report.clipping["weight"], report.clipping["act"]
+    assert 0 < weight["min"] <= float(q_proj.weight_clip.min()) <= float(q_proj.weight_clip.max()) <= weight["max"] < 1
+    assert weight["min"] <= weight["mean"] <= weight["max"]
+    assert act["min"] <= float(q_proj.act_clip) <= act["max"]
+    assert weight["min"] < weight["max"]
 
 
 def test_bound_objective_lowers_the_bound(make_tiny_model):

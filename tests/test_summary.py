@@ -84,6 +84,14 @@ def test_the_run_summary_gives_the_measurements_share_of_the_run(tmp_path):
     assert "bound/error measurement (in calibrate): 4.2 s, 10% of the run" in summary.run_summary(rec, tmp_path)
 
 
+def test_the_run_summary_says_where_learned_clipping_ratios_ended(tmp_path):
+    rec = make_record()
+    rec["calibration"]["clipping"] = {"weight": {"min": 0.9, "mean": 0.975, "max": 0.99}}
+    text = summary.run_summary(rec, tmp_path)
+    assert "learned weight clipping ratios: 0.900 to 0.990, mean 0.975" in text
+    assert "act clipping" not in text
+
+
 def test_without_a_full_precision_record_the_summary_says_how_to_get_one(tmp_path):
     rec = write(tmp_path, make_record())
     text = summary.run_summary(rec, tmp_path)

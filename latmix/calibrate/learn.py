@@ -58,6 +58,7 @@ from latmix.calibrate.trainer import (
     autocast,
     batch_indices,
     batches_per_epoch,
+    clipping_summary,
     flat,
     install_clipping,
     matrices_built_once,
@@ -99,6 +100,7 @@ class CalibrationReport:
     skipped: str | None = None  # why nothing was calibrated (nothing to learn), or None
     smoothed: int | None = None  # maps given the calib.smooth_alpha start (None: smooth_alpha 0, off)
     measure_seconds: float | None = None  # the per-layer bound/error and KL measurement (None: not measured)
+    clipping: dict[str, dict[str, float]] | None = None  # where learned clipping ratios ended (calib.learn_clipping)
 
     def as_record(self) -> dict[str, Any]:
         return asdict(self)
@@ -380,6 +382,8 @@ def calibrate(
                 report.per_layer = per_layer_rows(points, before, after, seconds)
             log.info("measured the bound and error at %d points in %.1f s (%s)", len(report.per_layer),
                      report.measure_seconds, "before and after learning" if groups else "once: nothing learned")
+    if calib_cfg.learn_clipping and groups:
+        report.clipping = clipping_summary(points)
     for params in groups.values():
         for p in params.values():
             p.requires_grad_(False)

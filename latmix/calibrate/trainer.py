@@ -33,6 +33,7 @@ __all__ = [
     "autocast",
     "batch_indices",
     "batches_per_epoch",
+    "clipping_summary",
     "flat",
     "install_clipping",
     "matrices_built_once",
@@ -60,6 +61,22 @@ def install_clipping(points: list[Point]) -> None:
             linear.act_clip = nn.Parameter(torch.full((1,), CLIP_INIT_LOGIT))
             parametrize.register_parametrization(linear, "act_clip", nn.Sigmoid())
         linear.to(linear.weight.device)
+
+
+def clipping_summary(points: list[Point]) -> dict[str, dict[str, float]]:
+    """min, mean and max of the learned clipping ratios, weights (per output channel) and activations
+    (per layer) apart: how far learning moved them from their start of 0.982."""
+    ratios: dict[str, list[torch.Tensor]] = {"weight": [], "act": []}
+    for _, _, linear in points:
+        for kind, clip in (("weight", linear.weight_clip), ("act", linear.act_clip)):
+            if clip is not None:
+                ratios[kind].append(clip.detach().float().flatten().cpu())
+    summary = {}
+    for kind, parts in ratios.items():
+        if parts:
+            values = torch.cat(parts)
+            summary[kind] = {"min": float(values.min()), "mean": float(values.mean()), "max": float(values.max())}
+    return summary
 
 
 def trainable(prepared: PreparedModel, points: list[Point], learn_clipping: bool) -> Groups:
