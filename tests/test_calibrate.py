@@ -341,6 +341,20 @@ def test_learned_clipping_ratios_move_from_their_start_and_the_report_says_where
     assert weight["min"] < weight["max"]
 
 
+@pytest.mark.parametrize("rtn_weights", [False, True])
+def test_weight_clipping_is_learned_only_where_weights_are_quantized_while_learning(make_tiny_model, rtn_weights):
+    # Under GPTQ the weights stay unquantized while learning unless calib.quantize_weights: a weight
+    # ratio would get no gradient there, and GPTQ (which rounds with it) would clip by an unlearned 0.982.
+    gptq = QuantConfig(weight_format="mxfp4", act_format="mxfp4", weight_quantizer="gptq")
+    prepared = prepare_model(make_tiny_model("llama"), TransformConfig(placements("affine")), gptq)
+    cfg = quick_config(learn_clipping=True, quantize_weights=rtn_weights, epochs=1)
+    report = calibrate(prepared, make_tiny_model("llama"), token_ids(4, 16, 0), cfg, OptimConfig(lr=5e-2), None)
+    q_proj = prepared.model.model.layers[0].self_attn.q_proj
+    assert (q_proj.weight_clip is not None) == rtn_weights
+    assert q_proj.act_clip is not None
+    assert set(report.clipping) == ({"weight", "act"} if rtn_weights else {"act"})
+
+
 def test_bound_objective_lowers_the_bound(make_tiny_model):
     fp_model = model_with_outliers(make_tiny_model)
     prepared = prepare_model(model_with_outliers(make_tiny_model), TransformConfig(placements("affine")), W4A4)

@@ -256,7 +256,7 @@ def test_gptq_on_a_model_keeps_each_linears_learned_weight_clipping(make_tiny_mo
     quant = QuantConfig(weight_format=fmt, act_format=fmt, weight_quantizer="gptq")
     prepared = prepare_model(make_tiny_model("llama"), TransformConfig({}), quant)
     points = quant_points(prepared.model)
-    install_clipping(points)
+    install_clipping(points, rtn_weights=True)
     generator = torch.Generator().manual_seed(10)
     with torch.no_grad():
         for _, _, linear in points:

@@ -420,7 +420,7 @@ def _what_to_learn(prepared: PreparedModel, points: list[Point], cfg: CalibConfi
             "high precision (calib.quantize_weights=true learns against round-to-nearest weights)"
         )
     if cfg.learn_clipping:
-        install_clipping(points)
+        install_clipping(points, rtn_weights=cfg.quantize_weights)
     groups = trainable(prepared, points, cfg.learn_clipping)
     return groups, None if groups else "no learnable parameter (every transform is fixed)"
 

@@ -51,10 +51,15 @@ AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 CLIP_INIT_LOGIT = 4.0
 
 
-def install_clipping(points: list[Point]) -> None:
-    """FlatQuant's LWC/LAC: per-output-channel weight and per-layer activation clip ratios, sigmoid-bounded."""
+def install_clipping(points: list[Point], *, rtn_weights: bool) -> None:
+    """FlatQuant's LWC/LAC: per-output-channel weight and per-layer activation clip ratios, sigmoid-bounded.
+
+    A weight ratio only where the weight is quantized while learning (weight_quantizer=rtn, or
+    rtn_weights: calib.quantize_weights): elsewhere nothing would move it from its start, and GPTQ,
+    which rounds with it, would clip by a ratio nobody learned."""
     for _, _, linear in points:
-        if linear.weight_format is not None and linear.weight_clip is None:
+        weight_learned = linear.quantize_weights or rtn_weights
+        if linear.weight_format is not None and weight_learned and linear.weight_clip is None:
             linear.weight_clip = nn.Parameter(torch.full((linear.out_features, 1, 1), CLIP_INIT_LOGIT))
             parametrize.register_parametrization(linear, "weight_clip", nn.Sigmoid())
         if linear.act_format is not None and linear.act_clip is None:
