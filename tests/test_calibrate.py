@@ -415,6 +415,8 @@ def test_learned_clipping_logits_follow_optim_clip_lr_on_the_same_schedule(clip_
     assert [group["lr"] for group in optimizer.param_groups] == pytest.approx(
         [0.5e-3] if clip_lr is None else [0.5e-3, 0.5 * clip_lr]
     )
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        build_optimizer(param_groups({}, cfg), cfg)
 
 
 @pytest.mark.parametrize(

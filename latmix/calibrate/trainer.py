@@ -105,12 +105,15 @@ def is_clipping(name: str) -> bool:
 
 
 def param_groups(params: dict[str, nn.Parameter], optim_cfg: OptimConfig) -> list[dict]:
-    """The optimizer's parameter groups: the clipping logits at optim.clip_lr when it is set, the rest at optim.lr."""
-    clipping = [p for n, p in params.items() if is_clipping(n)]
-    if optim_cfg.clip_lr is None or not clipping:
-        return [{"params": list(params.values())}]
-    others = [p for n, p in params.items() if not is_clipping(n)]
-    groups = [{"params": others, "base_lr": optim_cfg.lr}, {"params": clipping, "base_lr": optim_cfg.clip_lr}]
+    """The optimizer's parameter groups: the clipping logits at optim.clip_lr when it is set, the rest at
+    optim.lr; none when there is nothing to train (so build_optimizer says so)."""
+    if optim_cfg.clip_lr is None:
+        groups = [{"params": list(params.values()), "base_lr": optim_cfg.lr}]
+    else:
+        groups = [
+            {"params": [p for n, p in params.items() if not is_clipping(n)], "base_lr": optim_cfg.lr},
+            {"params": [p for n, p in params.items() if is_clipping(n)], "base_lr": optim_cfg.clip_lr},
+        ]
     return [group for group in groups if group["params"]]
 
 
