@@ -62,8 +62,13 @@ def _load_hub_texts(source: str, split: str) -> list[str]:
         ) from err
 
 
+def local_text_file(split: str, path: Path | str | None) -> Path:
+    """The file source='local' reads for a split: `path` if given, else the embedded text."""
+    return Path(path) if path is not None else LOCAL_TEXTS[split]
+
+
 def _read_local_text(split: str, path: Path | str | None) -> str:
-    path = Path(path) if path is not None else LOCAL_TEXTS[split]
+    path = local_text_file(split, path)
     if not path.is_file():
         raise ConfigError(f"calib.path={path} does not exist; set calib.path to an existing text file")
     return path.read_text(encoding="utf-8")

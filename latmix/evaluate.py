@@ -96,10 +96,17 @@ def perplexity_texts(tokenizer: Any, settings: EvalSettings, seq_len: int) -> li
     return texts
 
 
+def ppl_text_file(entry: str) -> Path | None:
+    """The file an eval.ppl_datasets entry reads: an embedded text or a path; None for a hub dataset."""
+    if entry in LOCAL_PPL_DATASETS:
+        return local_tasks.text_path(entry)
+    return None if entry in PPL_DATASETS else Path(entry)
+
+
 def _tokens_and_source(tokenizer: Any, entry: str) -> tuple[torch.Tensor, dict[str, Any]]:
-    if entry == "wikitext2":
+    path = ppl_text_file(entry)
+    if path is None:
         return perplexity_stream(tokenizer, entry), {"dataset": "Salesforce/wikitext wikitext-2-raw-v1 test"}
-    path = Path(local_tasks.text_path(entry) if entry in LOCAL_PPL_DATASETS else entry)
     raw = path.read_bytes()
     ids = torch.tensor(tokenizer(raw.decode("utf-8"), add_special_tokens=False)["input_ids"], dtype=torch.long)
     return ids, {"path": str(path), "sha256": hashlib.sha256(raw).hexdigest()}

@@ -22,7 +22,7 @@ import torch
 import transformers
 from omegaconf import DictConfig, OmegaConf
 
-from latmix import export, figures, interrupt, logs, record, summary, tracking
+from latmix import export, figures, interrupt, logs, provenance, record, summary, tracking
 from latmix.calibrate import calibrate
 from latmix.config import build_experiment, identity_config
 from latmix.data import calibration_batches
@@ -219,6 +219,15 @@ def existing_record(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def check_recorded_texts(rec: dict[str, Any], exp: Experiment, path: Path) -> None:
+    """ConfigError if a text the recorded run read has changed since: its numbers are not this config's."""
+    if changes := provenance.changed_texts(rec, exp):
+        raise ConfigError(
+            f"run {rec['run_id']} is recorded at {path}, but {'; '.join(changes)}. Its numbers came from "
+            "the old text: rerun with force=true to replace the record, or restore the text to reuse it"
+        )
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one experiment from a composed config and return its result record."""
     logs.quiet_third_party()
@@ -228,6 +237,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     path = record.record_path(exp.results_dir, rid)
     previous = existing_record(path)
     if previous is not None and not exp.force:
+        check_recorded_texts(previous, exp, path)
         log.info("run %s is already recorded at %s; skipping (force=true reruns it)", rid, path)
         tidy_recorded(exp, rid)
         summary.log_run_summary(previous, exp.results_dir, recorded_earlier=True)
@@ -308,7 +318,7 @@ def execute(
             prepared, fp_model, calib_ids, exp.calib, exp.optim, checkpoint_dir,
             heldout_ids=heldout_ids, on_step=tracker.log_step,
         )
-        calibration = {**report.as_record(), "data_sha256": calib_sha}
+        calibration = {**report.as_record(), "data_sha256": calib_sha, "text": provenance.calibration_text(calib)}
         tracker.log_transforms(rid, export.save_learned(learned, exp.results_dir, rid))
     fidelity = {"before_calibration": deviation_before, "after_calibration": prepared.fp_deviation()}
 

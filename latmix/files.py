@@ -1,9 +1,10 @@
-"""Atomic file writes (a reader sees the previous file or the new one, never half of one), their leftovers, and
-the results directory's write probe."""
+"""Atomic file writes (a reader sees the previous file or the new one, never half of one), their leftovers,
+the results directory's write probe, and a file's sha256."""
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -12,7 +13,7 @@ from typing import IO
 
 from latmix.errors import ConfigError
 
-__all__ = ["atomic_write", "check_writable_dir", "remove_temp_files", "temp_files"]
+__all__ = ["atomic_write", "check_writable_dir", "remove_temp_files", "sha256_file", "temp_files"]
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path:
@@ -67,3 +68,12 @@ def check_writable_dir(path: str | Path, key: str) -> None:
         raise ConfigError(
             f"{key}={path} is not writable ({err.strerror or err}); set {key} to a directory you can write to"
         ) from err
+
+
+def sha256_file(path: str | Path) -> str:
+    """The file's sha256 (hex), read in 4 MiB chunks so that large weight files need little memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from hashlib import sha256
 from pathlib import Path
 
 import pandas as pd
@@ -19,6 +20,7 @@ from wandb_offline import read_offline_run
 
 from latmix import record
 from latmix.config import identity_config
+from latmix.errors import ConfigError
 from latmix.experiment import run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,6 +76,33 @@ def test_one_run_writes_a_valid_record_then_skips_then_reruns_when_forced(tiny_c
     forced = run(compose_run(*overrides, "force=true"))
     assert forced["run_id"] == rec["run_id"] and path.stat().st_mtime_ns != written
     assert forced["metrics"]["ppl"] == pytest.approx(rec["metrics"]["ppl"])  # seeded: reproducible
+
+
+@pytest.mark.slow
+def test_a_recorded_run_whose_texts_changed_stops_naming_them_and_force_reruns_it(tiny_checkpoint, tmp_path):
+    calib_text, eval_text = tmp_path / "calib.txt", tmp_path / "mine.txt"
+    calib_text.write_text((ROOT / "data" / "text" / "calibration.txt").read_text())
+    eval_text.write_text((ROOT / "data" / "text" / "heldout.txt").read_text())
+    overrides = [*shrunk(tiny_checkpoint, tmp_path), "logger=none", "transform=identity", "eval.tasks=[]",
+                 f"calib.path={calib_text}", f"eval.ppl_datasets=[{eval_text}]"]
+    rec = run(compose_run(*overrides))
+    assert rec["calibration"]["text"]["sha256"] == sha256(calib_text.read_bytes()).hexdigest()
+    assert rec["eval"]["ppl_sources"]["mine"]["sha256"] == sha256(eval_text.read_bytes()).hexdigest()
+    path = record.record_path(tmp_path, rec["run_id"])
+    written = path.read_bytes()
+
+    eval_text.write_text(eval_text.read_text()[::-1])
+    calib_text.write_text(calib_text.read_text().upper())
+    with pytest.raises(ConfigError) as stopped:
+        run(compose_run(*overrides))
+    message = str(stopped.value)
+    assert f"eval.ppl_datasets entry 'mine' ({eval_text}) has changed" in message
+    assert f"the calibration text ({calib_text}) has changed" in message
+    assert "force=true" in message and path.read_bytes() == written  # nothing lost
+
+    forced = run(compose_run(*overrides, "force=true"))
+    assert forced["run_id"] == rec["run_id"] and forced["metrics"]["ppl"] != rec["metrics"]["ppl"]
+    assert run(compose_run(*overrides)) == record.read_record(path)  # the new texts' record is reused
 
 
 @pytest.mark.slow

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import platform
@@ -58,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from latmix.errors import ConfigError
+from latmix.files import sha256_file
 
 __all__ = [
     "MODELS",
@@ -141,14 +141,6 @@ def rebuild_command(name: str) -> str:
         python = str(Path(python).relative_to(Path.cwd()))
     env = f"LATMIX_CACHE={shlex.quote(os.environ['LATMIX_CACHE'])} " if os.environ.get("LATMIX_CACHE") else ""
     return f"{env}{shlex.quote(python)} -m latmix.models.cache build {name}"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _safetensors_problem(path: Path, size: int) -> str | None:

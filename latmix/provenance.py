@@ -1,0 +1,65 @@
+"""The texts a run read, by content, and whether a recorded run's texts are still the ones its config names.
+
+A run's id hashes its config (latmix.record.run_id), not the files the config names, so a calibration
+or perplexity text edited in place keeps its id, and the run would be skipped as recorded with numbers
+from the old text. The record keeps each text's sha256 (`calibration.text`, `eval.ppl_sources`); before
+a recorded run is reused, the texts its config names now are hashed and compared. Hub datasets
+(WikiText-2, C4) are named, not hashed; records written before `calibration.text` existed are checked
+on their perplexity texts only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from latmix.data import local_text_file
+from latmix.evaluate import ppl_text_file
+from latmix.files import sha256_file
+from latmix.settings import CalibConfig, Experiment, ppl_dataset_name
+
+
+def text_source(path: str | Path) -> dict[str, str]:
+    """How a record names a text it read: its path and the sha256 of its bytes."""
+    return {"path": str(path), "sha256": sha256_file(path)}
+
+
+def calibration_text(calib: CalibConfig) -> dict[str, str] | None:
+    """The calibration text's source (text_source), or None for a hub dataset."""
+    return text_source(local_text_file("train", calib.path)) if calib.source == "local" else None
+
+
+def changed_texts(rec: Mapping[str, Any], exp: Experiment) -> list[str]:
+    """One clause per text the record hashed whose file, as the config names it now, differs or is gone."""
+    changes = []
+    for what, path, source in _hashed_texts(rec, exp):
+        if not path.is_file():
+            changes.append(f"{what} ({path}) is gone")
+        elif (now := sha256_file(path)) != source["sha256"]:
+            changes.append(
+                f"{what} ({path}) has changed (sha256 {source['sha256'][:12]} then, {now[:12]} now)"
+            )
+    return changes
+
+
+def _hashed_texts(rec: Mapping[str, Any], exp: Experiment) -> list[tuple[str, Path, Mapping[str, Any]]]:
+    """(what the config calls it, the file it names now, the record's source) for each text both know."""
+    ppl_sources = rec.get("eval", {}).get("ppl_sources", {})
+    named = [
+        (
+            f"eval.ppl_datasets entry {ppl_dataset_name(e)!r}",
+            ppl_text_file(e),
+            ppl_sources.get(ppl_dataset_name(e)),
+        )
+        for e in exp.eval.ppl_datasets
+    ]
+    if exp.calib.source == "local":
+        named.append(
+            ("the calibration text", local_text_file("train", exp.calib.path), rec["calibration"].get("text"))
+        )
+    return [
+        (what, path, source)
+        for what, path, source in named
+        if path is not None and isinstance(source, Mapping) and "sha256" in source
+    ]

@@ -1,0 +1,64 @@
+"""A recorded run is reused only while the texts it read are unchanged (latmix/provenance.py): the run id
+hashes the config, not the files it names, so the record's sha256 of each text is what tells them apart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+from latmix import config, provenance
+from latmix.settings import ppl_dataset_name
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def composed(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return config.build_experiment(compose("config", overrides=["model=tiny", *overrides]))
+
+
+def texts_of(tmp_path: Path) -> tuple[Path, Path]:
+    calib, heldout = tmp_path / "calib.txt", tmp_path / "mine.txt"
+    calib.write_text("calibration words\n" * 50)
+    heldout.write_text("held-out words\n" * 50)
+    return calib, heldout
+
+
+def record_of(exp) -> dict:
+    """What a run of `exp` records about its texts, read from the files as they are now."""
+    sources = {}
+    for entry in exp.eval.ppl_datasets:
+        if (path := provenance.ppl_text_file(entry)) is not None:
+            sources[ppl_dataset_name(entry)] = provenance.text_source(path)
+    return {"calibration": {"text": provenance.calibration_text(exp.calib)}, "eval": {"ppl_sources": sources}}
+
+
+def test_unchanged_texts_leave_nothing_to_report(tmp_path):
+    calib, heldout = texts_of(tmp_path)
+    exp = composed(f"calib.path={calib}", f"eval.ppl_datasets=[{heldout},heldout]")
+    assert provenance.changed_texts(record_of(exp), exp) == []
+
+
+def test_an_edited_text_and_a_removed_one_are_each_named(tmp_path):
+    calib, heldout = texts_of(tmp_path)
+    exp = composed(f"calib.path={calib}", f"eval.ppl_datasets=[{heldout}]")
+    rec = record_of(exp)
+    before = rec["calibration"]["text"]["sha256"]
+    calib.write_text("other words\n" * 50)
+    heldout.unlink()
+    changes = provenance.changed_texts(rec, exp)
+    assert changes == [
+        f"eval.ppl_datasets entry 'mine' ({heldout}) is gone",
+        f"the calibration text ({calib}) has changed (sha256 {before[:12]} then, "
+        f"{provenance.text_source(calib)['sha256'][:12]} now)",
+    ]
+
+
+def test_records_without_a_text_hash_and_hub_datasets_are_not_checked(tmp_path):
+    calib, _ = texts_of(tmp_path)
+    exp = composed(f"calib.path={calib}", "eval.ppl_datasets=[wikitext2]")
+    calib.write_text("changed\n")
+    # Written before calibration.text existed; WikiText-2 is named by the hub, not hashed.
+    assert provenance.changed_texts({"calibration": {}, "eval": {"ppl_sources": {"wikitext2": {}}}}, exp) == []
+    assert provenance.calibration_text(composed("calib=paper", "calib.seq_len=512").calib) is None
