@@ -101,11 +101,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def model_source(exp: Experiment) -> tuple[str, dict[str, Any]]:
-    """(what from_pretrained loads, the record's model section): a cached model names its manifest."""
+    """(what from_pretrained loads, the record's model section): a cached model names its manifest;
+    either carries the weights' fingerprint by content (provenance.model_fingerprint)."""
     if exp.model.cache is None:
-        return exp.model.name_or_path, {"name": exp.model.name, "name_or_path": exp.model.name_or_path}
-    path, manifest = cached_model(exp.model.cache)
-    return str(path), {"name": exp.model.name, **record_entry(manifest)}
+        name, section = exp.model.name_or_path, {"name": exp.model.name, "name_or_path": exp.model.name_or_path}
+    else:
+        path, manifest = cached_model(exp.model.cache)
+        name, section = str(path), {"name": exp.model.name, **record_entry(manifest)}
+    return name, {**section, "fingerprint": provenance.model_fingerprint(name)}
 
 
 def load_model_checked(exp: Experiment, device: torch.device, name: str) -> tuple[torch.nn.Module, Any]:
@@ -219,12 +222,13 @@ def existing_record(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def check_recorded_texts(rec: dict[str, Any], exp: Experiment, path: Path) -> None:
-    """ConfigError if a text the recorded run read has changed since: its numbers are not this config's."""
-    if changes := provenance.changed_texts(rec, exp):
+def check_recorded_inputs(rec: dict[str, Any], exp: Experiment, path: Path) -> None:
+    """ConfigError if a text or the weights the recorded run read have changed since: its numbers are
+    not this config's."""
+    if changes := provenance.changed_inputs(rec, exp):
         raise ConfigError(
             f"run {rec['run_id']} is recorded at {path}, but {'; '.join(changes)}. Its numbers came from "
-            "the old text: rerun with force=true to replace the record, or restore the text to reuse it"
+            "the old inputs: rerun with force=true to replace the record, or restore them to reuse it"
         )
 
 
@@ -237,7 +241,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     path = record.record_path(exp.results_dir, rid)
     previous = existing_record(path)
     if previous is not None and not exp.force:
-        check_recorded_texts(previous, exp, path)
+        check_recorded_inputs(previous, exp, path)
         log.info("run %s is already recorded at %s; skipping (force=true reruns it)", rid, path)
         tidy_recorded(exp, rid)
         summary.log_run_summary(previous, exp.results_dir, recorded_earlier=True)

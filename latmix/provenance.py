@@ -1,11 +1,12 @@
-"""The texts a run read, by content, and whether a recorded run's texts are still the ones its config names.
+"""What a run read, by content, and whether a recorded run's inputs are still the ones its config names.
 
 A run's id hashes its config (latmix.record.run_id), not the files the config names, so a calibration
-or perplexity text edited in place keeps its id, and the run would be skipped as recorded with numbers
-from the old text. The record keeps each text's sha256 (`calibration.text`, `eval.ppl_sources`); before
-a recorded run is reused, the texts its config names now are hashed and compared. Hub datasets
-(WikiText-2, C4) are named, not hashed; records written before `calibration.text` existed are checked
-on their perplexity texts only.
+or perplexity text edited in place, or a model directory whose weights were replaced, keeps its id, and
+the run would be skipped as recorded with numbers from the old inputs. The record keeps each text's
+sha256 (`calibration.text`, `eval.ppl_sources`) and the weights' fingerprint by content
+(`model_source.fingerprint`: models.loading.weights_fingerprint without mtimes); before a recorded run
+is reused they are computed again from what the config names now and compared. Hub datasets (WikiText-2,
+C4) are named, not hashed; a record written before a field existed is not checked on that input.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Any
 from latmix.data import local_text_file
 from latmix.evaluate import ppl_text_file
 from latmix.files import sha256_file
+from latmix.models.cache import model_dir
+from latmix.models.loading import model_directory, weights_fingerprint
 from latmix.settings import CalibConfig, Experiment, ppl_dataset_name
 
 
@@ -28,6 +31,26 @@ def text_source(path: str | Path) -> dict[str, str]:
 def calibration_text(calib: CalibConfig) -> dict[str, str] | None:
     """The calibration text's source (text_source), or None for a hub dataset."""
     return text_source(local_text_file("train", calib.path)) if calib.source == "local" else None
+
+
+def model_fingerprint(name_or_path: str) -> str:
+    """The weights and config of what from_pretrained loads, by content (size, edges, manifest hashes)."""
+    return weights_fingerprint(name_or_path, with_mtime=False)
+
+
+def changed_inputs(rec: Mapping[str, Any], exp: Experiment) -> list[str]:
+    """One clause per input the record fingerprinted that differs now: texts, then the weights."""
+    changes = changed_texts(rec, exp)
+    recorded = rec.get("model_source", {}).get("fingerprint")
+    name = str(model_dir(exp.model.cache)) if exp.model.cache is not None else exp.model.name_or_path
+    # Weights not here (a cache entry removed, a hub id not downloaded) say nothing about the record.
+    if recorded is None or model_directory(name) is None:
+        return changes
+    if (now := model_fingerprint(name)) != recorded:
+        changes.append(
+            f"the model's weights or config ({name}) have changed (fingerprint {recorded} then, {now} now)"
+        )
+    return changes
 
 
 def changed_texts(rec: Mapping[str, Any], exp: Experiment) -> list[str]:

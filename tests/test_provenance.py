@@ -1,8 +1,11 @@
-"""A recorded run is reused only while the texts it read are unchanged (latmix/provenance.py): the run id
-hashes the config, not the files it names, so the record's sha256 of each text is what tells them apart."""
+"""A recorded run is reused only while what it read is unchanged (latmix/provenance.py): the run id hashes
+the config, not the files it names, so the record's sha256 of each text and the weights' fingerprint by
+content are what tell them apart."""
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -62,3 +65,21 @@ def test_records_without_a_text_hash_and_hub_datasets_are_not_checked(tmp_path):
     # Written before calibration.text existed; WikiText-2 is named by the hub, not hashed.
     assert provenance.changed_texts({"calibration": {}, "eval": {"ppl_sources": {"wikitext2": {}}}}, exp) == []
     assert provenance.calibration_text(composed("calib=paper", "calib.seq_len=512").calib) is None
+
+
+def test_replaced_weights_are_named_and_a_copy_of_the_same_weights_is_not(tiny_checkpoint, tmp_path):
+    model = shutil.copytree(tiny_checkpoint, tmp_path / "model")
+    exp = composed(f"model.name_or_path={model}")
+    rec = {"model_source": {"fingerprint": provenance.model_fingerprint(str(model))}, "calibration": {}}
+    (weights,) = model.glob("*.safetensors")
+    os.utime(weights, (0, 0))  # another clone or machine: other mtimes, the same bytes
+    assert provenance.changed_inputs(rec, exp) == []
+
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one weight's last byte
+    weights.write_bytes(bytes(data))
+    (change,) = provenance.changed_inputs(rec, exp)
+    assert change.startswith(f"the model's weights or config ({model}) have changed (fingerprint ")
+
+    shutil.rmtree(model)  # weights not here say nothing about the record
+    assert provenance.changed_inputs(rec, exp) == []

@@ -18,7 +18,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from wandb_offline import read_offline_run
 
-from latmix import record
+from latmix import provenance, record
 from latmix.config import identity_config
 from latmix.errors import ConfigError
 from latmix.experiment import run
@@ -88,6 +88,7 @@ def test_a_recorded_run_whose_texts_changed_stops_naming_them_and_force_reruns_i
     rec = run(compose_run(*overrides))
     assert rec["calibration"]["text"]["sha256"] == sha256(calib_text.read_bytes()).hexdigest()
     assert rec["eval"]["ppl_sources"]["mine"]["sha256"] == sha256(eval_text.read_bytes()).hexdigest()
+    assert rec["model_source"]["fingerprint"] == provenance.model_fingerprint(str(tiny_checkpoint))
     path = record.record_path(tmp_path, rec["run_id"])
     written = path.read_bytes()
 

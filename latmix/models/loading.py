@@ -10,6 +10,7 @@ naming the file or the key to change, before any heavy stage runs:
     check_sequence_length(config, key, seq_len)    seq_len within the model's positions (modelfiles)
     load_model(...)                                the weights, then every tensor finite (named if not)
     weights_fingerprint(name_or_path)              what calibration checkpoints carry about the weights
+    weights_fingerprint(..., with_mtime=False)     what a run record carries: the same, by content only
 
 A hub id that is not cached and cannot be fetched names the `hf download` command.
 """
@@ -164,11 +165,13 @@ def _manifest_hashes(directory: Path) -> dict[str, str]:
     return out
 
 
-def _file_fingerprint(path: Path) -> str:
-    """size, mtime, and sha256 of the first and last FINGERPRINT_EDGE_BYTES (the safetensors header included)."""
+def _file_fingerprint(path: Path, with_mtime: bool) -> str:
+    """size, mtime (if asked), and sha256 of the first and last FINGERPRINT_EDGE_BYTES (the safetensors
+    header included)."""
     real = path.resolve()  # a hub cache's blob is named by its sha256
     stat = real.stat()
-    digest = hashlib.sha256(f"{real.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    mtime = f":{stat.st_mtime_ns}" if with_mtime else ""
+    digest = hashlib.sha256(f"{real.name}:{stat.st_size}{mtime}".encode())
     with open(real, "rb") as f:
         digest.update(f.read(FINGERPRINT_EDGE_BYTES))
         if stat.st_size > 2 * FINGERPRINT_EDGE_BYTES:
@@ -177,14 +180,15 @@ def _file_fingerprint(path: Path) -> str:
     return digest.hexdigest()
 
 
-def weights_fingerprint(name_or_path: str | None) -> str:
+def weights_fingerprint(name_or_path: str | None, *, with_mtime: bool = True) -> str:
     """A cheap fingerprint of a checkpoint's weights and config (16 hex chars).
 
     Per weight file: its manifest sha256 where a MANIFEST.json has one (the model cache verifies it on
     every load), size, mtime and a sha256 of its first and last MiB (which hold the safetensors
     header). Milliseconds for any size: a full sha256 runs at ~0.8 GB/s here (0.7 s for SmolLM2-135M's
     538 MB, ~20 s for an 8B model in bfloat16), paid by every run. A hub id that is not cached
-    fingerprints as its name.
+    fingerprints as its name. with_mtime=False leaves the mtimes out: the same weights copied to
+    another clone or machine fingerprint alike (what a run record compares, latmix.provenance).
     """
     if not name_or_path:
         return "unknown"
@@ -195,5 +199,5 @@ def weights_fingerprint(name_or_path: str | None) -> str:
     digest = hashlib.sha256()
     for path in [directory / "config.json", *_weight_files(directory)]:
         if path.is_file():
-            digest.update(f"{path.name}:{manifest.get(path.name, '')}:{_file_fingerprint(path)}\n".encode())
+            digest.update(f"{path.name}:{manifest.get(path.name, '')}:{_file_fingerprint(path, with_mtime)}\n".encode())
     return digest.hexdigest()[:16]
