@@ -26,7 +26,7 @@ from typing import Any
 import pandas as pd
 
 from latmix.metrics import headline_accuracy
-from latmix.record import NON_IDENTITY_KEYS, SkippedRecord, canonical_json, iter_records, typed_numbers
+from latmix.record import SkippedRecord, canonical_json, identity, iter_records
 
 # Keys that say how a run executes, not what it computes (the results do not depend on them).
 EXECUTION_KEYS = ("device", "calib.offload", "calib.grad_checkpointing", "calib.checkpoint_every")
@@ -90,17 +90,19 @@ def is_full_precision(rec: Mapping[str, Any]) -> bool:
 
 
 def configuration(rec: Mapping[str, Any]) -> dict[str, str]:
-    """What the run computes, as flat 'dotted.key' -> text: the resolved config minus seed, names and
-    where/how keys. The full-precision reference keeps only what can change its numbers."""
-    config = {k: v for k, v in typed_numbers(rec["config"]).items() if k not in NON_IDENTITY_KEYS and k != "seed"}
-    identity = {}
+    """What the run computes, as flat 'dotted.key' -> text: the run's identity (record.identity: a setting
+    added later is absent at its implicit earlier value, so older and newer seeds of one configuration
+    group together) minus seed, names and execution keys. The full-precision reference keeps only what
+    can change its numbers."""
+    config = {k: v for k, v in identity(rec["config"]).items() if k != "seed"}
+    kept = {}
     for key, value in flatten(config).items():
         if key in EXECUTION_KEYS or key in NAME_KEYS or (key in SEED_KEYS and value == rec["seed"]):
             continue
-        identity[key] = value_text(value)
+        kept[key] = value_text(value)
     if is_full_precision(rec) and rec["transform"] == "identity":
-        identity = {k: v for k, v in identity.items() if k.startswith(FP_REFERENCE_PREFIXES)}
-    return identity
+        kept = {k: v for k, v in kept.items() if k.startswith(FP_REFERENCE_PREFIXES)}
+    return kept
 
 
 def configuration_id(model: str, quant: str, method: str, config: Mapping[str, str]) -> str:

@@ -118,6 +118,13 @@ def test_a_float_setting_spelled_as_a_whole_number_does_not_split_a_configuratio
     assert list(summary_of(tmp_path)["seeds"]) == [2]
 
 
+def test_a_setting_added_later_does_not_split_a_configuration_at_its_implicit_earlier_value(tmp_path):
+    write_run(tmp_path, "affine", seed=0, heldout=10.0)  # recorded before optim.clip_lr existed
+    write_run(tmp_path, "affine", seed=1, heldout=12.0, **{"optim.clip_lr": None})
+    write_run(tmp_path, "affine", seed=0, heldout=14.0, **{"optim.clip_lr": 0.5})
+    assert sorted(summary_of(tmp_path)["seeds"]) == [1, 2]
+
+
 def test_where_and_how_keys_and_the_run_seed_do_not_split_a_configuration(tmp_path):
     write_run(tmp_path, "affine", seed=0, heldout=10.0, **{"paths.results_dir": "/a", "device": "cuda"})
     write_run(tmp_path, "affine", seed=1, heldout=12.0, **{"logger.mode": "disabled", "calib.offload": True})
