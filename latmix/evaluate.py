@@ -23,6 +23,7 @@ import torch
 from latmix import data, local_tasks
 from latmix.errors import ConfigError
 from latmix.fidelity import next_token_nll
+from latmix.files import text_source
 from latmix.metrics import averages
 from latmix.models import input_device
 from latmix.settings import LOCAL_PPL_DATASETS, PPL_DATASETS, EvalSettings, ppl_dataset_name
@@ -109,7 +110,7 @@ def _tokens_and_source(tokenizer: Any, entry: str) -> tuple[torch.Tensor, dict[s
         return perplexity_stream(tokenizer, entry), {"dataset": "Salesforce/wikitext wikitext-2-raw-v1 test"}
     raw = path.read_bytes()
     ids = torch.tensor(tokenizer(raw.decode("utf-8"), add_special_tokens=False)["input_ids"], dtype=torch.long)
-    return ids, {"path": str(path), "sha256": hashlib.sha256(raw).hexdigest()}
+    return ids, text_source(path, raw)
 
 
 def perplexity_stream(tokenizer: Any, dataset: str) -> torch.Tensor:

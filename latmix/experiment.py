@@ -104,10 +104,10 @@ def model_source(exp: Experiment) -> tuple[str, dict[str, Any]]:
     """(what from_pretrained loads, the record's model section): a cached model names its manifest;
     either carries the weights' fingerprint by content (provenance.model_fingerprint)."""
     if exp.model.cache is None:
-        name, section = exp.model.name_or_path, {"name": exp.model.name, "name_or_path": exp.model.name_or_path}
+        section = {"name": exp.model.name, "name_or_path": exp.model.name_or_path}
     else:
-        path, manifest = cached_model(exp.model.cache)
-        name, section = str(path), {"name": exp.model.name, **record_entry(manifest)}
+        section = {"name": exp.model.name, **record_entry(cached_model(exp.model.cache)[1])}
+    name = provenance.loaded_model(exp.model)
     return name, {**section, "fingerprint": provenance.model_fingerprint(name)}
 
 

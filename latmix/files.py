@@ -77,3 +77,9 @@ def sha256_file(path: str | Path) -> str:
         while chunk := f.read(1 << 22):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def text_source(path: str | Path, raw: bytes | None = None) -> dict[str, str]:
+    """How a record names a text it read: its path and the sha256 of its bytes (raw, when already read)."""
+    digest = hashlib.sha256(raw).hexdigest() if raw is not None else sha256_file(path)
+    return {"path": str(path), "sha256": digest}

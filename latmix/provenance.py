@@ -17,20 +17,20 @@ from typing import Any
 
 from latmix.data import local_text_file
 from latmix.evaluate import ppl_text_file
-from latmix.files import sha256_file
+from latmix.files import sha256_file, text_source
 from latmix.models.cache import model_dir
 from latmix.models.loading import model_directory, weights_fingerprint
-from latmix.settings import CalibConfig, Experiment, ppl_dataset_name
-
-
-def text_source(path: str | Path) -> dict[str, str]:
-    """How a record names a text it read: its path and the sha256 of its bytes."""
-    return {"path": str(path), "sha256": sha256_file(path)}
+from latmix.settings import CalibConfig, Experiment, ModelSettings, ppl_dataset_name
 
 
 def calibration_text(calib: CalibConfig) -> dict[str, str] | None:
     """The calibration text's source (text_source), or None for a hub dataset."""
     return text_source(local_text_file("train", calib.path)) if calib.source == "local" else None
+
+
+def loaded_model(model: ModelSettings) -> str:
+    """What from_pretrained loads for these settings: the cache entry's directory, or name_or_path."""
+    return str(model_dir(model.cache)) if model.cache is not None else model.name_or_path
 
 
 def model_fingerprint(name_or_path: str) -> str:
@@ -42,7 +42,7 @@ def changed_inputs(rec: Mapping[str, Any], exp: Experiment) -> list[str]:
     """One clause per input the record fingerprinted that differs now: texts, then the weights."""
     changes = changed_texts(rec, exp)
     recorded = rec.get("model_source", {}).get("fingerprint")
-    name = str(model_dir(exp.model.cache)) if exp.model.cache is not None else exp.model.name_or_path
+    name = loaded_model(exp.model)
     # Weights not here (a cache entry removed, a hub id not downloaded) say nothing about the record.
     if recorded is None or model_directory(name) is None:
         return changes

@@ -11,6 +11,8 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from latmix import config, provenance
+from latmix.files import text_source
+from latmix.models.cache import model_dir
 from latmix.settings import ppl_dataset_name
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,7 +35,7 @@ def record_of(exp) -> dict:
     sources = {}
     for entry in exp.eval.ppl_datasets:
         if (path := provenance.ppl_text_file(entry)) is not None:
-            sources[ppl_dataset_name(entry)] = provenance.text_source(path)
+            sources[ppl_dataset_name(entry)] = text_source(path)
     return {"calibration": {"text": provenance.calibration_text(exp.calib)}, "eval": {"ppl_sources": sources}}
 
 
@@ -54,7 +56,7 @@ def test_an_edited_text_and_a_removed_one_are_each_named(tmp_path):
     assert changes == [
         f"eval.ppl_datasets entry 'mine' ({heldout}) is gone",
         f"the calibration text ({calib}) has changed (sha256 {before[:12]} then, "
-        f"{provenance.text_source(calib)['sha256'][:12]} now)",
+        f"{text_source(calib)['sha256'][:12]} now)",
     ]
 
 
@@ -83,3 +85,10 @@ def test_replaced_weights_are_named_and_a_copy_of_the_same_weights_is_not(tiny_c
 
     shutil.rmtree(model)  # weights not here say nothing about the record
     assert provenance.changed_inputs(rec, exp) == []
+
+
+def test_the_weights_compared_are_the_ones_from_pretrained_loads():
+    tiny = composed().model
+    assert provenance.loaded_model(tiny) == tiny.name_or_path
+    cached = composed("model=smollm2-135m").model
+    assert provenance.loaded_model(cached) == str(model_dir(cached.cache))
