@@ -242,7 +242,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     previous = existing_record(path)
     if previous is not None and not exp.force:
         check_recorded_inputs(previous, exp, path)
-        log.info("run %s is already recorded at %s; skipping (force=true reruns it)", rid, path)
+        moved = provenance.code_moved(previous, record.git_sha())
+        log.info("run %s is already recorded at %s%s; skipping (force=true reruns it)",
+                 rid, path, f" ({moved})" if moved else "")
         tidy_recorded(exp, rid)
         summary.log_run_summary(previous, exp.results_dir, recorded_earlier=True)
         return previous

@@ -7,6 +7,8 @@ sha256 (`calibration.text`, `eval.ppl_sources`) and the weights' fingerprint by 
 (`model_source.fingerprint`: models.loading.weights_fingerprint without mtimes); before a recorded run
 is reused they are computed again from what the config names now and compared. Hub datasets (WikiText-2,
 C4) are named, not hashed; a record written before a field existed is not checked on that input.
+The code is not an input here: a recorded run is reused across commits, and the skip says so
+(code_moved), since refusing every record after each commit would make a results directory useless.
 """
 
 from __future__ import annotations
@@ -51,6 +53,15 @@ def changed_inputs(rec: Mapping[str, Any], exp: Experiment) -> list[str]:
             f"the model's weights or config ({name}) have changed (fingerprint {recorded} then, {now} now)"
         )
     return changes
+
+
+def code_moved(rec: Mapping[str, Any], now: str | None) -> str | None:
+    """A clause naming the commit a recorded run ran at, when the code (commit `now`) has moved since;
+    None when it has not, or either commit is unknown."""
+    then = rec.get("git_sha")
+    if then is None or now is None or then == now:
+        return None
+    return f"recorded at commit {then[:9]}, the code is now at {now[:9]}"
 
 
 def changed_texts(rec: Mapping[str, Any], exp: Experiment) -> list[str]:

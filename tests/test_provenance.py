@@ -92,3 +92,11 @@ def test_the_weights_compared_are_the_ones_from_pretrained_loads():
     assert provenance.loaded_model(tiny) == tiny.name_or_path
     cached = composed("model=smollm2-135m").model
     assert provenance.loaded_model(cached) == str(model_dir(cached.cache))
+
+
+def test_a_record_from_another_commit_is_reused_and_the_skip_names_both_commits():
+    then, now = "a" * 40, "b" * 40
+    assert provenance.code_moved({"git_sha": then}, now) == "recorded at commit aaaaaaaaa, the code is now at bbbbbbbbb"
+    assert provenance.code_moved({"git_sha": then}, then) is None
+    assert provenance.code_moved({"git_sha": None}, now) is None  # run outside a git checkout
+    assert provenance.code_moved({"git_sha": then}, None) is None

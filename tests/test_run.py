@@ -50,7 +50,9 @@ def compose_run(*overrides: str):
 
 
 @pytest.mark.slow
-def test_one_run_writes_a_valid_record_then_skips_then_reruns_when_forced(tiny_checkpoint, tmp_path, caplog):
+def test_one_run_writes_a_valid_record_then_skips_then_reruns_when_forced(
+    tiny_checkpoint, tmp_path, caplog, monkeypatch
+):
     overrides = [*shrunk(tiny_checkpoint, tmp_path), "logger=none"]
     rec = run(compose_run(*overrides))
 
@@ -71,7 +73,14 @@ def test_one_run_writes_a_valid_record_then_skips_then_reruns_when_forced(tiny_c
     with caplog.at_level("INFO", logger="latmix.experiment"):
         again = run(compose_run(*overrides))
     assert again == record.read_record(path) and path.stat().st_mtime_ns == written
-    assert "already recorded" in caplog.text
+    assert "already recorded" in caplog.text and "the code is now at" not in caplog.text
+
+    if rec["git_sha"] is not None:  # a later commit reuses the record, and says which commit made it
+        monkeypatch.setattr(record, "git_sha", lambda repo_dir=None: "f" * 40)
+        with caplog.at_level("INFO", logger="latmix.experiment"):
+            assert run(compose_run(*overrides)) == again
+        assert f"recorded at commit {rec['git_sha'][:9]}, the code is now at fffffffff" in caplog.text
+        monkeypatch.undo()
 
     forced = run(compose_run(*overrides, "force=true"))
     assert forced["run_id"] == rec["run_id"] and path.stat().st_mtime_ns != written
