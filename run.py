@@ -3,6 +3,7 @@
     python run.py                                           # the embedded default
     python run.py model=llama3-8b quant=mxfp4 transform=affine
     python run.py -m transform=identity,hadamard,affine seed=0,1,2
+    python run.py transform=identity,hadamard,affine seed=0,1,2 -m     # -m may stand anywhere
 
 Exit status: 0 done (or already recorded); 2 a config or input that cannot work (one line saying what
 to change, before any work); 75 the same run is in progress in another process (one line saying
@@ -16,6 +17,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from latmix.command_line import multirun_flag_first
 from latmix.config import build_experiment
 from latmix.errors import ConfigError
 from latmix.interrupt import Interrupted
@@ -65,4 +67,5 @@ def _in_a_sweep() -> bool:
 
 
 if __name__ == "__main__":
+    sys.argv = multirun_flag_first(sys.argv)
     main()
