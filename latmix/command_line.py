@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-# Hydra's flags that take no value. argparse stops reading overrides at the first flag, so
-# `run.py quant=nvfp4 -m seed=0,1` would fail with "unrecognized arguments" if -m stayed there.
+# Hydra's multirun flag, which takes no value, so moving it cannot separate a flag from its value.
+# argparse stops reading overrides at the first flag, so `run.py quant=nvfp4 -m seed=0,1` would fail
+# with "unrecognized arguments" if -m stayed there.
 MULTIRUN_FLAGS = ("-m", "--multirun")
 
 

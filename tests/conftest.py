@@ -5,7 +5,8 @@ RMSNorm weights and biases (so norm folding and bias handling are exercised, not
 head_dim is 32 everywhere so that per-head MX blocks of 32 fit.
 
 `relative_error`, `perturb_learnable_transforms` and the `one_thread` fixture serve the tests of
-function preservation; `load_script(name)` imports a file of scripts/ as a module.
+function preservation; `load_script(name)` imports a file of scripts/ as a module, and
+`run_script(path, *args)` runs one (run.py included) as a user would, offline.
 
 `build_tiny_checkpoint(path)` saves a random tiny Llama (or a given model) with a byte-level BPE
 tokenizer trained on the local text, as a hub model is saved: what run.py and load_model read.
@@ -14,6 +15,8 @@ tokenizer trained on the local text, as a hub model is saved: what run.py and lo
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -74,6 +77,15 @@ def load_script(name: str) -> ModuleType:
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def run_script(path: str, *args: str, timeout: int = 900,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Runs ROOT/<path> in a fresh interpreter, offline (no hub, W&B offline without a key), as a user would."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", **(env or {})}
+    env.pop("WANDB_API_KEY", None)
+    return subprocess.run([sys.executable, str(ROOT / path), *args], capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=timeout)
 
 
 def relative_error(logits: torch.Tensor, reference: torch.Tensor) -> float:

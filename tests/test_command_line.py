@@ -1,12 +1,8 @@
 """run.py takes -m anywhere on its line, where Hydra alone would stop at the first override."""
 
-import subprocess
-import sys
-from pathlib import Path
+from conftest import run_script
 
 from latmix.command_line import multirun_flag_first
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_the_multirun_flag_moves_ahead_of_the_overrides_and_nothing_else_moves():
@@ -22,8 +18,7 @@ def test_a_line_without_the_flag_is_left_as_it_is():
 
 def test_run_py_reads_a_trailing_m_as_a_sweep_not_as_an_unrecognized_argument():
     def stderr(*args: str) -> str:
-        out = subprocess.run([sys.executable, str(ROOT / "run.py"), *args], capture_output=True, text=True,
-                             cwd=ROOT, timeout=120)
+        out = run_script("run.py", *args, timeout=120)
         assert out.returncode != 0
         return out.stderr
 

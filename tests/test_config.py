@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_script
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -243,11 +243,7 @@ def test_the_settings_and_the_config_import_no_torch():
 
 
 def run_cli(*overrides: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "run.py"), *on_tiny(overrides)],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
-    )
+    return run_script("run.py", *on_tiny(overrides), timeout=120, env=env)
 
 
 @pytest.mark.parametrize(("group", "option"), [("model", "gpt5"), ("quant", "mxfp3"), ("transform", "spin")])

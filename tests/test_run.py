@@ -7,14 +7,12 @@ calibration and evaluation), so all are marked slow; `make test` runs them.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from hashlib import sha256
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import run_script
 from hydra import compose, initialize_config_dir
 from wandb_offline import read_offline_run
 
@@ -155,13 +153,6 @@ def test_a_wandb_failure_never_loses_the_run(tiny_checkpoint, tmp_path, monkeypa
     assert record.read_record(record.record_path(tmp_path, rec["run_id"]))["transform"] == "identity"
 
 
-def cli(*args: str, cwd: Path = ROOT, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    env.pop("WANDB_API_KEY", None)
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, env=env,
-                          timeout=timeout)
-
-
 @pytest.mark.slow
 def test_an_offloaded_layer_wise_run_records_what_the_resident_run_records(tiny_checkpoint, tmp_path):
     overrides = [
@@ -205,14 +196,14 @@ def test_learned_block_affine_maps_halve_the_kl_and_stay_near_block_hadamard_on_
 
 @pytest.mark.slow
 def test_a_sweep_over_three_transforms_writes_three_records_and_a_three_row_table(tiny_checkpoint, tmp_path):
-    out = cli(str(ROOT / "run.py"), "-m", *shrunk(tiny_checkpoint, tmp_path), "logger=none",
+    out = run_script("run.py", "-m", *shrunk(tiny_checkpoint, tmp_path), "logger=none",
               "transform=identity,hadamard,affine_literal", "hydra/launcher=local", f"hydra.sweep.dir={tmp_path}/sweep")
     assert out.returncode == 0, out.stderr[-3000:]
     records = [r for r in record.iter_records(tmp_path) if isinstance(r, dict)]
     assert sorted(r["transform"] for r in records) == ["affine_literal", "hadamard", "identity"]
     assert len({r["run_id"] for r in records}) == 3
 
-    out = cli(str(ROOT / "scripts" / "make_tables.py"), "--results-dir", str(tmp_path))
+    out = run_script("scripts/make_tables.py", "--results-dir", str(tmp_path))
     assert out.returncode == 0, out.stderr
     table = pd.read_csv(tmp_path / "tables" / "results.csv")
     assert sorted(table["method"]) == ["affine_literal+rtn", "hadamard+rtn", "identity+rtn"]
@@ -220,7 +211,7 @@ def test_a_sweep_over_three_transforms_writes_three_records_and_a_three_row_tabl
 
 @pytest.mark.slow
 def test_the_default_command_quantizes_smollm2_with_latmix_and_gptq_end_to_end(tmp_path):
-    out = cli(str(ROOT / "run.py"), f"paths.results_dir={tmp_path}", f"hydra.run.dir={tmp_path}/out")
+    out = run_script("run.py", f"paths.results_dir={tmp_path}", f"hydra.run.dir={tmp_path}/out")
     assert out.returncode == 0, out.stderr[-3000:]
     (rec,) = [r for r in record.iter_records(tmp_path) if isinstance(r, dict)]
     assert (rec["model"], rec["quant"], rec["transform"]) == ("smollm2-135m", "mxfp4", "affine")

@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_script
 
 from latmix import record, summary
 from latmix.callbacks import MARKER, read_sweep
-
-ROOT = Path(__file__).resolve().parent.parent
 
 BASE_CONFIG = {
     "model": {"name": "tiny", "name_or_path": "/models/tiny", "dtype": "float32"},
@@ -159,20 +155,14 @@ def test_the_callback_reads_the_markers_of_a_sweep(tmp_path):
     assert results_dir == tmp_path / "results"
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], capture_output=True, text=True, cwd=ROOT,
-                          env=env, timeout=900)
-
-
 @pytest.mark.slow
 def test_a_sweep_ends_with_one_table_of_its_runs_recorded_ones_included(tiny_checkpoint, tmp_path):
     common = ["model=tiny", f"model.name_or_path={tiny_checkpoint}", f"paths.results_dir={tmp_path}", "logger=none",
               "quant.weight_quantizer=rtn", "eval=quick", "eval.max_seq_len=256", "eval.max_ppl_tokens=512",
               "eval.limit=4", "transform=identity"]
-    first = cli("-m", *common, "quant=none,mxfp4", f"hydra.sweep.dir={tmp_path}/sweep1")
+    first = run_script("run.py", "-m", *common, "quant=none,mxfp4", f"hydra.sweep.dir={tmp_path}/sweep1")
     assert first.returncode == 0, first.stderr[-3000:]
-    second = cli("-m", *common, "quant=mxfp4,mxfp8", f"hydra.sweep.dir={tmp_path}/sweep2")
+    second = run_script("run.py", "-m", *common, "quant=mxfp4,mxfp8", f"hydra.sweep.dir={tmp_path}/sweep2")
     assert second.returncode == 0, second.stderr[-3000:]
 
     text = (tmp_path / "sweep2" / "summary.txt").read_text()
