@@ -2,9 +2,11 @@
 
 AdamW with a cosine schedule is the default; SGD; and Cayley SGD (SpinQuant), which keeps every
 parameter that starts out as an orthogonal matrix on the Stiefel manifold by a Cayley retraction
-and trains the remaining parameters with momentum SGD. A learnable `Rotation` needs none of this:
-torch's orthogonal parametrization keeps it exactly orthogonal under any optimizer (its raw parameter
-starts as -I, which Cayley SGD would also hold on the orthogonal group, a constraint it does not need).
+and trains the remaining parameters with momentum SGD. A learnable `Rotation` with the default
+parametrization (exp) needs none of this: torch's orthogonal parametrization keeps it exactly
+orthogonal under any optimizer (its raw parameter starts as -I, which Cayley SGD would also hold on
+the orthogonal group, a constraint it does not need). With parametrization stiefel the rotation is
+the parameter itself, and Cayley SGD is what keeps it orthogonal (transform=spinquant).
 """
 
 from __future__ import annotations
@@ -40,12 +42,18 @@ class CayleySGD(torch.optim.Optimizer):
     """
 
     def __init__(
-        self, params: list[nn.Parameter], lr: float, momentum: float = 0.9, weight_decay: float = 0.0
+        self, params: list[nn.Parameter] | list[dict], lr: float, momentum: float = 0.9, weight_decay: float = 0.0
     ) -> None:
-        groups = [
-            {"params": [p for p in params if is_orthogonal_matrix(p)], "stiefel": True, "weight_decay": 0.0},
-            {"params": [p for p in params if not is_orthogonal_matrix(p)], "stiefel": False},
-        ]
+        groups = []
+        # Each group given (e.g. with its own base_lr, latmix.calibrate.trainer.param_groups) splits in two.
+        for given in params if params and isinstance(params[0], dict) else [{"params": params}]:
+            settings = {key: value for key, value in given.items() if key != "params"}
+            tensors = list(given["params"])
+            groups += [
+                {**settings, "params": [p for p in tensors if is_orthogonal_matrix(p)], "stiefel": True,
+                 "weight_decay": 0.0},
+                {**settings, "params": [p for p in tensors if not is_orthogonal_matrix(p)], "stiefel": False},
+            ]
         super().__init__(
             [g for g in groups if g["params"]], {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
         )

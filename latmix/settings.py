@@ -49,7 +49,7 @@ TRANSFORM_FAMILIES: dict[str, frozenset[str]] = {
     "identity": frozenset(),
     "hadamard": frozenset({"seed"}),
     "block_hadamard": frozenset({"block_size"}),
-    "rotation": frozenset({"learnable", "init", "seed", "block_size"}),
+    "rotation": frozenset({"learnable", "init", "seed", "block_size", "parametrization"}),
     "affine": frozenset(
         {"parametrization", "init", "shift", "learnable", "learn", "seed", "block_size", "factor", "kron_factors",
          "premix"}
@@ -61,6 +61,9 @@ ORTHOGONAL_FAMILIES = ("identity", "hadamard", "block_hadamard", "rotation")
 INITS = ("identity", "hadamard", "block_hadamard", "random")
 AFFINE_PARAMETRIZATIONS = ("qr", "lu", "svd", "kronecker", "block_diag")
 FACTOR_PARAMETRIZATIONS = ("qr", "lu", "svd")
+# How a learned rotation is held: exp (orthogonal under any optimizer) or stiefel (the matrix itself, which
+# only optim=cayley_sgd keeps orthogonal: SpinQuant).
+ROTATION_PARAMETRIZATIONS = ("exp", "stiefel")
 # A fixed map an affine map applies first (A = B H): "hadamard" (a randomized full Hadamard), or null.
 PREMIXES = ("hadamard",)
 # What of a learnable affine map is learned: every parameter, or its per-channel scales alone.
@@ -320,7 +323,8 @@ def _validated_spec(placement: str, spec: Mapping | None) -> dict | None:
         raise ValueError(
             f"placement {placement}: family {family} does not take {sorted(unknown)}; it accepts {sorted(accepted)}"
         )
-    for key, choices in (("init", INITS), ("parametrization", AFFINE_PARAMETRIZATIONS),
+    parametrizations = ROTATION_PARAMETRIZATIONS if family == "rotation" else AFFINE_PARAMETRIZATIONS
+    for key, choices in (("init", INITS), ("parametrization", parametrizations),
                          ("factor", FACTOR_PARAMETRIZATIONS), ("learn", LEARNED_PARTS)):
         if key in spec:
             check_choice(f"placement {placement}: {key}", spec[key], choices)
@@ -608,6 +612,14 @@ class Experiment:
             raise ConfigError(str(err)) from None
         if not _DEVICE.match(self.device):
             raise ConfigError(f"device={self.device!r} is not a torch device; use auto, cpu, cuda or cuda:N")
+        stiefel = [name for name, spec in self.transform.active().items() if spec.get("learnable")
+                   and spec["family"] == "rotation" and spec.get("parametrization") == "stiefel"]
+        if stiefel and self.calib.mode != "none" and self.optim.name != "cayley_sgd":
+            raise ConfigError(
+                f"placement {stiefel[0]} learns its rotation matrix itself (parametrization: stiefel), which only "
+                f"Cayley SGD keeps orthogonal, but optim={self.optim.name}; add optim=cayley_sgd (transform=spinquant "
+                "does) or set parametrization: exp"
+            )
         if self.calib.objective == "bound" and self.calib.mode != "none" and self.quant.act_format is None:
             raise ConfigError(
                 "calib.objective=bound measures activation quantization error, but quant.act_format is null; "

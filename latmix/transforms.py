@@ -284,17 +284,33 @@ class _OrthogonalWeight(nn.Module):
             self.weight = start
 
 
+class _StiefelWeight(nn.Module):
+    """A learnable orthogonal matrix held as itself: only Cayley SGD (optim=cayley_sgd) keeps it orthogonal."""
+
+    def __init__(self, start: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(start.clone())
+
+
 class Rotation(Transform):
-    """Orthogonal Q: fixed (random, Hadamard, ...) or learned on the orthogonal group (SpinQuant)."""
+    """Orthogonal Q: fixed (random, Hadamard, ...) or learned on the orthogonal group.
+
+    A learned Q is parametrized one of two ways:
+      exp      Q = Q0 exp(skew X) (torch's orthogonal parametrization): orthogonal after a step of any
+               optimizer; Cayley SGD would move the raw X, not Q.
+      stiefel  Q itself is the parameter, as SpinQuant learns it: Cayley SGD moves Q along the orthogonal
+               group (any other optimizer would leave it, which the settings refuse).
+    """
 
     def __init__(
-        self, dim: int, learnable: bool = False, init: str = "random", seed: int = 0, block_size: int = 32
+        self, dim: int, learnable: bool = False, init: str = "random", seed: int = 0, block_size: int = 32,
+        parametrization: str = "exp",
     ) -> None:
         super().__init__(dim, orthogonal=True)
         start = _initial_orthogonal(init, dim, seed, block_size)
         self.learnable = learnable
         if learnable:
-            self.rotation = _OrthogonalWeight(start)
+            self.rotation = _StiefelWeight(start) if parametrization == "stiefel" else _OrthogonalWeight(start)
         else:
             self.register_buffer("fixed", start)
 

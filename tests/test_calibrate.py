@@ -386,6 +386,27 @@ def test_cayley_sgd_stays_on_the_stiefel_manifold_and_descends():
     assert torch.allclose(shift, torch.ones(16), atol=0.2)
 
 
+@pytest.mark.parametrize(("parametrization", "raw_parameter"), [("stiefel", "weight"), ("exp", "original")])
+def test_spinquant_moves_the_rotation_itself_along_the_orthogonal_group_and_lowers_the_kl(
+    make_tiny_model, parametrization, raw_parameter
+):
+    # SpinQuant's way (stiefel): Cayley SGD's parameter is the rotation R1 itself. The exp
+    # parametrization's parameter is the raw X of Q0 exp(skew X), which Cayley SGD would hold orthogonal.
+    spec = {"family": "rotation", "init": "hadamard", "learnable": True, "parametrization": parametrization}
+    rtn = QuantConfig(weight_format="mxfp4", act_format="mxfp4")
+    prepared = prepare_model(model_with_outliers(make_tiny_model), TransformConfig({"residual": spec}), rtn)
+    residual = prepared.transforms["residual"]  # calibration folds it into the weights and drops it
+    (name, start), = [(n, p.detach().clone()) for n, p in residual.named_parameters()]
+    assert name.endswith(raw_parameter)
+    report = calibrate(prepared, model_with_outliers(make_tiny_model), token_ids(4, 16, 0), quick_config(),
+                       OptimConfig(name="cayley_sgd", lr=1.5), None)
+    q = residual.matrix().detach()
+    assert torch.allclose(q.T @ q, torch.eye(q.shape[0]), atol=1e-5)
+    assert report.loss_after < report.loss_before
+    if parametrization == "stiefel":
+        assert (q - start).abs().max() > 1e-3
+
+
 def test_learning_rate_schedule_depends_on_the_step_alone():
     cosine = OptimConfig(warmup=2)
     assert lr_factor(0, 10, cosine) == pytest.approx(1 / 3)

@@ -174,6 +174,11 @@ def test_the_seed_reaches_the_transforms():
         ("model.name_or_path=/no/such/model", r"^model.name_or_path=/no/such/model: no such directory"),
         ("model.name_or_path=models/no-such-model", r"^model.name_or_path=models/no-such-model: no such directory"),
         ("model.name_or_path=./gpt2", r"^model.name_or_path=./gpt2: no such directory"),
+        ("transform=spinquant optim=adamw",
+         r"^placement residual learns its rotation matrix itself \(parametrization: stiefel\), which only Cayley "
+         r"SGD keeps orthogonal, but optim=adamw; add optim=cayley_sgd"),
+        ("transform=rotation +transform.placements.residual.parametrization=qr",
+         r"placement residual: parametrization='qr' is not supported; choose one of exp, stiefel"),
     ],
 )
 def test_bad_values_raise_one_config_error_naming_the_key(override, message):
@@ -210,6 +215,15 @@ def test_a_text_path_is_one_run_however_it_is_spelled(tmp_path, monkeypatch):
 def test_the_shipped_configs_keep_their_run_ids():
     for cfg in (compose_config(), compose_config(defaults=True), compose_config("model.name_or_path=org/some-model")):
         assert config.identity_config(cfg) == OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_spinquant_learns_the_rotations_themselves_with_its_own_optimizer():
+    exp = config.build_experiment(compose_config("transform=spinquant"))
+    assert (exp.optim.name, exp.optim.lr, exp.optim.momentum) == ("cayley_sgd", 1.5, 0.9)
+    rotation = config.build_experiment(compose_config("transform=rotation")).transform.placements
+    for name in ("residual", "attn_vo"):
+        assert exp.transform.placements[name] == {**rotation[name], "parametrization": "stiefel"}
+    assert exp.transform.placements["down_proj"] == rotation["down_proj"]
 
 
 def test_the_bound_objective_without_quantized_activations_is_rejected():
