@@ -23,7 +23,14 @@ from latmix.hadamard import (
     is_hadamard_size,
     small_hadamard_factor,
 )
-from latmix.settings import AFFINE_PARAMETRIZATIONS, FACTOR_PARAMETRIZATIONS, INITS, LEARNED_PARTS, PREMIXES
+from latmix.settings import (
+    AFFINE_PARAMETRIZATIONS,
+    FACTOR_PARAMETRIZATIONS,
+    INITS,
+    LEARNED_PARTS,
+    PREMIXES,
+    ROTATION_PARAMETRIZATIONS,
+)
 
 __all__ = [
     "TRANSFORMS",
@@ -307,6 +314,8 @@ class Rotation(Transform):
         parametrization: str = "exp",
     ) -> None:
         super().__init__(dim, orthogonal=True)
+        if parametrization not in ROTATION_PARAMETRIZATIONS:
+            raise ValueError(f"unknown rotation parametrization {parametrization!r}; choose {ROTATION_PARAMETRIZATIONS}")
         start = _initial_orthogonal(init, dim, seed, block_size)
         self.learnable = learnable
         if learnable:

@@ -218,6 +218,7 @@ def test_registry_holds_the_five_families():
         (lambda: build_transform("hadamard", 156), "block_hadamard"),
         (lambda: build_transform("block_hadamard", DIM, block_size=64), "must divide"),
         (lambda: build_transform("affine", DIM, parametrization="cholesky"), "unknown affine parametrization"),
+        (lambda: build_transform("rotation", DIM, learnable=True, parametrization="qr"), "unknown rotation parametrization"),
         (lambda: build_transform("affine", DIM, init="orthogonal"), "unknown init"),
         (lambda: build_transform("affine", DIM, parametrization="kronecker", kron_factors=(5, 20)), "multiply"),
         (lambda: build_transform("affine", DIM, parametrization="block_diag", factor="qz"), "factor parametrization"),
