@@ -187,6 +187,7 @@ def build_record(
         "run_id": rid,
         "created": record.utc_now(),
         "git_sha": record.git_sha(),
+        "git_uncommitted": record.uncommitted_code(),
         "config": resolved,
         "model": exp.model.name,
         "model_source": source,

@@ -56,12 +56,16 @@ def changed_inputs(rec: Mapping[str, Any], exp: Experiment) -> list[str]:
 
 
 def code_moved(rec: Mapping[str, Any], now: str | None) -> str | None:
-    """A clause naming the commit a recorded run ran at, when the code (commit `now`) has moved since;
-    None when it has not, or either commit is unknown."""
+    """A clause naming the commit a recorded run ran at, when the code (commit `now`) has moved since,
+    and the code files it ran with uncommitted; None when neither applies (or the commits are unknown)."""
     then = rec.get("git_sha")
-    if then is None or now is None or then == now:
-        return None
-    return f"recorded at commit {then[:9]}, the code is now at {now[:9]}"
+    clauses = []
+    if then is not None and now is not None and then != now:
+        clauses.append(f"recorded at commit {then[:9]}, the code is now at {now[:9]}")
+    if uncommitted := rec.get("git_uncommitted"):
+        shown = ", ".join(uncommitted[:3]) + (f" and {len(uncommitted) - 3} more" if len(uncommitted) > 3 else "")
+        clauses.append(f"made with uncommitted changes to {shown}")
+    return "; ".join(clauses) or None
 
 
 def changed_texts(rec: Mapping[str, Any], exp: Experiment) -> list[str]:

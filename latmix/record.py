@@ -30,6 +30,9 @@ IMPLICIT_BEFORE = {"calib.rounding": "nearest", "calib.micro_batch_size": None, 
 # Calibration fields that describe one execution (how long, whether it resumed), not its result: two
 # executions of one run agree on everything else in the record's calibration section.
 EXECUTION_CALIBRATION_KEYS = ("seconds", "measure_seconds", "resumed_from_step")
+PACKAGE_DIR = Path(__file__).resolve().parent
+# What decides a run's numbers besides its inputs: the package, its configs and the entry point.
+CODE_PATHS = (PACKAGE_DIR, PACKAGE_DIR.parent / "conf", PACKAGE_DIR.parent / "run.py")
 
 # Required top-level fields and their JSON types; nested parts are checked by `validate_record`.
 REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
@@ -131,17 +134,33 @@ def run_files(results_dir: str | Path, rid: str) -> tuple[Path, Path, Path]:
 
 def git_sha(repo_dir: str | Path | None = None) -> str | None:
     """The commit the code ran at, or None outside a git checkout."""
+    out = _git(["rev-parse", "HEAD"], repo_dir or PACKAGE_DIR)
+    return (out or "").strip() or None
+
+
+def uncommitted_code(paths: tuple[Path, ...] = CODE_PATHS) -> list[str] | None:
+    """The code files that differ from the commit `git_sha` names (modified, staged, deleted or new),
+    as paths in the repository; None outside a git checkout. A run made with any cannot be rerun from
+    its commit alone, so its record lists them."""
+    out = _git(["status", "--porcelain", "-z", "--untracked-files=all", "--", *map(str, paths)], paths[0].parent)
+    if out is None:
+        return None
+    entries = iter(out.split("\0"))  # each "XY path"
+    changed = []
+    for entry in entries:
+        if entry:
+            changed.append(entry[3:])
+            if entry[0] in "RC":
+                next(entries, None)  # a rename's or copy's source path follows: not a change of its own
+    return sorted(changed)
+
+
+def _git(args: list[str], cwd: str | Path) -> str | None:
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=repo_dir or Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
         return None
-    return out.stdout.strip() or None
+    return out.stdout
 
 
 def utc_now() -> str:
@@ -182,6 +201,9 @@ def validate_record(rec: Any) -> dict:
         raise RecordError("calibration.per_layer must be a list")
     for stage, seconds in rec["timing"].items():
         _require_number(seconds, f"timing.{stage}")
+    uncommitted = rec.get("git_uncommitted")  # optional: records before it was kept lack it
+    if uncommitted is not None and not (isinstance(uncommitted, list) and all(isinstance(p, str) for p in uncommitted)):
+        raise RecordError("git_uncommitted must be a list of paths or null")
     return rec
 
 

@@ -100,3 +100,15 @@ def test_a_record_from_another_commit_is_reused_and_the_skip_names_both_commits(
     assert provenance.code_moved({"git_sha": then}, then) is None
     assert provenance.code_moved({"git_sha": None}, now) is None  # run outside a git checkout
     assert provenance.code_moved({"git_sha": then}, None) is None
+
+
+def test_a_record_made_with_uncommitted_code_says_so_when_it_is_reused():
+    sha = "a" * 40
+    one = {"git_sha": sha, "git_uncommitted": ["latmix/mx.py"]}
+    assert provenance.code_moved(one, sha) == "made with uncommitted changes to latmix/mx.py"
+    many = {"git_sha": sha, "git_uncommitted": [f"latmix/m{i}.py" for i in range(5)]}
+    assert provenance.code_moved(many, "b" * 40) == (
+        "recorded at commit aaaaaaaaa, the code is now at bbbbbbbbb; "
+        "made with uncommitted changes to latmix/m0.py, latmix/m1.py, latmix/m2.py and 2 more"
+    )
+    assert provenance.code_moved({"git_sha": sha, "git_uncommitted": []}, sha) is None

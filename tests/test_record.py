@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import subprocess
 
 import pytest
 from omegaconf import OmegaConf
@@ -122,6 +123,8 @@ def test_a_failed_write_leaves_the_previous_record_intact(tmp_path, monkeypatch)
         (lambda r: r["metrics"]["tasks"]["piqa"].update(acc=True), "metrics.tasks.piqa.acc"),
         (lambda r: r["metrics"].pop("averages"), "metrics.averages"),
         (lambda r: r["timing"].update(load="fast"), "timing.load"),
+        (lambda r: r.update(git_uncommitted="latmix/mx.py"), "git_uncommitted"),
+        (lambda r: r.update(git_uncommitted=[3]), "git_uncommitted"),
     ],
 )
 def test_schema_violations_name_the_field(mutate, message):
@@ -129,6 +132,39 @@ def test_schema_violations_name_the_field(mutate, message):
     mutate(rec)
     with pytest.raises(record.RecordError, match=message):
         record.validate_record(rec)
+
+
+def test_records_from_before_uncommitted_code_was_kept_still_validate():
+    assert "git_uncommitted" not in make_record()
+    assert record.validate_record(make_record(git_uncommitted=None))
+    assert record.validate_record(make_record(git_uncommitted=["latmix/mx.py"]))
+
+
+def git(repo, *args):
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True, capture_output=True)
+
+
+def test_the_record_lists_code_that_differs_from_its_commit_and_ignores_everything_else(tmp_path):
+    package, conf, entry = tmp_path / "pkg", tmp_path / "conf", tmp_path / "run.py"
+    code = (package, conf, entry)
+    assert record.uncommitted_code(code) is None  # not a git checkout: unknown, not clean
+    package.mkdir(), conf.mkdir()
+    for path in (package / "quantize.py", package / "old.py", conf / "run.yaml", entry, tmp_path / "README.md"):
+        path.write_text("x = 1\n")
+    git(tmp_path, "init", "-q")
+    git(tmp_path, "add", ".")
+    git(tmp_path, "commit", "-qm", "first")
+    assert record.uncommitted_code(code) == []
+
+    (tmp_path / "README.md").write_text("docs change no number\n")
+    (tmp_path / "notes.txt").write_text("nor does a file outside the code\n")
+    assert record.uncommitted_code(code) == []
+
+    (package / "quantize.py").write_text("x = 2\n")  # modified
+    (conf / "new.yaml").write_text("a: 1\n")  # new, untracked
+    git(tmp_path, "mv", "pkg/old.py", "pkg/renamed.py")  # staged rename: one change, under its new name
+    entry.unlink()  # deleted
+    assert record.uncommitted_code(code) == ["conf/new.yaml", "pkg/quantize.py", "pkg/renamed.py", "run.py"]
 
 
 def test_an_invalid_record_is_never_written(tmp_path):

@@ -63,6 +63,7 @@ def test_one_run_writes_a_valid_record_then_skips_then_reruns_when_forced(
     assert rec["calibration"]["per_layer"] and rec["calibration"]["data_sha256"]
     assert rec["fidelity"]["after_calibration"]["kl"] >= 0  # the literal T1 is approximate: measured
     assert rec["eval"]["lm_eval_version"] and rec["env"]["torch"]
+    assert rec["git_uncommitted"] == record.uncommitted_code()  # [] on a clean checkout, None outside git
     # A run reproduces bit for bit on one machine only: the record names the processor and its kernels.
     assert rec["env"]["cpu"] and rec["env"]["cpu_capability"] and rec["env"]["threads"] >= 1
     assert (tmp_path / "outputs" / rec["run_id"] / "activations.png").exists()
