@@ -142,7 +142,10 @@ def uncommitted_code(paths: tuple[Path, ...] = CODE_PATHS) -> list[str] | None:
     """The code files that differ from the commit `git_sha` names (modified, staged, deleted or new),
     as paths in the repository; None outside a git checkout. A run made with any cannot be rerun from
     its commit alone, so its record lists them."""
-    out = _git(["status", "--porcelain", "-z", "--untracked-files=all", "--", *map(str, paths)], paths[0].parent)
+    # --no-optional-locks: status would otherwise refresh the index under its lock, and a sweep's
+    # simultaneous runs (or the user's own `git commit`) would then find index.lock taken.
+    status = ["--no-optional-locks", "status", "--porcelain", "-z", "--untracked-files=all"]
+    out = _git([*status, "--", *map(str, paths)], paths[0].parent)
     if out is None:
         return None
     entries = iter(out.split("\0"))  # each "XY path"
