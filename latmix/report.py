@@ -9,8 +9,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+import pandas as pd
+
 from latmix.record import SkippedRecord
 from latmix.tables import (
+    UNCOMMITTED_MARK,
     build_tables,
     compare_with_reference,
     comparison_markdown,
@@ -25,6 +28,16 @@ def format_skipped(skipped: Iterable[SkippedRecord]) -> list[str]:
     return [f"skipped {item.path}: {item.reason}" for item in skipped]
 
 
+def format_uncommitted(frame: pd.DataFrame) -> list[str]:
+    """One line naming the runs whose code differed from their commit: their rows are marked, not dropped."""
+    run_ids = sorted(frame.loc[frame["uncommitted"], "run_id"])
+    if not run_ids:
+        return []
+    shown = " ".join(run_ids[:8]) + (f" and {len(run_ids) - 8} more" if len(run_ids) > 8 else "")
+    return [f"{len(run_ids)} run(s) made with uncommitted code changes (marked {UNCOMMITTED_MARK} in the tables; "
+            f"not reproducible from their git_sha alone): {shown}"]
+
+
 def regenerate(
     results_dir: str | Path, out_dir: str | Path, reference: str | Path | None = None,
     match_format: bool = True, figures: bool = False, run_ids: Iterable[str] | None = None,
@@ -32,7 +45,7 @@ def regenerate(
 ) -> tuple[dict[str, Path], list[str]]:
     """Read records, write tables (and the comparison, and figures if asked); return paths and messages."""
     frame, skipped, records = load_runs(results_dir)
-    messages = format_skipped(skipped)
+    messages = format_skipped(skipped) + format_uncommitted(frame)
     summary = summarize(frame)
     paths = write_tables(summary, out_dir)
     out_dir = Path(out_dir)

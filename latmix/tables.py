@@ -127,6 +127,7 @@ def record_row(rec: dict) -> dict:
         "weight_quantizer": rec["weight_quantizer"] if quantized else "",
         "fp_reference": full_precision and rec["transform"] == "identity",
         "seed": rec["seed"],
+        "uncommitted": bool(rec.get("git_uncommitted")),
         "config_id": configuration_id(rec["model"], rec["quant"], method, config),
         "setting_id": configuration_id(rec["model"], "", "", setting),
         "config": config,
@@ -143,7 +144,11 @@ def record_row(rec: dict) -> dict:
 
 
 RUN_COLUMNS = ["run_id", "model", "quant", "method", "transform", "weight_quantizer", "fp_reference", "seed",
-               "config_id", "setting_id", "config"]
+               "uncommitted", "config_id", "setting_id", "config"]
+# Per configuration, beside run_ids: the runs made with code that differed from their commit (record.uncommitted_code).
+PER_SEED_COLUMNS = ("seed", "uncommitted")
+SUMMARY_COLUMNS = ["table", "seeds", "runs", "run_ids", "uncommitted_runs"]
+UNCOMMITTED_MARK = "†"
 
 
 def load_results(results_dir: str | Path) -> tuple[pd.DataFrame, list[SkippedRecord]]:
@@ -187,7 +192,7 @@ def _without_former_doubles(frame: pd.DataFrame, former: set[str]) -> pd.DataFra
 
 def metric_columns(frame: pd.DataFrame) -> list[str]:
     """Perplexities first, then tasks alphabetically, then the averages; only columns with a value."""
-    identity = set(RUN_COLUMNS) | {"table", "seeds", "runs", "run_ids"}
+    identity = set(RUN_COLUMNS) | set(SUMMARY_COLUMNS)
     present = [c for c in frame.columns
                if c not in identity and not c.endswith("_std") and not c.startswith("delta_")
                and frame[c].notna().any()]
@@ -209,18 +214,20 @@ def _rank(value: str, order: tuple[str, ...]) -> tuple[int, str]:
 
 def summarize(frame: pd.DataFrame) -> pd.DataFrame:
     """One row per configuration, in table order: '<metric>' (mean over seeds), '<metric>_std',
-    'delta_<metric>' (vs the table's full-precision reference), 'seeds', 'runs', 'run_ids', 'table'."""
+    'delta_<metric>' (vs the table's full-precision reference), 'seeds', 'runs', 'run_ids', 'uncommitted_runs'
+    (those of run_ids made with uncommitted code), 'table'."""
     if frame.empty:
-        return pd.DataFrame(columns=[*RUN_COLUMNS[1:], "table", "seeds", "runs", "run_ids"])
+        return pd.DataFrame(columns=[key for key in RUN_COLUMNS[1:] if key not in PER_SEED_COLUMNS] + SUMMARY_COLUMNS)
     metrics = metric_columns(frame)
     rows = []
     for _, runs in frame.groupby("config_id", sort=False):
         first = runs.iloc[0]
         values = runs[metrics].astype(float)
-        row = {key: first[key] for key in RUN_COLUMNS[1:] if key != "seed"}
+        row = {key: first[key] for key in RUN_COLUMNS[1:] if key not in PER_SEED_COLUMNS}
         row.update(values.mean().to_dict())
         row.update(values.std(ddof=1).add_suffix("_std").to_dict())
-        row.update(seeds=runs["seed"].nunique(), runs=len(runs), run_ids=" ".join(sorted(runs["run_id"])))
+        row.update(seeds=runs["seed"].nunique(), runs=len(runs), run_ids=" ".join(sorted(runs["run_id"])),
+                   uncommitted_runs=" ".join(sorted(runs.loc[runs["uncommitted"], "run_id"])))
         rows.append(row)
     rows.sort(key=_row_order)
     summary = pd.DataFrame(rows)
@@ -295,9 +302,12 @@ class Table:
         """What the table shows, under its heading (markdown) or in its caption (LaTeX)."""
         shown = [key for key in ("eval.suite", "eval.max_seq_len") if key in self.setting and key not in self.split_by]
         evaluation = ", ".join(f"{short_name(key)} {self.setting[key]}" for key in shown)
+        uncommitted = (f" {UNCOMMITTED_MARK}: made with uncommitted code changes (the records' git_uncommitted), "
+                       "so not reproducible from their git_sha alone; uncommitted_runs in the CSV names the runs."
+                       if self.rows["uncommitted_runs"].astype(bool).any() else "")
         return ((f"Evaluation: {evaluation}. " if evaluation else "")
                 + "Mean ± std over seeds; Δ vs full precision (quant none, identity transform); best per format "
-                "in bold (lowest perplexity, highest accuracy); accuracy in percent.")
+                "in bold (lowest perplexity, highest accuracy); accuracy in percent." + uncommitted)
 
     @property
     def caption(self) -> str:
@@ -398,7 +408,8 @@ def _cells(table: Table, latex: bool) -> tuple[list[str], list[list[str]], list[
     for index, row in table.rows.iterrows():
         quant = "" if row["quant"] == previous_quant else row["quant"]
         previous_quant = row["quant"]
-        cells = [text(quant), text(row["method"])]
+        mark = (("$^\\dagger$" if latex else f" {UNCOMMITTED_MARK}") if row["uncommitted_runs"] else "")
+        cells = [text(quant), text(row["method"]) + mark]
         cells += ["" if row["fp_reference"] and not k.startswith(FP_REFERENCE_PREFIXES) else
                   text(row["config"].get(k, missing)) for k in table.varying]
         cells.append(str(row["seeds"]))
@@ -429,7 +440,8 @@ def table_markdown(table: Table) -> str:
 def table_latex(table: Table) -> str:
     header, body, align = _cells(table, latex=True)
     spec = "".join("l" if a == "left" else "r" for a in align)
-    caption = _latex_escape(table.caption).replace("±", "$\\pm$").replace("Δ", "$\\Delta$")
+    caption = (_latex_escape(table.caption).replace("±", "$\\pm$").replace("Δ", "$\\Delta$")
+               .replace(UNCOMMITTED_MARK, "$^\\dagger$"))
     lines = [
         "\\begin{table}[t]",
         "\\centering",
@@ -487,7 +499,7 @@ def tables_csv(tables: list[Table]) -> pd.DataFrame:
     first = ["table", "model", "quant", "method", "fp_reference"]
     varying = list(dict.fromkeys(key for table in tables for key in table.varying))
     numbers = [col for m in metrics for col in (m, f"{m}_std", f"delta_{m}")]
-    return frame[first + varying + ["seeds", "runs", *numbers, "config_id", "run_ids"]]
+    return frame[first + varying + ["seeds", "runs", *numbers, "config_id", "run_ids", "uncommitted_runs"]]
 
 
 def write_tables(summary: pd.DataFrame, out_dir: str | Path, name: str = "results") -> dict[str, Path]:

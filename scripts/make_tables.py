@@ -7,8 +7,8 @@
 Writes results.{md,tex,csv}: one table per model and evaluation setting, full precision first, mean
 ± std over seeds, delta vs full precision, best per format in bold; with a reference CSV,
 vs_published.{md,csv}; and figures/*.{png,pdf}: metrics per method with seed error bars, and the
-per-layer bound vs measured error. A malformed record is reported on stderr by path and skipped.
-Imports no torch.
+per-layer bound vs measured error. A malformed record is reported on stderr by path and skipped; a
+row with runs made on uncommitted code is marked † and the runs are named on stderr. Imports no torch.
 """
 
 from __future__ import annotations

@@ -45,8 +45,10 @@ def set_key(config: dict, dotted: str, value) -> None:
 
 
 def write_run(results_dir: Path, transform: str = "affine", seed: int = 0, heldout: float = 10.0,
-              piqa: float = 0.70, quant: str = "mxfp4", wq: str = "gptq", **overrides) -> dict:
-    """One record of `transform` in `quant` (none = full precision); overrides: {'eval.max_seq_len': 128}."""
+              piqa: float = 0.70, quant: str = "mxfp4", wq: str = "gptq", uncommitted: list[str] | None = None,
+              **overrides) -> dict:
+    """One record of `transform` in `quant` (none = full precision); overrides: {'eval.max_seq_len': 128};
+    uncommitted: the code files the run's checkout had changed (its git_uncommitted)."""
     config = copy.deepcopy(BASE_CONFIG)
     config["seed"] = config["calib"]["seed"] = config["transform"]["seed"] = seed
     config["transform"]["name"] = transform
@@ -63,6 +65,8 @@ def write_run(results_dir: Path, transform: str = "affine", seed: int = 0, heldo
     rec["metrics"]["ppl"] = {"heldout": heldout}
     rec["metrics"]["tasks"] = {"piqa": {"acc": piqa - 0.01, "acc_norm": piqa}}
     rec["metrics"]["averages"] = {"avg6": None, "avg8": None, "mean": piqa}
+    if uncommitted is not None:
+        rec["git_uncommitted"] = uncommitted
     record.write_record(record.record_path(results_dir, rec["run_id"]), rec)
     return rec
 
@@ -270,6 +274,30 @@ def test_a_corrupted_record_is_reported_and_the_rest_still_tabulated(tmp_path):
     paths, messages = report.regenerate(tmp_path, tmp_path / "tables")
     assert len(messages) == 1 and "broken.json" in messages[0]
     assert len(pd.read_csv(paths["csv"])) == 1
+
+
+def test_a_row_with_a_seed_run_on_uncommitted_code_is_marked_and_its_runs_named(tmp_path):
+    dirty = write_run(tmp_path, "affine", seed=0, heldout=10.0, uncommitted=["latmix/mx.py"])
+    write_run(tmp_path, "affine", seed=1, heldout=12.0, uncommitted=[])  # a clean checkout: [] is not a mark
+    write_run(tmp_path, "rotation", seed=0, heldout=14.0)  # older records carry no field at all
+
+    paths, messages = report.regenerate(tmp_path, tmp_path / "tables")
+
+    assert messages == [f"1 run(s) made with uncommitted code changes (marked † in the tables; not reproducible "
+                        f"from their git_sha alone): {dirty['run_id']}"]
+    md = paths["md"].read_text()
+    assert "affine+gptq †" in md and "rotation+gptq †" not in md
+    assert "†: made with uncommitted code changes" in md
+    assert "affine+gptq$^\\dagger$" in paths["tex"].read_text() and "†" not in paths["tex"].read_text()
+    csv = pd.read_csv(paths["csv"], keep_default_na=False).set_index("method")
+    assert csv.loc["affine+gptq", "uncommitted_runs"] == dirty["run_id"]
+    assert csv.loc["rotation+gptq", "uncommitted_runs"] == ""
+
+
+def test_a_table_of_committed_runs_says_nothing_of_uncommitted_code(tmp_path):
+    fp_and_methods(tmp_path)
+    md = tables.table_markdown(only_table(tmp_path))
+    assert "†" not in md and "uncommitted" not in md
 
 
 def test_full_precision_rows_are_labelled_by_transform_only():
