@@ -186,8 +186,8 @@ def build_record(
         "schema_version": record.SCHEMA_VERSION,
         "run_id": rid,
         "created": record.utc_now(),
-        "git_sha": record.git_sha(),
-        "git_uncommitted": record.uncommitted_code(),
+        "git_sha": record.running_code().sha,
+        "git_uncommitted": record.running_code().uncommitted,
         "config": resolved,
         "model": exp.model.name,
         "model_source": source,
@@ -236,6 +236,7 @@ def check_recorded_inputs(rec: dict[str, Any], exp: Experiment, path: Path) -> N
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one experiment from a composed config and return its result record."""
     logs.quiet_third_party()
+    code = record.running_code()  # before any work: the record names the code this run starts with
     exp = build_experiment(cfg)
     resolved = identity_config(cfg)
     rid = record.run_id(resolved)
@@ -243,7 +244,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     previous = existing_record(path)
     if previous is not None and not exp.force:
         check_recorded_inputs(previous, exp, path)
-        moved = provenance.code_moved(previous, record.git_sha())
+        moved = provenance.code_moved(previous, code.sha)
         log.info("run %s is already recorded at %s%s; skipping (force=true reruns it)",
                  rid, path, f" ({moved})" if moved else "")
         tidy_recorded(exp, rid)

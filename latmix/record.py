@@ -6,6 +6,7 @@ same file, a finished run can be recognised and skipped, and a requeued job find
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import subprocess
@@ -156,6 +157,21 @@ def uncommitted_code(paths: tuple[Path, ...] = CODE_PATHS) -> list[str] | None:
             if entry[0] in "RC":
                 next(entries, None)  # a rename's or copy's source path follows: not a change of its own
     return sorted(changed)
+
+
+@dataclass(frozen=True)
+class CodeVersion:
+    sha: str | None  # git_sha
+    uncommitted: list[str] | None  # uncommitted_code
+
+
+@functools.cache
+def running_code() -> CodeVersion:
+    """The commit and uncommitted code files of the code this process runs, read once: at the first
+    run's start (experiment.run asks first), since the modules stay as they were imported while the
+    checkout moves on: a commit or an edit during a long run, or between the runs of a sweep that
+    share this process, must not change what their records claim."""
+    return CodeVersion(git_sha(), uncommitted_code())
 
 
 def _git(args: list[str], cwd: str | Path) -> str | None:

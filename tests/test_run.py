@@ -16,7 +16,7 @@ from conftest import run_script
 from hydra import compose, initialize_config_dir
 from wandb_offline import read_offline_run
 
-from latmix import provenance, record
+from latmix import experiment, provenance, record
 from latmix.config import identity_config
 from latmix.errors import ConfigError
 from latmix.experiment import run
@@ -75,7 +75,7 @@ def test_one_run_writes_a_valid_record_then_skips_then_reruns_when_forced(
     assert "already recorded" in caplog.text and "the code is now at" not in caplog.text
 
     if rec["git_sha"] is not None:  # a later commit reuses the record, and says which commit made it
-        monkeypatch.setattr(record, "git_sha", lambda repo_dir=None: "f" * 40)
+        monkeypatch.setattr(record, "running_code", lambda: record.CodeVersion("f" * 40, []))
         with caplog.at_level("INFO", logger="latmix.experiment"):
             assert run(compose_run(*overrides)) == again
         assert f"recorded at commit {rec['git_sha'][:9]}, the code is now at fffffffff" in caplog.text
@@ -84,6 +84,36 @@ def test_one_run_writes_a_valid_record_then_skips_then_reruns_when_forced(
     forced = run(compose_run(*overrides, "force=true"))
     assert forced["run_id"] == rec["run_id"] and path.stat().st_mtime_ns != written
     assert forced["metrics"]["ppl"] == pytest.approx(rec["metrics"]["ppl"])  # seeded: reproducible
+
+
+@pytest.fixture
+def code_read_afresh():
+    """record.running_code is read once per process: these tests need it read at their own run's start."""
+    record.running_code.cache_clear()
+    yield
+    record.running_code.cache_clear()
+
+
+@pytest.mark.slow
+def test_a_record_names_the_code_its_run_started_with_though_the_checkout_moves_during_it(
+    tiny_checkpoint, tmp_path, monkeypatch, code_read_afresh
+):
+    monkeypatch.setattr(record, "git_sha", lambda repo_dir=None: "a" * 40)
+    monkeypatch.setattr(record, "uncommitted_code", lambda: [])
+    evaluate = experiment.evaluate
+
+    def commit_and_edit_meanwhile(*args, **kwargs):
+        monkeypatch.setattr(record, "git_sha", lambda repo_dir=None: "b" * 40)
+        monkeypatch.setattr(record, "uncommitted_code", lambda: ["latmix/mx.py"])
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(experiment, "evaluate", commit_and_edit_meanwhile)
+    overrides = [*shrunk(tiny_checkpoint, tmp_path), "logger=none", "transform=identity", "eval.tasks=[]"]
+    first = run(compose_run(*overrides))
+    second = run(compose_run(*overrides, "seed=1"))  # a sweep's next run shares the process's imported code
+
+    for rec in (first, second):
+        assert (rec["git_sha"], rec["git_uncommitted"]) == ("a" * 40, [])
 
 
 @pytest.mark.slow
