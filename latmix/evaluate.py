@@ -72,7 +72,9 @@ def perplexity(model: torch.nn.Module, token_ids: torch.Tensor, seq_len: int, ba
 @dataclass(frozen=True)
 class PerplexityText:
     """One perplexity dataset as evaluated: its record name, its tokens, and where they came from
-    (text files: {path, sha256 of the file, tokens evaluated}; wikitext2: {dataset, tokens})."""
+    (text files: {path, sha256 of the file, tokens, tokens_sha256}; wikitext2: {dataset, tokens,
+    tokens_sha256}). tokens_sha256 (data.token_digest of the tokens evaluated) is what pins a hub
+    dataset, which is named, not a file to hash, and two records evaluated the same tokens iff it agrees."""
 
     name: str
     ids: torch.Tensor
@@ -93,7 +95,8 @@ def perplexity_texts(tokenizer: Any, settings: EvalSettings, seq_len: int) -> li
                 f"{settings.max_ppl_tokens}), fewer than one window of {seq_len}; use a longer text or "
                 "lower eval.max_seq_len"
             )
-        texts.append(PerplexityText(ppl_dataset_name(entry), ids, {**source, "tokens": ids.numel()}))
+        evaluated = {"tokens": ids.numel(), "tokens_sha256": data.token_digest(ids)}
+        texts.append(PerplexityText(ppl_dataset_name(entry), ids, {**source, **evaluated}))
     return texts
 
 

@@ -6,7 +6,9 @@ the run would be skipped as recorded with numbers from the old inputs. The recor
 sha256 (`calibration.text`, `eval.ppl_sources`) and the weights' fingerprint by content
 (`model_source.fingerprint`: models.loading.weights_fingerprint without mtimes); before a recorded run
 is reused they are computed again from what the config names now and compared. Hub datasets (WikiText-2,
-C4) are named, not hashed; a record written before a field existed is not checked on that input.
+C4) are recorded by name and by the digest of the tokens a run read (`eval.ppl_sources.*.tokens_sha256`,
+`calibration.data_sha256`), but not read again before a reuse, which would mean loading them; a record
+written before a field existed is not checked on that input.
 The code is not an input here: a recorded run is reused across commits, and the skip says so
 (code_moved), since refusing every record after each commit would make a results directory useless.
 """

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from latmix import evaluate, local_tasks, metrics
+from latmix import data, evaluate, local_tasks, metrics
 from latmix.errors import ConfigError
 from latmix.settings import EvalSettings, from_values
 
@@ -140,9 +140,23 @@ def test_a_text_file_is_evaluated_and_recorded_by_name_path_and_sha256(tmp_path)
     tokens = len(text.read_bytes())
     assert result.ppl_sources["my_corpus"] == {
         "path": str(text.resolve()), "sha256": hashlib.sha256(text.read_bytes()).hexdigest(), "tokens": tokens,
+        "tokens_sha256": data.token_digest(torch.tensor(list(text.read_bytes()))),
     }
     heldout = result.ppl_sources["heldout"]
     assert heldout["path"] == str(local_tasks.text_path("heldout")) and heldout["tokens"] == 5000
+
+
+def test_a_hub_dataset_is_recorded_by_name_and_by_the_digest_of_the_tokens_evaluated(monkeypatch):
+    streams = iter([torch.arange(300) % 256, torch.arange(300) % 256, (torch.arange(300) + 1) % 256])
+    monkeypatch.setattr(data, "token_stream", lambda tokenizer, source, split: next(streams))
+    settings = eval_settings("wikitext2", max_ppl_tokens=200)
+
+    first, again, edited = (evaluate.perplexity_texts(byte_tokenizer, settings, seq_len=64)[0] for _ in range(3))
+
+    assert first.source == {"dataset": "Salesforce/wikitext wikitext-2-raw-v1 test", "tokens": 200,
+                            "tokens_sha256": data.token_digest(torch.arange(200))}
+    assert again.source == first.source  # the same tokens, the same record
+    assert edited.source["tokens_sha256"] != first.source["tokens_sha256"]  # a new dataset revision shows
 
 
 @pytest.mark.parametrize(
