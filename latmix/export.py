@@ -34,7 +34,7 @@ import json
 import logging
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -227,6 +227,25 @@ def _export_config(model: nn.Module) -> Any:
     return config
 
 
+@dataclass
+class _Gathered:
+    """The tensors an export writes, gathered module by module, and the online transforms they use."""
+
+    names: dict[int, str]  # id(transform) -> its name in PreparedModel.transforms
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)  # model.safetensors
+    sidecar: dict[str, torch.Tensor] = field(default_factory=dict)  # latmix_transforms.safetensors
+    codes: dict[str, torch.Tensor] = field(default_factory=dict)  # latmix_mx_codes.safetensors
+    used: dict[str, Transform] = field(default_factory=dict)
+
+    def use(self, transform: Transform, where: str) -> str:
+        """The online transform's name, noted as used (its state goes in the sidecar)."""
+        if id(transform) not in self.names:
+            raise ValueError(f"{where}: an online transform that PreparedModel.transforms does not name")
+        name = self.names[id(transform)]
+        self.used[name] = transform
+        return name
+
+
 @torch.no_grad()
 def export_model(
     prepared: PreparedModel, tokenizer: Any, exp: Experiment, run_id: str, out_dir: str | Path,
@@ -238,82 +257,14 @@ def export_model(
     if any(not linear.frozen for linear in linears.values()):
         raise ValueError("export needs a frozen model (after calibration): transforms not yet folded")
     steps = {path: m for path, m in model.named_modules() if isinstance(m, AttentionQuant)}
-    names = {id(t): name for name, t in prepared.transforms.items()}
-    specs = exp.transform.active()
-
-    out_dir = Path(out_dir)
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     config = _export_config(model)
     expected = _skeleton_keys(config)
 
-    weights: dict[str, torch.Tensor] = {}
-    sidecar: dict[str, torch.Tensor] = {}
-    codes: dict[str, torch.Tensor] = {}
-    linear_entries: dict[str, dict] = {}
-    used: dict[str, Transform] = {}
-    for path, linear in linears.items():
-        weight, quantized = exported_weight(linear)
-        weights[f"{path}.weight"] = weight.cpu().contiguous()
-        entry = {
-            "weight_format": _format_name(linear.weight_format), "act_format": _format_name(linear.act_format),
-            "weight_block_size": linear.weight_block_size, "act_block_size": linear.act_block_size,
-            "quantize_weights": linear.quantize_weights, "quantize_acts": linear.quantize_acts,
-            "weight_quantized": quantized, "online_in": [], "bias": None, "act_clip": False, "codes": None,
-        }
-        for transform in linear.online_in:
-            if id(transform) not in names:
-                raise ValueError(f"{path}: an online transform that PreparedModel.transforms does not name")
-            entry["online_in"].append(names[id(transform)])
-            used[names[id(transform)]] = transform
-        if linear.bias is not None:
-            key = f"{path}.bias"
-            if key in expected:
-                weights[key], entry["bias"] = linear.bias.detach().cpu().contiguous(), "model"
-            else:
-                sidecar[f"linears/{path}/bias"], entry["bias"] = linear.bias.detach().cpu().contiguous(), "latmix"
-        if linear.act_clip is not None:
-            sidecar[f"linears/{path}/act_clip"] = linear.act_clip.detach().cpu().contiguous().clone()
-            entry["act_clip"] = True
-        if quantized:
-            encoded = encode_mx(weight, linear.weight_format, linear.weight_block_size)
-            if encoded is not None:
-                codes[f"{path}.codes"], codes[f"{path}.scales"] = encoded
-                entry["codes"] = f"{linear.weight_format.element.name}, E8M0 scale per {linear.weight_block_size}"
-        linear_entries[path] = entry
-
-    attention_entries = {}
-    for path, step in steps.items():
-        qk = None
-        if step.qk is not None:
-            qk = names[id(step.qk)]
-            used[qk] = step.qk
-        attention_entries[path.rsplit(".", 1)[0]] = {
-            "qk": qk, "kv_format": step.kv_format, "kv_block_size": step.kv_block_size, "quantize_kv": step.quantize_kv,
-        }
-
-    inside = tuple(f"{p}." for p in (*linears, *steps))
-    for key, value in model.state_dict().items():
-        if key in expected and not key.startswith(inside) and key not in weights:
-            weights[key] = value.detach().cpu().contiguous()
-    weights = _untie(weights, config)
-    missing = sorted(expected - set(weights) - _tied_keys(config))
-    if missing:
-        raise ValueError(f"export: no value for {missing[:5]} of the architecture's weights")
-
-    transforms = {}
-    for name, transform in used.items():
-        spec = specs[_placement(name)]
-        kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in spec.items() if k != "family"}
-        transforms[name] = {"family": spec["family"], "dim": transform.dim, "placement": _placement(name), "kwargs": kwargs}
-    sidecar.update(transform_state(used, prefix="transforms/"))
-
-    save_file(weights, str(staging / WEIGHTS), metadata={"format": "pt"})
-    save_file(sidecar, str(staging / SIDECAR))
-    save_file(codes, str(staging / CODES))
-    config.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
+    gathered = _Gathered(names={id(t): name for name, t in prepared.transforms.items()})
+    linear_entries = {path: _linear_entry(gathered, path, linear, expected) for path, linear in linears.items()}
+    attention_entries = {path.rsplit(".", 1)[0]: _attention_entry(gathered, path, step) for path, step in steps.items()}
+    _add_architecture_weights(gathered.weights, model, expected, config, inside=(*linears, *steps))
+    gathered.sidecar.update(transform_state(gathered.used, prefix="transforms/"))
     manifest = {
         "format_version": FORMAT_VERSION,
         "run_id": run_id,
@@ -322,15 +273,87 @@ def export_model(
         "dtype": str(config.dtype).removeprefix("torch."),
         "quant_config": {"weight_format": exp.quant.weight_format, "act_format": exp.quant.act_format,
                          "block_size": exp.quant.block_size, "kv_format": exp.quant.kv_format},
-        "transforms": transforms,
+        "transforms": _transform_entries(gathered.used, exp.transform.active()),
         "linears": linear_entries,
         "attention": attention_entries,
         "config": dict(resolved) if resolved is not None else None,
     }
+    out_dir = _write_export(Path(out_dir), gathered, config, tokenizer, manifest)
+    log.info("quantized model exported to %s (load it with latmix.export.load_quantized)", out_dir)
+    return out_dir
+
+
+def _linear_entry(gathered: _Gathered, path: str, linear: QuantLinear, expected: set[str]) -> dict[str, Any]:
+    """The linear's manifest entry; its weight, bias, clipping ratios and MX codes go in `gathered`."""
+    weight, quantized = exported_weight(linear)
+    gathered.weights[f"{path}.weight"] = weight.cpu().contiguous()
+    entry = {
+        "weight_format": _format_name(linear.weight_format), "act_format": _format_name(linear.act_format),
+        "weight_block_size": linear.weight_block_size, "act_block_size": linear.act_block_size,
+        "quantize_weights": linear.quantize_weights, "quantize_acts": linear.quantize_acts,
+        "weight_quantized": quantized, "bias": None, "act_clip": False, "codes": None,
+        "online_in": [gathered.use(transform, path) for transform in linear.online_in],
+    }
+    if linear.bias is not None:
+        bias, key = linear.bias.detach().cpu().contiguous(), f"{path}.bias"
+        if key in expected:
+            gathered.weights[key], entry["bias"] = bias, "model"
+        else:  # an affine shift gives a linear a bias the architecture has no slot for
+            gathered.sidecar[f"linears/{path}/bias"], entry["bias"] = bias, "latmix"
+    if linear.act_clip is not None:
+        gathered.sidecar[f"linears/{path}/act_clip"] = linear.act_clip.detach().cpu().contiguous().clone()
+        entry["act_clip"] = True
+    if quantized and (encoded := encode_mx(weight, linear.weight_format, linear.weight_block_size)) is not None:
+        gathered.codes[f"{path}.codes"], gathered.codes[f"{path}.scales"] = encoded
+        entry["codes"] = f"{linear.weight_format.element.name}, E8M0 scale per {linear.weight_block_size}"
+    return entry
+
+
+def _attention_entry(gathered: _Gathered, path: str, step: AttentionQuant) -> dict[str, Any]:
+    return {
+        "qk": None if step.qk is None else gathered.use(step.qk, path),
+        "kv_format": step.kv_format, "kv_block_size": step.kv_block_size, "quantize_kv": step.quantize_kv,
+    }
+
+
+def _add_architecture_weights(
+    weights: dict[str, torch.Tensor], model: nn.Module, expected: set[str], config: Any, inside: tuple[str, ...]
+) -> None:
+    """The architecture's weights outside the quantized modules (embeddings, norms, the head), tied
+    ones once; ValueError if one it needs has no value."""
+    inside = tuple(f"{path}." for path in inside)
+    for key, value in model.state_dict().items():
+        if key in expected and not key.startswith(inside) and key not in weights:
+            weights[key] = value.detach().cpu().contiguous()
+    _untie(weights, config)
+    missing = sorted(expected - set(weights) - _tied_keys(config))
+    if missing:
+        raise ValueError(f"export: no value for {missing[:5]} of the architecture's weights")
+
+
+def _transform_entries(used: Mapping[str, Transform], specs: Mapping[str, Mapping[str, Any]]) -> dict[str, dict]:
+    """Each used transform as load_quantized rebuilds it: family, size, placement and its preset's kwargs."""
+    entries = {}
+    for name, transform in used.items():
+        spec = specs[_placement(name)]
+        kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in spec.items() if k != "family"}
+        entries[name] = {"family": spec["family"], "dim": transform.dim, "placement": _placement(name), "kwargs": kwargs}
+    return entries
+
+
+def _write_export(out_dir: Path, gathered: _Gathered, config: Any, tokenizer: Any, manifest: dict) -> Path:
+    """Written beside `out_dir` first and then renamed over it, so a failed export leaves no half of one."""
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    save_file(gathered.weights, str(staging / WEIGHTS), metadata={"format": "pt"})
+    save_file(gathered.sidecar, str(staging / SIDECAR))
+    save_file(gathered.codes, str(staging / CODES))
+    config.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
     shutil.rmtree(out_dir, ignore_errors=True)
     staging.rename(out_dir)
-    log.info("quantized model exported to %s (load it with latmix.export.load_quantized)", out_dir)
     return out_dir
 
 
