@@ -481,45 +481,8 @@ def prepare_model(
     pre_linear = "pre_linear" in transform_cfg.active()
     if residual is not None or (pre_linear and transform_cfg.fold_norms):
         adapter.fold_norms()
-    weight_block = quant_cfg.block_for(quant_cfg.weight_format)
-    act_block = quant_cfg.block_for(quant_cfg.act_format)
-    kv_block = quant_cfg.block_for(quant_cfg.kv_format)
-
-    def wrap(layer, role, **transforms) -> None:
-        quantized = role in quant_cfg.quantized_roles
-        adapter.set_linear(
-            layer,
-            role,
-            QuantLinear(
-                adapter.linear(layer, role),
-                weight_format=quant_cfg.weight_format if quantized else None,
-                act_format=quant_cfg.act_format if quantized else None,
-                weight_block_size=weight_block,
-                act_block_size=act_block,
-                **transforms,
-            ),
-        )
-
-    for i, layer in enumerate(adapter.layers()):
-        # A block's own maps live where the block does (in CPU storage when its model is offloaded).
-        at = next(layer.parameters()).device
-        pre_attn = make("pre_linear", f"layers.{i}.pre_linear_attn", adapter.hidden_size, at)
-        pre_mlp = make("pre_linear", f"layers.{i}.pre_linear_mlp", adapter.hidden_size, at)
-        vo = make("attn_vo", f"layers.{i}.attn_vo", adapter.head_dim, at)
-        down = make("down_proj", f"layers.{i}.down_proj", adapter.intermediate_size, at)
-        for role in ("q", "k"):
-            wrap(layer, role, folded_in=_present(residual), online_in=_present(pre_attn))
-        v_out = _present(_per_head(vo, adapter.num_kv_heads))
-        wrap(layer, "v", folded_in=_present(residual), online_in=_present(pre_attn), out_map=v_out)
-        wrap(layer, "o", folded_in=_present(_per_head(vo, adapter.num_heads)), out_map=_present(residual))
-        for role in ("gate", "up"):
-            wrap(layer, role, folded_in=_present(residual), online_in=_present(pre_mlp))
-        wrap(layer, "down", online_in=_present(down), out_map=_present(residual))
-        _share_inputs(adapter.attn_readers(layer))
-        _share_inputs(adapter.mlp_readers(layer))
-        qk = make("qk", f"layers.{i}.qk", adapter.head_dim, at)
-        if qk is not None or quant_cfg.kv_format is not None:
-            attention.attach(adapter.attention(layer), AttentionQuant(qk, quant_cfg.kv_format, kv_block))
+    for index, layer in enumerate(adapter.layers()):
+        _prepare_layer(adapter, index, layer, make, residual, quant_cfg)
 
     if residual is not None:
         adapter.set_embed_tokens(TransformedEmbedding(adapter.embed_tokens, residual))
@@ -534,6 +497,50 @@ def prepare_model(
     if not any(p.requires_grad for t in make.built.values() for p in t.parameters()):
         freeze_model(prepared)
     return prepared
+
+
+def _prepare_layer(
+    adapter: LlamaFamilyAdapter, index: int, layer: nn.Module, make: _TransformFactory, residual: Transform | None,
+    quant_cfg: QuantConfig,
+) -> None:
+    """One decoder block: each linear wrapped with the maps around it, and its attention step."""
+    # A block's own maps live where the block does (in CPU storage when its model is offloaded).
+    at = next(layer.parameters()).device
+    pre_attn = make("pre_linear", f"layers.{index}.pre_linear_attn", adapter.hidden_size, at)
+    pre_mlp = make("pre_linear", f"layers.{index}.pre_linear_mlp", adapter.hidden_size, at)
+    vo = make("attn_vo", f"layers.{index}.attn_vo", adapter.head_dim, at)
+    down = make("down_proj", f"layers.{index}.down_proj", adapter.intermediate_size, at)
+    for role in ("q", "k"):
+        _wrap(adapter, layer, role, quant_cfg, folded_in=_present(residual), online_in=_present(pre_attn))
+    v_out = _present(_per_head(vo, adapter.num_kv_heads))
+    _wrap(adapter, layer, "v", quant_cfg, folded_in=_present(residual), online_in=_present(pre_attn), out_map=v_out)
+    o_in = _present(_per_head(vo, adapter.num_heads))
+    _wrap(adapter, layer, "o", quant_cfg, folded_in=o_in, out_map=_present(residual))
+    for role in ("gate", "up"):
+        _wrap(adapter, layer, role, quant_cfg, folded_in=_present(residual), online_in=_present(pre_mlp))
+    _wrap(adapter, layer, "down", quant_cfg, online_in=_present(down), out_map=_present(residual))
+    _share_inputs(adapter.attn_readers(layer))
+    _share_inputs(adapter.mlp_readers(layer))
+    qk = make("qk", f"layers.{index}.qk", adapter.head_dim, at)
+    if qk is not None or quant_cfg.kv_format is not None:
+        kv_block = quant_cfg.block_for(quant_cfg.kv_format)
+        attention.attach(adapter.attention(layer), AttentionQuant(qk, quant_cfg.kv_format, kv_block))
+
+
+def _wrap(
+    adapter: LlamaFamilyAdapter, layer: nn.Module, role: str, quant_cfg: QuantConfig, **transforms: list[Transform]
+) -> None:
+    """The layer's linear of `role` replaced by a QuantLinear with these maps (quantized if its role is)."""
+    quantized = role in quant_cfg.quantized_roles
+    linear = QuantLinear(
+        adapter.linear(layer, role),
+        weight_format=quant_cfg.weight_format if quantized else None,
+        act_format=quant_cfg.act_format if quantized else None,
+        weight_block_size=quant_cfg.block_for(quant_cfg.weight_format),
+        act_block_size=quant_cfg.block_for(quant_cfg.act_format),
+        **transforms,
+    )
+    adapter.set_linear(layer, role, linear)
 
 
 def _share_inputs(linears: Sequence[nn.Module]) -> None:
