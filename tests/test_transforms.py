@@ -238,7 +238,7 @@ def test_singular_values_from_the_structure_are_those_of_the_matrix(transform):
     assert torch.allclose(transform.singular_values().sort().values, dense.sort().values, rtol=1e-5)
     # The bound objective's sigma_min: the same, in float32, with a gradient for learned affine maps.
     sigma_min = transform.smallest_singular_value()
-    assert float(sigma_min) == pytest.approx(float(dense.min()), rel=1e-4)
+    assert float(sigma_min.detach()) == pytest.approx(float(dense.min()), rel=1e-4)
     learned = not transform.orthogonal and any(p.requires_grad for p in transform.parameters())
     assert sigma_min.requires_grad == learned
     headwise = Headwise(transform, 3)
