@@ -190,6 +190,9 @@ class Job:
     record: dict | None = None
 
 
+LABELS = {"model": lambda rec: rec["model"], "quant": lambda rec: rec["quant"], "method": method_of}
+
+
 def sweep_summary(jobs: Sequence[Job], results_dir: str | Path | None = None, title: str = "sweep") -> str:
     """One row per job: status, model/quant/method (in the title when the same for all), the config
     keys that differ between the jobs, seed, perplexities, averages, Δ vs full precision (first
@@ -201,64 +204,72 @@ def sweep_summary(jobs: Sequence[Job], results_dir: str | Path | None = None, ti
     statuses = ("ran", "recorded", "failed", "no record", "unfinished")
     counts = ", ".join(f"{n} {s}" for s in statuses if (n := sum(job.status == s for job in jobs)))
     heading = f"{title}: {len(jobs)} job{'s' if len(jobs) != 1 else ''}" + (f" ({counts})" if counts else "")
-    labels = {"model": lambda rec: rec["model"], "quant": lambda rec: rec["quant"], "method": method_of}
-    shared = {name: values.pop() for name, label in labels.items()
+    shared = {name: values.pop() for name, label in LABELS.items()
               if len(values := {label(job.record) for job in done}) == 1}
     lines = [fit(" · ".join([heading, *shared.values()]))]
     if not jobs:
         return lines[0]
-    columns = [name for name in labels if name not in shared]
     frame = pd.DataFrame([tables.record_row(job.record) for job in done]) if done else None
     varying = tables.varying_keys(frame) if frame is not None and len(frame) > 1 else []
     metrics = _sweep_metrics([job.record for job in done])
-    references = {job.number: mean_metrics(fp_references(job.record, results_dir))
-                  for job in done if results_dir is not None and not is_fp_reference(job.record)}
-    short = list(dict.fromkeys(metrics[:1] + [m for m in metrics if m in tables.AVERAGE_COLUMNS][-1:]))
-
-    def table_for(keys: list[str], shown: list[str]) -> list[str]:
-        deltas = [m for m in short if m in shown and any(m in ref for ref in references.values())]
-        header = ["#", "run", "status", *columns, *(tables.short_name(k) for k in keys), "seed",
-                  *(display_name(m) for m in shown), *(f"Δ {display_name(m).removesuffix(' ppl')}" for m in deltas),
-                  "time s"]
-        right = [True, False, False, *(False for _ in columns), *(False for _ in keys), True,
-                 *(True for _ in shown), *(True for _ in deltas), True]
-        body = []
-        for job in jobs:
-            rec = job.record
-            if rec is None:
-                body.append([str(job.number), job.run_id or "?", job.status, *([""] * (len(header) - 3))])
-                continue
-            config, values = tables.configuration(rec), metric_values(rec)
-            reference = references.get(job.number, {})
-            body.append([
-                str(job.number), rec["run_id"], job.status, *(labels[name](rec) for name in columns),
-                *(config.get(k, "–") for k in keys), str(rec["seed"]),
-                *(_number(values.get(m)) for m in shown),
-                *(_delta(values.get(m), reference.get(m)) for m in deltas),
-                _number(rec["timing"].get("total"), 0),
-            ])
-        return render(header, body, right)
-
-    legend: list[str] = []
-    for keys, shown in ((varying, metrics), (varying, short), ([], metrics), ([], short)):
-        table = table_for(keys, shown)
+    sweep = _SweepTable(
+        jobs, columns=[name for name in LABELS if name not in shared],
+        references={job.number: mean_metrics(fp_references(job.record, results_dir))
+                    for job in done if results_dir is not None and not is_fp_reference(job.record)},
+        short=list(dict.fromkeys(metrics[:1] + [m for m in metrics if m in tables.AVERAGE_COLUMNS][-1:])),
+    )
+    for keys, shown in ((varying, metrics), (varying, sweep.short), ([], metrics), ([], sweep.short)):
+        table = sweep.render(keys, shown)
         if _width(table) <= WIDTH:
             break
-    if keys != varying:
+    lines += [line[:WIDTH] for line in table]
+    if keys != varying:  # the differing keys did not fit: one line per job below the table
         for job in done:
             config = tables.configuration(job.record)
-            legend.append(fit(f"  #{job.number}: " + ", ".join(
+            lines.append(fit(f"  #{job.number}: " + ", ".join(
                 f"{tables.short_name(k)}={config.get(k, '–')}" for k in varying)))
-    lines += [line[:WIDTH] for line in table] + legend
     notes = []
     if any(not m.startswith("ppl_") for m in metrics):
         notes.append(ACCURACY_NOTE)
-    if references and any(references.values()):
+    if any(sweep.references.values()):
         notes.append("Δ vs full precision, same model and evaluation")
     if notes:
         lines.append(fit(f"  ({'; '.join(notes)})"))
     lines += [fit(f"  #{job.number} {job.status}: {job.error}") for job in jobs if job.error]
     return "\n".join(lines)
+
+
+@dataclass
+class _SweepTable:
+    """A sweep's rows, renderable with more or fewer columns (sweep_summary picks what fits)."""
+
+    jobs: Sequence[Job]
+    columns: list[str]  # of LABELS, those that differ between the jobs
+    references: dict[int, dict[str, float]]  # job number -> its full-precision reference's metrics
+    short: list[str]  # the metrics kept when all do not fit
+
+    def render(self, keys: list[str], shown: list[str]) -> list[str]:
+        deltas = [m for m in self.short if m in shown and any(m in ref for ref in self.references.values())]
+        header = ["#", "run", "status", *self.columns, *(tables.short_name(k) for k in keys), "seed",
+                  *(display_name(m) for m in shown), *(f"Δ {display_name(m).removesuffix(' ppl')}" for m in deltas),
+                  "time s"]
+        right = [True, False, False, *(False for _ in self.columns), *(False for _ in keys), True,
+                 *(True for _ in shown), *(True for _ in deltas), True]
+        body = [self._row(job, keys, shown, deltas) if job.record is not None else
+                [str(job.number), job.run_id or "?", job.status, *([""] * (len(header) - 3))] for job in self.jobs]
+        return render(header, body, right)
+
+    def _row(self, job: Job, keys: list[str], shown: list[str], deltas: list[str]) -> list[str]:
+        rec = job.record
+        config, values = tables.configuration(rec), metric_values(rec)
+        reference = self.references.get(job.number, {})
+        return [
+            str(job.number), rec["run_id"], job.status, *(LABELS[name](rec) for name in self.columns),
+            *(config.get(k, "–") for k in keys), str(rec["seed"]),
+            *(_number(values.get(m)) for m in shown),
+            *(_delta(values.get(m), reference.get(m)) for m in deltas),
+            _number(rec["timing"].get("total"), 0),
+        ]
 
 
 def _width(lines: Sequence[str]) -> int:
