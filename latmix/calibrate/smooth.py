@@ -23,8 +23,10 @@ start of the latmix preset's block-diagonal maps, nothing learned, SmolLM2-135M 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 import torch
+from torch import nn
 
 from latmix.hooks import Hooks
 from latmix.models import blocks
@@ -97,34 +99,9 @@ def smooth_init(prepared: PreparedModel, calib_ids: torch.Tensor, alpha: float, 
     weights: dict[str, torch.Tensor] = {}
     if eligible:
         with Hooks() as hooks:
-            for i, layer in enumerate(adapter.layers()):
+            for index, layer in enumerate(adapter.layers()):
                 with prepared.resident(layer):
-                    for side, readers in (
-                        ("pre_linear_attn", adapter.attn_readers(layer)),
-                        ("pre_linear_mlp", adapter.mlp_readers(layer)),
-                    ):
-                        name = f"layers.{i}.{side}"
-                        if name in eligible:
-                            width = readers[0].in_features
-                            hooks.pre(readers[0], lambda m, a, n=name, w=width: _record(stats, n, a[0], w))
-                            weights[name] = torch.cat([_in_basis(r) for r in readers]).amax(dim=0).cpu()
-                    name = f"layers.{i}.down_proj"
-                    if name in eligible:
-                        down = adapter.mlp_writer(layer)
-                        hooks.pre(down, lambda m, a, n=name, w=down.in_features: _record(stats, n, a[0], w))
-                        weights[name] = _in_basis(down).amax(dim=0).cpu()
-                    name = f"layers.{i}.attn_vo"
-                    if name in eligible:
-                        vo = transforms[name]
-                        v, o = adapter.value_proj(layer), adapter.attn_writer(layer)
-                        # v's output has been through the map (per head): take it back to the map's input.
-                        head_map = next(t for t in v.out_map if isinstance(t, Headwise) and t.transform is vo)
-                        hooks.post(
-                            v, lambda m, a, out, n=name, t=head_map, d=vo.dim: _record(stats, n, t.inverse(out), d)
-                        )
-                        # o reads v per head; its folded_in is this map's inverse alone (not applied here).
-                        o_abs = o.weight.detach().float().abs()
-                        weights[name] = o_abs.reshape(o.out_features, -1, vo.dim).amax(dim=(0, 1)).cpu()
+                    weights.update(_watch_layer(hooks, stats, prepared, index, layer, eligible))
             with quantization_disabled(model):
                 for start in range(0, calib_ids.shape[0], batch_size):
                     model(calib_ids[start : start + batch_size].to(blocks.input_device(model)), use_cache=False)
@@ -133,13 +110,41 @@ def smooth_init(prepared: PreparedModel, calib_ids: torch.Tensor, alpha: float, 
         if name in stats:
             _scale_input(transforms[name], smooth_log_scales(stats[name], weights[name], alpha))
             done.append(name)
-    left = {}
-    for why in reasons.values():
-        if why is not None:
-            left[why] = left.get(why, 0) + 1
+    left = Counter(why for why in reasons.values() if why is not None)
     left_text = "".join(f"; {count} left as they are ({why})" for why, count in sorted(left.items()))
     log.info(
         "calib.smooth_alpha=%g: per-channel scales of %d learnable affine map(s) set from activation and "
         "weight ranges (SmoothQuant start, function unchanged)%s", alpha, len(done), left_text,
     )
     return done
+
+
+def _watch_layer(
+    hooks: Hooks, stats: dict[str, torch.Tensor], prepared: PreparedModel, index: int, layer: nn.Module,
+    eligible: set[str],
+) -> dict[str, torch.Tensor]:
+    """Hooks that record, into `stats`, the input ranges of the layer's eligible maps; returns the
+    weight ranges of what reads each map's output, per input channel."""
+    adapter, weights = prepared.adapter, {}
+    for side, readers in (("pre_linear_attn", adapter.attn_readers(layer)), ("pre_linear_mlp", adapter.mlp_readers(layer))):
+        name = f"layers.{index}.{side}"
+        if name in eligible:
+            width = readers[0].in_features
+            hooks.pre(readers[0], lambda m, a, n=name, w=width: _record(stats, n, a[0], w))
+            weights[name] = torch.cat([_in_basis(r) for r in readers]).amax(dim=0).cpu()
+    name = f"layers.{index}.down_proj"
+    if name in eligible:
+        down = adapter.mlp_writer(layer)
+        hooks.pre(down, lambda m, a, n=name, w=down.in_features: _record(stats, n, a[0], w))
+        weights[name] = _in_basis(down).amax(dim=0).cpu()
+    name = f"layers.{index}.attn_vo"
+    if name in eligible:
+        vo = prepared.transforms[name]
+        v, o = adapter.value_proj(layer), adapter.attn_writer(layer)
+        # v's output has been through the map (per head): take it back to the map's input.
+        head_map = next(t for t in v.out_map if isinstance(t, Headwise) and t.transform is vo)
+        hooks.post(v, lambda m, a, out, n=name, t=head_map, d=vo.dim: _record(stats, n, t.inverse(out), d))
+        # o reads v per head; its folded_in is this map's inverse alone (not applied here).
+        o_abs = o.weight.detach().float().abs()
+        weights[name] = o_abs.reshape(o.out_features, -1, vo.dim).amax(dim=(0, 1)).cpu()
+    return weights
