@@ -14,6 +14,7 @@ import platform
 import random
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from latmix.calibrate import calibrate
 from latmix.config import build_experiment, identity_config
 from latmix.data import calibration_batches
 from latmix.errors import ConfigError
-from latmix.evaluate import EvalResult, eval_seq_len, evaluate, perplexity_texts
+from latmix.evaluate import EvalResult, PerplexityText, eval_seq_len, evaluate, perplexity_texts
 from latmix.gptq import gptq_quantize_model
 from latmix.guard import RunGuard, guarded_run, tidy_recorded
 from latmix.hooks import Hooks
@@ -281,6 +282,35 @@ def _run_guarded(
     return rec
 
 
+@dataclass(frozen=True)
+class RunTokens:
+    """The token ids one run works on, drawn for its seed before anything is transformed."""
+
+    calib_ids: torch.Tensor  # calibration sequences (calib.n_samples x calib.seq_len), on the CPU
+    calib_sha256: str  # of the calibration text they were drawn from
+    heldout_ids: torch.Tensor  # PROBE_SEQUENCES from the calibration text's held-out split: the held-out KL
+    probe_ids: torch.Tensor  # the first PROBE_SEQUENCES calibration sequences, on the device
+    ppl_texts: list[PerplexityText]
+    eval_seq_len: int  # the perplexity window
+
+
+def run_tokens(exp: Experiment, model: torch.nn.Module, tokenizer: Any, device: torch.device) -> RunTokens:
+    """Calibration, probe and perplexity tokens. The perplexity texts are tokenized here, at load, so
+    that one too short for a window fails before calibration."""
+    calib = exp.calib
+    calib_ids, calib_sha256 = calibration_batches(
+        tokenizer, calib.source, calib.n_samples, calib.seq_len, exp.seed, path=calib.path
+    )
+    heldout_ids, _ = calibration_batches(
+        tokenizer, calib.source, PROBE_SEQUENCES, calib.seq_len, exp.seed, split="validation", path=calib.path
+    )
+    seq_len = eval_seq_len(model, exp.eval.max_seq_len)
+    return RunTokens(
+        calib_ids, calib_sha256, heldout_ids, calib_ids[:PROBE_SEQUENCES].to(device),
+        perplexity_texts(tokenizer, exp.eval, seq_len), seq_len,
+    )
+
+
 def execute(
     exp: Experiment, device: torch.device, resolved: dict[str, Any], rid: str, tracker: tracking.Tracker,
     checkpoint_dir: Path,
@@ -300,17 +330,9 @@ def execute(
         if exp.calib.offload:
             offload_blocks(model, device)
             offload_blocks(fp_model, device)
-        calib = exp.calib
-        calib_ids, calib_sha = calibration_batches(
-            tokenizer, calib.source, calib.n_samples, calib.seq_len, exp.seed, path=calib.path
-        )
-        heldout_ids, _ = calibration_batches(
-            tokenizer, calib.source, PROBE_SEQUENCES, calib.seq_len, exp.seed, split="validation", path=calib.path
-        )
-        probe_ids = calib_ids[:PROBE_SEQUENCES].to(device)
+        tokens = run_tokens(exp, model, tokenizer, device)
+        calib_ids, probe_ids = tokens.calib_ids, tokens.probe_ids
         acts_before = reader_inputs(fp_model, probe_ids)
-        # Tokenized now: a perplexity text too short for one window fails before calibration.
-        ppl_texts = perplexity_texts(tokenizer, exp.eval, eval_seq_len(model, exp.eval.max_seq_len))
 
     # The full-precision deviation from the original model (DESIGN.md: a non-orthogonal residual map
     # changes the function; ~0 otherwise), on sequences the calibration also sees: after the transforms
@@ -324,9 +346,11 @@ def execute(
     with timer.stage("calibrate"), interrupt.deferred("calibration"):  # signals: a checkpoint, then stop
         report = calibrate(
             prepared, fp_model, calib_ids, exp.calib, exp.optim, checkpoint_dir,
-            heldout_ids=heldout_ids, on_step=tracker.log_step,
+            heldout_ids=tokens.heldout_ids, on_step=tracker.log_step,
         )
-        calibration = {**report.as_record(), "data_sha256": calib_sha, "text": provenance.calibration_text(calib)}
+        calibration = {
+            **report.as_record(), "data_sha256": tokens.calib_sha256, "text": provenance.calibration_text(exp.calib),
+        }
         tracker.log_transforms(rid, export.save_learned(learned, exp.results_dir, rid))
     fidelity = {"before_calibration": deviation_before, "after_calibration": prepared.fp_deviation()}
 
@@ -339,7 +363,7 @@ def execute(
     del fp_model
 
     with timer.stage("evaluate"), logs.quiet_evaluation():
-        evaluation = evaluate(model, tokenizer, exp.eval, ppl_texts)
+        evaluation = evaluate(model, tokenizer, exp.eval, tokens.ppl_texts)
 
     if exp.export:
         with timer.stage("export"):

@@ -46,11 +46,17 @@ from latmix import evaluate
 from latmix.calibrate import calibrate, learn
 from latmix.calibrate.trainer import batch_indices
 from latmix.config import compose_experiment
-from latmix.data import calibration_batches
-from latmix.experiment import PROBE_SEQUENCES, load_model_checked, model_source, resolve_device
+from latmix.experiment import (
+    PROBE_SEQUENCES,
+    RunTokens,
+    load_model_checked,
+    model_source,
+    resolve_device,
+    run_tokens,
+)
 from latmix.fidelity import Reference
 from latmix.gptq import gptq_quantize_model
-from latmix.quantize import prepare_model, set_quantization
+from latmix.quantize import PreparedModel, prepare_model, set_quantization
 from latmix.settings import Experiment
 
 DEFAULT_OVERRIDES = ("model=smollm2-135m", "quant=mxfp4", "transform=affine_literal", "logger=none")
@@ -239,6 +245,104 @@ def transform_presets(
     return rows
 
 
+@dataclass
+class _Bench:
+    """One experiment's stages, each timed next to its FP work and added to `report` as it runs."""
+
+    exp: Experiment
+    device: torch.device
+    model: torch.nn.Module
+    tokens: RunTokens
+    fp: FullPrecision
+    report: Report
+    repeats: int
+    profile: str | None
+    measure_seconds: float = 0.0  # calibrate's bound/error and KL measurement, once it has run
+
+    def transform(self) -> PreparedModel:
+        probe_ids = self.tokens.probe_ids
+        with profiled("transform", self.profile):
+            seconds, prepared = timed(
+                lambda: prepare_model(self.model, self.exp.transform, self.exp.quant, deviation_ids=probe_ids),
+                self.device,
+            )
+            seconds += timed(prepared.fp_deviation, self.device)[0]
+        fp_seconds = median_of(lambda: self.fp.forward(probe_ids, PROBE_SEQUENCES), self.repeats, self.device)
+        self.report.row("transform", seconds, f"FP forward, {tuple(probe_ids.shape)}", fp_seconds,
+                        f"{self.exp.transform_name}: 2 forwards inside (reference, deviation)")
+        return prepared
+
+    def calibrate(self, prepared: PreparedModel, fp_reference: torch.nn.Module) -> float:
+        """calibrate's seconds without the FP twins timed inside it; rows for its steps, learning and fold."""
+        calib, calib_ids = self.exp.calib, self.tokens.calib_ids
+        clock = StepClock(lambda step: self.fp.forward_backward(calib_ids[batch_indices(calib, calib_ids.shape[0], step)]))
+        with clock, profiled("calibrate", self.profile):
+            run = partial(
+                calibrate, prepared, fp_reference, calib_ids, calib, self.exp.optim, None,
+                heldout_ids=self.tokens.heldout_ids, on_step=clock.on_step,
+            )
+            seconds, result = timed(run, self.device)
+        seconds -= clock.excluded
+        if clock.fp:
+            shape = (calib.batch_size, calib.seq_len)
+            per_epoch = -(-calib.n_samples // calib.batch_size)
+            first, later = slice(0, per_epoch), slice(per_epoch, None)
+            self.report.row("calib step", statistics.median(clock.steps[first]), f"FP forward+backward, {shape}",
+                            statistics.median(clock.fp[first]), f"median of {len(clock.steps[first])}, epoch 1")
+            if clock.steps[later]:
+                self.report.row("calib step, later epochs", statistics.median(clock.steps[later]), "(same)",
+                                statistics.median(clock.fp[later]),
+                                f"median of {len(clock.steps[later])}, FP logits cached")
+        note = f"skipped: {result.skipped}" if result.skipped else f"{result.steps} steps, {calib.mode}"
+        self.report.row("calibrate", seconds, "", None, note)
+        self.report.row("learning", clock.learning, "", None, "the optimizer steps, without their FP twins")
+        self.report.row("fold maps", clock.fold, "", None, "freeze_model at the end of calibrate")
+        self.measure_seconds = result.measure_seconds or 0.0
+        return seconds
+
+    def gptq(self, prepared: PreparedModel) -> float:
+        quant, calib_ids = self.exp.quant, self.tokens.calib_ids
+        seconds = 0.0
+        with profiled("gptq", self.profile):
+            if quant.weight_quantizer == "gptq" and quant.weight_format is not None:
+                seconds = timed(lambda: gptq_quantize_model(prepared, calib_ids, quant, self.exp.gptq), self.device)[0]
+            set_quantization(self.model, weights=quant.weight_format is not None, acts=quant.act_format is not None)
+        fp_seconds = median_of(lambda: self.fp.forward(calib_ids, self.exp.calib.batch_size), self.repeats, self.device)
+        self.report.row("GPTQ", seconds, f"FP forward, calibration set {tuple(calib_ids.shape)}", fp_seconds)
+        return seconds
+
+    def perplexities(self) -> float:
+        """The quantized model's perplexity on each text, alternated with the FP model's; one window
+        of each warms both up first."""
+        seq_len = self.tokens.eval_seq_len
+        batch = self.exp.eval.batch_size if isinstance(self.exp.eval.batch_size, int) else 1
+        total = 0.0
+        for text in self.tokens.ppl_texts:
+            window = text.ids[:seq_len]
+            evaluate.perplexity(self.model, window, seq_len, 1)
+            evaluate.perplexity(self.fp.model, window, seq_len, 1)
+            with profiled("eval", self.profile):
+                quantized, full = paired_medians(
+                    lambda text=text: evaluate.perplexity(self.model, text.ids, seq_len, batch),
+                    lambda text=text: evaluate.perplexity(self.fp.model, text.ids, seq_len, batch),
+                    self.repeats, self.device,
+                )
+            self.report.row("quantized ppl", quantized,
+                            f"FP perplexity, {text.name} {text.ids.numel()} tokens at {seq_len}", full,
+                            f"median of {max(self.repeats, 1)}, alternated")
+            total += quantized
+        return total
+
+    def tasks(self, tokenizer: Any) -> float:
+        if self.exp.eval.tasks == ():
+            return 0.0
+        seconds = timed(
+            lambda: evaluate.zero_shot(self.model, tokenizer, self.exp.eval, self.tokens.eval_seq_len), self.device
+        )[0]
+        self.report.row("lm-eval tasks", seconds, "", None, "no FP twin")
+        return seconds
+
+
 def bench(
     overrides: Sequence[str], *, presets: Sequence[str] = PRESETS, repeats: int = 2, tasks: bool = False,
     profile: str | None = None,
@@ -250,87 +354,28 @@ def bench(
 
     name, _ = model_source(exp)
     model, tokenizer = load_model_checked(exp, device, name)
-    calib = exp.calib
-    calib_ids, _ = calibration_batches(tokenizer, calib.source, calib.n_samples, calib.seq_len, exp.seed, path=calib.path)
-    heldout_ids, _ = calibration_batches(
-        tokenizer, calib.source, PROBE_SEQUENCES, calib.seq_len, exp.seed, split="validation", path=calib.path
-    )
-    probe_ids = calib_ids[:PROBE_SEQUENCES].to(device)
-    seq_len = evaluate.eval_seq_len(model, exp.eval.max_seq_len)
-    texts = evaluate.perplexity_texts(tokenizer, exp.eval, seq_len)
-    ppl_batch = exp.eval.batch_size if isinstance(exp.eval.batch_size, int) else 1
+    tokens = run_tokens(exp, model, tokenizer, device)
     fp = FullPrecision(model, device)  # timing only
     fp_reference = copy.deepcopy(fp.model)  # calibrate's reference, as run.py keeps one FP copy
-    fp.forward(probe_ids, PROBE_SEQUENCES)  # warm-up, of both copies
-    Reference.of(model, probe_ids)
+    fp.forward(tokens.probe_ids, PROBE_SEQUENCES)  # warm-up, of both copies
+    Reference.of(model, tokens.probe_ids)
 
     report = Report(header="")
-    report.presets = transform_presets(model, exp, presets, overrides, probe_ids, device)
-
-    with profiled("transform", profile):
-        t_transform, prepared = timed(
-            lambda: prepare_model(model, exp.transform, exp.quant, deviation_ids=probe_ids), device
-        )
-        t_transform += timed(prepared.fp_deviation, device)[0]
-    t_probe = median_of(lambda: fp.forward(probe_ids, PROBE_SEQUENCES), repeats, device)
-    report.row("transform", t_transform, f"FP forward, {tuple(probe_ids.shape)}", t_probe,
-               f"{exp.transform_name}: 2 forwards inside (reference, deviation)")
-
-    clock = StepClock(lambda step: fp.forward_backward(calib_ids[batch_indices(calib, calib_ids.shape[0], step)]))
-    with clock, profiled("calibrate", profile):
-        run = partial(
-            calibrate, prepared, fp_reference, calib_ids, calib, exp.optim, None, heldout_ids=heldout_ids,
-            on_step=clock.on_step,
-        )
-        t_calib, result = timed(run, device)
-    t_calib -= clock.excluded
-    shape = (calib.batch_size, calib.seq_len)
-    per_epoch = -(-calib.n_samples // calib.batch_size)
-    if clock.fp:
-        first, later = slice(0, per_epoch), slice(per_epoch, None)
-        report.row("calib step", statistics.median(clock.steps[first]), f"FP forward+backward, {shape}",
-                   statistics.median(clock.fp[first]), f"median of {len(clock.steps[first])}, epoch 1")
-        if clock.steps[later]:
-            report.row("calib step, later epochs", statistics.median(clock.steps[later]), "(same)",
-                       statistics.median(clock.fp[later]), f"median of {len(clock.steps[later])}, FP logits cached")
-    note = f"skipped: {result.skipped}" if result.skipped else f"{result.steps} steps, {calib.mode}"
-    report.row("calibrate", t_calib, "", None, note)
-    report.row("learning", clock.learning, "", None, "the optimizer steps, without their FP twins")
-    report.row("fold maps", clock.fold, "", None, "freeze_model at the end of calibrate")
-
-    with profiled("gptq", profile):
-        t_gptq = 0.0
-        if exp.quant.weight_quantizer == "gptq" and exp.quant.weight_format is not None:
-            t_gptq = timed(lambda: gptq_quantize_model(prepared, calib_ids, exp.quant, exp.gptq), device)[0]
-        set_quantization(model, weights=exp.quant.weight_format is not None, acts=exp.quant.act_format is not None)
-    t_set = median_of(lambda: fp.forward(calib_ids, calib.batch_size), repeats, device)
-    report.row("GPTQ", t_gptq, f"FP forward, calibration set {tuple(calib_ids.shape)}", t_set)
+    report.presets = transform_presets(model, exp, presets, overrides, tokens.probe_ids, device)
+    stages = _Bench(exp, device, model, tokens, fp, report, repeats, profile)
+    prepared = stages.transform()
+    seconds = stages.calibrate(prepared, fp_reference)
+    seconds += stages.gptq(prepared)
     del fp_reference
-
-    t_ppl = 0.0
-    for text in texts:
-        window = text.ids[:seq_len]
-        evaluate.perplexity(model, window, seq_len, 1)  # warm-up: one window each
-        evaluate.perplexity(fp.model, window, seq_len, 1)
-        with profiled("eval", profile):
-            quantized, full = paired_medians(
-                lambda text=text: evaluate.perplexity(model, text.ids, seq_len, ppl_batch),
-                lambda text=text: evaluate.perplexity(fp.model, text.ids, seq_len, ppl_batch),
-                repeats, device,
-            )
-        report.row("quantized ppl", quantized, f"FP perplexity, {text.name} {text.ids.numel()} tokens at {seq_len}",
-                   full, f"median of {max(repeats, 1)}, alternated")
-        t_ppl += quantized
-    t_tasks = 0.0
-    if tasks and exp.eval.tasks != ():
-        t_tasks = timed(lambda: evaluate.zero_shot(model, tokenizer, exp.eval, seq_len), device)[0]
-        report.row("lm-eval tasks", t_tasks, "", None, "no FP twin")
-    t_run = t_transform + t_calib + t_gptq + t_ppl + t_tasks
-    report.row("run (sum of stages)", t_run, "", None,
+    seconds += stages.perplexities()
+    if tasks:
+        seconds += stages.tasks(tokenizer)
+    report.row("run (sum of stages)", seconds, "", None,
                "without loading and lm-eval tasks" if not tasks else "without loading")
-    report.row("measurement", result.measure_seconds or 0.0, "the run (sum of stages)", t_run,
-               "bound/error and KL, inside calibrate" if calib.measure else "calib.measure=false")
+    report.row("measurement", stages.measure_seconds, "the run (sum of stages)", seconds,
+               "bound/error and KL, inside calibrate" if exp.calib.measure else "calib.measure=false")
 
+    calib = exp.calib
     report.header = (
         f"model={exp.model.name} quant={exp.quant_name} transform={exp.transform_name} device={device} "
         f"calib {calib.n_samples}x{calib.seq_len} batch {calib.batch_size} epochs {calib.epochs}; "
