@@ -446,6 +446,17 @@ def _balanced_factors(dim: int, hadamard_sizes: bool) -> tuple[int, int]:
     return splits[-1]
 
 
+def _check_affine_choices(parametrization: str, init: str, premix: str | None, learn: str) -> None:
+    if learn not in LEARNED_PARTS:
+        raise ValueError(f"unknown affine learn {learn!r}; choose one of {LEARNED_PARTS}")
+    if premix is not None and premix not in PREMIXES:
+        raise ValueError(f"unknown affine premix {premix!r}; choose null or one of {PREMIXES}")
+    if parametrization not in AFFINE_PARAMETRIZATIONS:
+        raise ValueError(f"unknown affine parametrization {parametrization!r}; choose {AFFINE_PARAMETRIZATIONS}")
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; choose one of {INITS}")
+
+
 class Affine(Transform):
     """Learnable invertible A (plus optional shift b), invertible by construction (LATMiX, FlatQuant).
 
@@ -473,35 +484,12 @@ class Affine(Transform):
         learn: str = "all",
     ) -> None:
         super().__init__(dim, orthogonal=False)
-        if learn not in LEARNED_PARTS:
-            raise ValueError(f"unknown affine learn {learn!r}; choose one of {LEARNED_PARTS}")
-        if premix is not None and premix not in PREMIXES:
-            raise ValueError(f"unknown affine premix {premix!r}; choose null or one of {PREMIXES}")
-        if parametrization not in AFFINE_PARAMETRIZATIONS:
-            raise ValueError(f"unknown affine parametrization {parametrization!r}; choose {AFFINE_PARAMETRIZATIONS}")
-        if init not in INITS:
-            raise ValueError(f"unknown init {init!r}; choose one of {INITS}")
+        _check_affine_choices(parametrization, init, premix, learn)
         self.parametrization = parametrization
         self.kronecker = parametrization == "kronecker"
         if self.kronecker:
             self.factor_sizes = self._kron_sizes(dim, kron_factors, hadamard_sizes=init == "hadamard")
-            if init == "block_hadamard":
-                raise ValueError("kronecker affine: use init hadamard (each factor a Hadamard), not block_hadamard")
-            self.factors = nn.ModuleList(
-                _InvertibleBlocks(factor, _initial_orthogonal(init, size, seed + i, block_size)[None])
-                for i, size in enumerate(self.factor_sizes)
-            )
-        elif parametrization == "block_diag":
-            if block_size < 1 or dim % block_size:
-                raise ValueError(f"block_diag affine: block_size={block_size} must divide dim={dim}")
-            block_init = "hadamard" if init == "block_hadamard" else init
-            starts = torch.stack(
-                [_initial_orthogonal(block_init, block_size, seed + i, block_size) for i in range(dim // block_size)]
-            )
-            self.factors = nn.ModuleList([_InvertibleBlocks(factor, starts)])
-        else:
-            start = _initial_orthogonal(init, dim, seed, block_size)[None]
-            self.factors = nn.ModuleList([_InvertibleBlocks(parametrization, start)])
+        self.factors = self._initial_factors(dim, init, seed, block_size, factor)
         self.bias = nn.Parameter(torch.zeros(dim)) if shift else None
         # premix: a fixed randomized full Hadamard H before the learned (structured) map B, A = B H: H
         # spreads outliers across all blocks, B reshapes each block (cheap: one FWHT plus the blocks).
@@ -510,6 +498,27 @@ class Affine(Transform):
         if learnable and learn == "scales":
             for name, param in self.named_parameters():
                 param.requires_grad_(name.endswith("log_scale"))
+
+    def _initial_factors(self, dim: int, init: str, seed: int, block_size: int, factor: str) -> nn.ModuleList:
+        """The parametrized factors at their orthogonal start: the two Kronecker factors, the blocks of a
+        block-diagonal map (one block-Hadamard start is a Hadamard per block), or one dense matrix."""
+        if self.kronecker:
+            if init == "block_hadamard":
+                raise ValueError("kronecker affine: use init hadamard (each factor a Hadamard), not block_hadamard")
+            return nn.ModuleList(
+                _InvertibleBlocks(factor, _initial_orthogonal(init, size, seed + i, block_size)[None])
+                for i, size in enumerate(self.factor_sizes)
+            )
+        if self.parametrization == "block_diag":
+            if block_size < 1 or dim % block_size:
+                raise ValueError(f"block_diag affine: block_size={block_size} must divide dim={dim}")
+            block_init = "hadamard" if init == "block_hadamard" else init
+            starts = torch.stack(
+                [_initial_orthogonal(block_init, block_size, seed + i, block_size) for i in range(dim // block_size)]
+            )
+            return nn.ModuleList([_InvertibleBlocks(factor, starts)])
+        start = _initial_orthogonal(init, dim, seed, block_size)[None]
+        return nn.ModuleList([_InvertibleBlocks(self.parametrization, start)])
 
     @staticmethod
     def _kron_sizes(dim: int, kron_factors: tuple[int, int] | None, hadamard_sizes: bool) -> tuple[int, int]:
