@@ -5,7 +5,9 @@ a laptop size. Training runs on CPU under a hard wall-clock budget: the cosine l
 is driven by progress = max(step / planned_steps, elapsed / budget), where planned_steps comes from a
 short throughput probe, so the schedule always ends inside the budget even when the machine slows
 down. The saved folder (bf16 safetensors, tokenizer, generation config, training_log.json,
-README.md) loads with `from_pretrained(path)` offline.
+README.md, MANIFEST.json) loads with `from_pretrained(path)` offline. The training state is
+checkpointed every few minutes to --checkpoint; a run started while that file exists resumes from it
+(its tokenizer, step and schedule) instead of starting over.
 
     python scripts/train_tiny_model.py --corpus /tmp/latmix-corpus/corpus --max-minutes 35
 """
@@ -18,6 +20,7 @@ import json
 import math
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,6 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 # The two Bible translations are half the training text; capping each keeps prose and verse in balance.
 BIBLE_CHAR_CAP = 2_000_000
+# Validation costs a few seconds per run and a checkpoint a full state dump: do both every few minutes.
+VALIDATION_SECONDS = 240.0
+CHECKPOINT_SECONDS = 300.0
 
 
 def model_config(tokenizer: PreTrainedTokenizerFast, num_layers: int, seq_len: int) -> LlamaConfig:
@@ -169,7 +175,7 @@ def save(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, out: Path,
     write_model_manifest(out)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", type=Path, default=Path("/tmp/latmix-corpus/corpus"))
     parser.add_argument("--out", type=Path, default=REPO / "models" / "tiny-llama")
@@ -183,106 +189,205 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
 
+
+def logged_args(args: argparse.Namespace) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+
+@dataclass
+class Data:
+    tokenizer: PreTrainedTokenizerFast
+    train_ids: torch.Tensor
+    val_windows: torch.Tensor
+
+
+@dataclass
+class Progress:
+    """Where the schedule stands; saved in the checkpoint so that a resumed run continues it."""
+
+    step: int = 0
+    # None until the throughput probe has run.
+    planned_steps: int | None = None
+    # Seconds of training so far, over all runs of a resumed training.
+    elapsed: float = 0.0
+
+    def fraction(self, budget: float) -> float:
+        """How far the schedule is: whichever of steps and wall clock is further along."""
+        return max(self.step / self.planned_steps if self.planned_steps else 0.0, self.elapsed / budget)
+
+
+@dataclass
+class ThroughputProbe:
+    """Seconds per step, timed between steps `first` and `last`: the first steps pay one-time allocation costs."""
+
+    first: int = 5
+    last: int = 15
+    started: float | None = None
+
+    def seconds_per_step(self, step: int, elapsed: float) -> float | None:
+        """None until step `last`; called before every step with the training time so far."""
+        if step == self.first:
+            self.started = elapsed
+        if step == self.last:
+            return (elapsed - self.started) / (self.last - self.first)
+        return None
+
+
+def load_checkpoint(path: Path) -> dict | None:
+    return torch.load(path, weights_only=True) if path.exists() else None
+
+
+def tokenizer_for(checkpoint: dict | None, train_texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """The checkpoint's tokenizer when resuming, else one trained on the train split."""
+    # BPE training is deterministic, but a resumed run reuses the saved tokenizer rather than rely on it.
+    if checkpoint is not None and "tokenizer" in checkpoint:
+        return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(checkpoint["tokenizer"]),
+                                       model_max_length=512, **SPECIAL_TOKENS)
+    return train_tokenizer(train_texts, vocab_size)
+
+
+def load_data(corpus: Path, checkpoint: dict | None, vocab_size: int, seq_len: int) -> Data:
+    train_texts = read_split(corpus, "train")
+    tokenizer = tokenizer_for(checkpoint, train_texts, vocab_size)
+    val_ids = token_stream(tokenizer, read_split(corpus, "validation"))
+    return Data(tokenizer, token_stream(tokenizer, train_texts), eval_windows(val_ids, seq_len, n_windows=48))
+
+
+def measure_baselines(model: LlamaForCausalLM, data: Data) -> dict[str, float]:
+    """The perplexities the trained model is judged against (the model must still be untrained)."""
+    return {
+        "untrained_val_ppl": perplexity(model, data.val_windows),
+        "unigram_val_ppl": unigram_perplexity(data.train_ids, data.val_windows.flatten(), len(data.tokenizer)),
+    }
+
+
+def make_optimizer(model: LlamaForCausalLM, lr: float) -> torch.optim.AdamW:
+    """AdamW that decays the matrices only: norm gains are not shrunk towards zero."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.95), fused=False)
+
+
+def new_log(args: argparse.Namespace, model: LlamaForCausalLM, data: Data, baselines: dict[str, float],
+            device: torch.device) -> dict:
+    return {"args": logged_args(args), "config": model.config.to_dict(),
+            "n_params": sum(p.numel() for p in model.parameters()),
+            "baselines": baselines, "train_tokens": data.train_ids.numel(), "val_tokens": data.val_windows.numel(),
+            "env": {"torch": torch.__version__, "transformers": transformers.__version__,
+                    "machine": platform.machine(), "threads": args.threads, "device": str(device)},
+            "curve": [], "val": []}
+
+
+def resume(checkpoint: dict, args: argparse.Namespace, model: LlamaForCausalLM, optimizer: torch.optim.Optimizer,
+           generator: torch.Generator) -> tuple[dict, Progress]:
+    """Restores model, optimizer and sampler in place; returns the checkpoint's log and progress."""
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    generator.set_state(checkpoint["generator"])
+    progress = Progress(checkpoint["step"], checkpoint["planned_steps"], checkpoint["elapsed"])
+    log = json.loads(checkpoint["log"])
+    # A resumed run may change the budget; the log keeps the arguments in force at the end.
+    log["resumed"] = [*log.get("resumed", []), {"step": progress.step, "args": log["args"]}]
+    log["args"] = logged_args(args)
+    print(f"resumed at step {progress.step}", flush=True)
+    return log, progress
+
+
+def write_checkpoint(path: Path, model: LlamaForCausalLM, optimizer: torch.optim.Optimizer,
+                     generator: torch.Generator, data: Data, progress: Progress, log: dict) -> None:
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "generator": generator.get_state(), "step": progress.step, "planned_steps": progress.planned_steps,
+                "elapsed": progress.elapsed, "log": json.dumps(log),
+                "tokenizer": data.tokenizer.backend_tokenizer.to_str()}, path)
+
+
+def optimizer_step(model: LlamaForCausalLM, optimizer: torch.optim.Optimizer, batch: torch.Tensor,
+                   lr: float) -> float:
+    """One clipped AdamW step at learning rate `lr`; returns the batch loss."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss = model(input_ids=batch, labels=batch).loss
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return loss.item()
+
+
+def train(model: LlamaForCausalLM, optimizer: torch.optim.Optimizer, generator: torch.Generator, data: Data,
+          args: argparse.Namespace, log: dict, progress: Progress) -> None:
+    """Trains until the schedule ends, updating `progress` and `log` and checkpointing on the way."""
+    budget = args.max_minutes * 60.0
+    start = time.time() - progress.elapsed
+    last_ckpt = last_val = time.time()
+    probe = ThroughputProbe()
+    model.train()
+    while True:
+        progress.elapsed = time.time() - start
+        if progress.planned_steps is None:
+            seconds_per_step = probe.seconds_per_step(progress.step, progress.elapsed)
+            if seconds_per_step is not None:
+                # Keep 5% of the budget for the final evaluation and saving.
+                progress.planned_steps = log["planned_steps"] = int(0.95 * budget / seconds_per_step)
+                print(f"planned {progress.planned_steps} steps ({seconds_per_step:.2f}s/step)", flush=True)
+        fraction = progress.fraction(budget)
+        if fraction >= 1.0:
+            break
+        lr = learning_rate(fraction, args.lr, warmup=0.03, floor=0.05)
+        batch = sample_batch(data.train_ids, args.batch_size, args.seq_len, generator).to(model.device)
+        loss = optimizer_step(model, optimizer, batch, lr)
+        progress.step += 1
+        minutes = round(progress.elapsed / 60, 2)
+        if progress.step % 10 == 0:
+            log["curve"].append({"step": progress.step, "minutes": minutes, "lr": lr, "loss": round(loss, 4)})
+            print(f"step {progress.step} {progress.elapsed / 60:.1f}min lr {lr:.2e} loss {loss:.3f}", flush=True)
+        if time.time() - last_val > VALIDATION_SECONDS:
+            log["val"].append({"step": progress.step, "minutes": minutes,
+                               "val_ppl": perplexity(model, data.val_windows)})
+            print(log["val"][-1], flush=True)
+            last_val = time.time()
+        if time.time() - last_ckpt > CHECKPOINT_SECONDS:
+            progress.elapsed = time.time() - start
+            write_checkpoint(args.checkpoint, model, optimizer, generator, data, progress, log)
+            last_ckpt = time.time()
+    progress.elapsed = time.time() - start
+
+
+def finish(model: LlamaForCausalLM, data: Data, args: argparse.Namespace, log: dict, progress: Progress) -> None:
+    """Evaluates the model as it is shipped (bf16) and saves it with its log, card and manifest to args.out."""
+    model.to(torch.bfloat16)
+    log["final"] = {"steps": progress.step, "minutes": round(progress.elapsed / 60, 2),
+                    "tokens_seen": progress.step * args.batch_size * args.seq_len,
+                    "val_ppl": perplexity(model, data.val_windows), "dtype": "bfloat16"}
+    print(log["final"], flush=True)
+    save(model, data.tokenizer, args.out, log)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     t0 = time.time()
-    state = torch.load(args.checkpoint, weights_only=True) if args.checkpoint.exists() else None
-    train_texts = read_split(args.corpus, "train")
-    # BPE training is deterministic, but a resumed run reuses the saved tokenizer rather than rely on it.
-    if state is not None and "tokenizer" in state:
-        tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(state["tokenizer"]),
-                                            model_max_length=512, **SPECIAL_TOKENS)
-    else:
-        tokenizer = train_tokenizer(train_texts, args.vocab_size)
-    train_ids = token_stream(tokenizer, train_texts)
-    val_ids = token_stream(tokenizer, read_split(args.corpus, "validation"))
-    val_windows = eval_windows(val_ids, args.seq_len, n_windows=48)
-    print(f"tokenizer + data: {time.time() - t0:.0f}s, {train_ids.numel() / 1e6:.2f}M train tokens", flush=True)
+    checkpoint = load_checkpoint(args.checkpoint)
+    data = load_data(args.corpus, checkpoint, args.vocab_size, args.seq_len)
+    print(f"tokenizer + data: {time.time() - t0:.0f}s, {data.train_ids.numel() / 1e6:.2f}M train tokens", flush=True)
 
-    config = model_config(tokenizer, args.layers, args.seq_len)
-    model = LlamaForCausalLM(config).to(device)
-    baselines = None if state is not None else {
-        "untrained_val_ppl": perplexity(model, val_windows),
-        "unigram_val_ppl": unigram_perplexity(train_ids, val_windows.flatten(), len(tokenizer)),
-    }
-    print(baselines, flush=True)
-
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=args.lr, betas=(0.9, 0.95), fused=False)
+    model = LlamaForCausalLM(model_config(data.tokenizer, args.layers, args.seq_len)).to(device)
+    optimizer = make_optimizer(model, args.lr)
     generator = torch.Generator().manual_seed(args.seed)
-    log = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-           "config": config.to_dict(), "n_params": sum(p.numel() for p in model.parameters()),
-           "baselines": baselines, "train_tokens": train_ids.numel(), "val_tokens": val_windows.numel(),
-           "env": {"torch": torch.__version__, "transformers": transformers.__version__,
-                   "machine": platform.machine(), "threads": args.threads, "device": str(device)},
-           "curve": [], "val": []}
-    step, planned_steps, elapsed_before = 0, None, 0.0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        step, planned_steps, elapsed_before = state["step"], state["planned_steps"], state["elapsed"]
-        log = json.loads(state["log"])
-        # A resumed run may change the budget; the log keeps the arguments in force at the end.
-        log["resumed"] = [*log.get("resumed", []), {"step": step, "args": log["args"]}]
-        log["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-        print(f"resumed at step {step}", flush=True)
-
-    budget = args.max_minutes * 60.0
-    start = time.time() - elapsed_before
-    last_ckpt = last_val = time.time()
-    # Throughput is probed between steps 5 and 15: the first steps pay one-time allocation costs.
-    probe_from, probe_to, probe_start = 5, 15, None
-    model.train()
-    while True:
-        elapsed = time.time() - start
-        if planned_steps is None and step == probe_from:
-            probe_start = elapsed
-        if planned_steps is None and step == probe_to:
-            seconds_per_step = (elapsed - probe_start) / (probe_to - probe_from)
-            # Keep 5% of the budget for the final evaluation and saving.
-            planned_steps = int(0.95 * budget / seconds_per_step)
-            log["planned_steps"] = planned_steps
-            print(f"planned {planned_steps} steps ({seconds_per_step:.2f}s/step)", flush=True)
-        progress = max(step / planned_steps if planned_steps else 0.0, elapsed / budget)
-        if progress >= 1.0:
-            break
-        lr = learning_rate(progress, args.lr, warmup=0.03, floor=0.05)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batch = sample_batch(train_ids, args.batch_size, args.seq_len, generator).to(device)
-        loss = model(input_ids=batch, labels=batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        step += 1
-        if step % 10 == 0:
-            log["curve"].append({"step": step, "minutes": round(elapsed / 60, 2), "lr": lr, "loss": round(loss.item(), 4)})
-            print(f"step {step} {elapsed / 60:.1f}min lr {lr:.2e} loss {loss.item():.3f}", flush=True)
-        if time.time() - last_val > 240:
-            log["val"].append({"step": step, "minutes": round(elapsed / 60, 2), "val_ppl": perplexity(model, val_windows)})
-            print(log["val"][-1], flush=True)
-            last_val = time.time()
-        if time.time() - last_ckpt > 300:
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "generator": generator.get_state(), "step": step, "planned_steps": planned_steps,
-                        "elapsed": time.time() - start, "log": json.dumps(log),
-                        "tokenizer": tokenizer.backend_tokenizer.to_str()}, args.checkpoint)
-            last_ckpt = time.time()
-
-    minutes = (time.time() - start) / 60
-    model.to(torch.bfloat16)
-    log["final"] = {"steps": step, "minutes": round(minutes, 2), "tokens_seen": step * args.batch_size * args.seq_len,
-                    "val_ppl": perplexity(model, val_windows), "dtype": "bfloat16"}
-    print(log["final"], flush=True)
-    save(model, tokenizer, args.out, log)
+    if checkpoint is None:
+        baselines = measure_baselines(model, data)
+        print(baselines, flush=True)
+        log, progress = new_log(args, model, data, baselines, device), Progress()
+    else:
+        log, progress = resume(checkpoint, args, model, optimizer, generator)
+    train(model, optimizer, generator, data, args, log, progress)
+    finish(model, data, args, log, progress)
 
 
 if __name__ == "__main__":
