@@ -77,24 +77,12 @@ def ablation(
     """One row per configuration of the method: change from the base, seeds, metric means/stds, delta vs base;
     then the other methods at the same format and evaluation, and full precision, for scale. Rows of the
     method whose change matches the regular expression `exclude` are left out (superseded settings)."""
-    try:
-        superseded = None if exclude is None else re.compile(exclude)
-    except re.error as error:
-        message = f"--exclude {exclude!r} is not a regular expression ({error}); escape ( ) [ ] + etc."
-        raise SystemExit(message) from None
+    superseded = _exclusion(exclude)
     summary = summarize(runs[runs["model"] == model]).reset_index(drop=True)
     method = summary[(summary["quant"] == quant) & (summary["transform"] == transform)]
     if method.empty:
         raise SystemExit(f"no record of transform={transform} at quant={quant} on model={model}")
-    if base_run is not None:
-        chosen = method[method["run_ids"].str.split().apply(lambda ids: base_run in ids)]
-        if chosen.empty:
-            raise SystemExit(
-                f"run {base_run} is not among the transform={transform} runs at quant={quant} on model={model}"
-            )
-        base = chosen.iloc[0]
-    else:
-        base = most_seeded(method)
+    base = _base_row(method, base_run, f"transform={transform} runs at quant={quant} on model={model}")
     same_setting = summary[(summary["table"] == base["table"])]
     metrics = metric_names(same_setting)
     base_runs = runs[runs["config_id"] == base["config_id"]]
@@ -115,14 +103,39 @@ def ablation(
     rows.sort(key=lambda r: (r["change"] != "(base)", r["_order"]))
     others = same_setting[(same_setting["transform"] != transform) & ((same_setting["quant"] == quant)
                                                                       | same_setting["fp_reference"])]
+    rows += [{"change": label, "method": row["method"], **numbers(row)} for label, row in _labelled_others(others)]
+    return pd.DataFrame(rows).drop(columns="_order")
+
+
+def _exclusion(exclude: str | None) -> re.Pattern | None:
+    try:
+        return None if exclude is None else re.compile(exclude)
+    except re.error as error:
+        message = f"--exclude {exclude!r} is not a regular expression ({error}); escape ( ) [ ] + etc."
+        raise SystemExit(message) from None
+
+
+def _base_row(method: pd.DataFrame, base_run: str | None, what: str) -> pd.Series:
+    """The configuration that ran `base_run`, or without one the configuration with the most seeds."""
+    if base_run is None:
+        return most_seeded(method)
+    chosen = method[method["run_ids"].str.split().apply(lambda ids: base_run in ids)]
+    if chosen.empty:
+        raise SystemExit(f"run {base_run} is not among the {what}")
+    return chosen.iloc[0]
+
+
+def _labelled_others(others: pd.DataFrame) -> list[tuple[str, pd.Series]]:
+    """Each row of another method (or full precision) with its label: the preset, and how the row's
+    configuration differs from the one its preset's file sets."""
+    labelled = []
     for _, group in others.groupby("method", sort=False):
         own_base = own_preset(group, preset_settings(group["transform"].iloc[0]))
         for _, row in group.iterrows():
             own = change(row["config"], own_base["config"]).replace("(base)", "")
             label = "full precision" if row["fp_reference"] else f"{row['transform']} preset"
-            rows.append({"change": f"({label}{', ' + own if own else ''})", "method": row["method"],
-                         **numbers(row), "_order": None})
-    return pd.DataFrame(rows).drop(columns="_order")
+            labelled.append((f"({label}{', ' + own if own else ''})", row))
+    return labelled
 
 
 def metric_names(summary: pd.DataFrame) -> dict[str, str]:
