@@ -257,7 +257,6 @@ class _Bench:
     report: Report
     repeats: int
     profile: str | None
-    measure_seconds: float = 0.0  # calibrate's bound/error and KL measurement, once it has run
 
     def transform(self) -> PreparedModel:
         probe_ids = self.tokens.probe_ids
@@ -272,8 +271,9 @@ class _Bench:
                         f"{self.exp.transform_name}: 2 forwards inside (reference, deviation)")
         return prepared
 
-    def calibrate(self, prepared: PreparedModel, fp_reference: torch.nn.Module) -> float:
-        """calibrate's seconds without the FP twins timed inside it; rows for its steps, learning and fold."""
+    def calibrate(self, prepared: PreparedModel, fp_reference: torch.nn.Module) -> tuple[float, float]:
+        """calibrate's seconds without the FP twins timed inside it, and the seconds of its bound/error and
+        KL measurement; rows for its steps, learning and fold."""
         calib, calib_ids = self.exp.calib, self.tokens.calib_ids
         clock = StepClock(lambda step: self.fp.forward_backward(calib_ids[batch_indices(calib, calib_ids.shape[0], step)]))
         with clock, profiled("calibrate", self.profile):
@@ -297,8 +297,7 @@ class _Bench:
         self.report.row("calibrate", seconds, "", None, note)
         self.report.row("learning", clock.learning, "", None, "the optimizer steps, without their FP twins")
         self.report.row("fold maps", clock.fold, "", None, "freeze_model at the end of calibrate")
-        self.measure_seconds = result.measure_seconds or 0.0
-        return seconds
+        return seconds, result.measure_seconds or 0.0
 
     def gptq(self, prepared: PreparedModel) -> float:
         quant, calib_ids = self.exp.quant, self.tokens.calib_ids
@@ -364,7 +363,7 @@ def bench(
     report.presets = transform_presets(model, exp, presets, overrides, tokens.probe_ids, device)
     stages = _Bench(exp, device, model, tokens, fp, report, repeats, profile)
     prepared = stages.transform()
-    seconds = stages.calibrate(prepared, fp_reference)
+    seconds, measure_seconds = stages.calibrate(prepared, fp_reference)
     seconds += stages.gptq(prepared)
     del fp_reference
     seconds += stages.perplexities()
@@ -372,7 +371,7 @@ def bench(
         seconds += stages.tasks(tokenizer)
     report.row("run (sum of stages)", seconds, "", None,
                "without loading and lm-eval tasks" if not tasks else "without loading")
-    report.row("measurement", stages.measure_seconds, "the run (sum of stages)", seconds,
+    report.row("measurement", measure_seconds, "the run (sum of stages)", seconds,
                "bound/error and KL, inside calibrate" if exp.calib.measure else "calib.measure=false")
 
     calib = exp.calib
