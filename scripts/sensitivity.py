@@ -371,53 +371,73 @@ def _pct(v: float) -> str:
 
 def report(result: dict[str, Any], top: int = 12) -> str:
     """Markdown: the sensitivity table sorted by ppl increase, then the statistics of the worst places."""
-    fp, rows = result["fp_ppl"], result["rows"]
-    ranked = sorted(rows, key=lambda r: -r["ppl"])
-    parts = [
-        f"{result['model']} {result['quant']} (transform {result['transform']}, RTN weights): "
-        f"{result['tokens']} tokens of {result['text']} at seq {result['seq_len']}; full precision ppl {fp:.3f}. "
-        f"For scale, on a Gaussian operand the format's relative error is {_pct(result['gaussian']['rel_err'])}, "
-        f"{_pct(result['gaussian']['clip_blocks'])} of its blocks clip and they carry "
-        f"{_pct(result['gaussian']['err_share_clipped'])} of its squared error.",
-        "",
-        _table(["#", "quantized", "operand", "ppl", "increase", "share of all/both loss"],
-               [[i + 1, r["place"], r["side"], f"{r['ppl']:.3f}", _pct(r["increase"]),
-                 "–" if r["share"] is None else _pct(r["share"])]
-                for i, r in enumerate(ranked)]),
-    ]
-    stats = {r["key"]: r.get("stats", {}) for r in rows}
+    ranked = sorted(result["rows"], key=lambda r: -r["ppl"])
+    stats = {r["key"]: r.get("stats", {}) for r in ranked}
     # the statistics describe the OCP quantizer on every token: not the totals', not the counterfactuals'
     worst = [r for r in ranked if r["kind"] not in ("all", "first", "noclip")][:top]
-    act_rows = [[r["place"], r["side"], _pct(r["increase"]), _pct(a["rel_err"]), f"{a['max_abs']:.3g}",
-                 f"{a['crest']:.1f}", _pct(a["clip_blocks"]), _pct(a["err_share_clipped"]), _pct(a["subnormal"]),
-                 _pct(a["zeroed"]), _pct(a["err_share_small"])]
-                for r in worst if r["side"] != "weights" and (a := stats[r["key"]].get("acts"))]
-    weight_rows = [[r["place"], r["side"], _pct(r["increase"]), _pct(w["rel_err"]), w["levels"],
-                    f"{w['err_over_step']:.3f}", _pct(w["off_grid_rel_err"]), _pct(w["unchanged"]),
-                    _pct(w["clip_blocks"]), _pct(w["err_share_clipped"])]
-                   for r in worst if r["side"] != "acts" and (w := stats[r["key"]].get("weights"))]
-    if act_rows:
-        parts += ["", "Activations at the worst places (pooled over the place's linears; max abs: the largest "
-                  "|x|; crest: max over median of the per-channel max |x|; % of nonzero elements, of MX blocks, "
-                  "of the squared error):", "",
-                  _table(["quantized", "operand", "increase", "rel err", "max abs", "crest", "clip blocks",
-                          "err from clipped", "subnormal", "flushed to 0", "err from subnormal"], act_rows)]
-    if weight_rows:
-        parts += ["", "Weights at the worst places:", "",
-                  _table(["quantized", "operand", "increase", "rel err", "levels/32-block", "rms err / grid step",
-                          "rel err off-grid", "unchanged", "clip blocks", "err from clipped"], weight_rows)]
-    if positions := result.get("positions"):
-        tokens = f"1 of {result['seq_len']}"
-        parts += ["", f"Activations by position (pooled over blocks): each window's first token ({tokens} tokens) "
-                  "against the rest; share of error = the first token's part of the role's squared MX error:", "",
-                  _table(["role", "max abs first", "max abs rest", "rel err first", "rel err rest",
-                          "share of error", "clip blocks first", "clip blocks rest"],
-                         [[role, f"{p['first']['max_abs']:.3g}", f"{p['rest']['max_abs']:.3g}",
-                           _pct(p["first"]["rel_err"]), _pct(p["rest"]["rel_err"]),
-                           _pct(p["first"]["err2"] / ((p["first"]["err2"] + p["rest"]["err2"]) or 1.0)),
-                           _pct(p["first"]["clip_blocks"]), _pct(p["rest"]["clip_blocks"])]
-                          for role, p in positions.items()])]
+    parts = [_summary(result), "", _sensitivity_table(ranked)]
+    for section in (_activation_section(worst, stats), _weight_section(worst, stats),
+                    _position_section(result.get("positions"), result["seq_len"])):
+        if section:
+            parts += ["", *section]
     return "\n".join(parts) + "\n"
+
+
+def _summary(result: dict[str, Any]) -> str:
+    gaussian = result["gaussian"]
+    return (f"{result['model']} {result['quant']} (transform {result['transform']}, RTN weights): "
+            f"{result['tokens']} tokens of {result['text']} at seq {result['seq_len']}; "
+            f"full precision ppl {result['fp_ppl']:.3f}. "
+            f"For scale, on a Gaussian operand the format's relative error is {_pct(gaussian['rel_err'])}, "
+            f"{_pct(gaussian['clip_blocks'])} of its blocks clip and they carry "
+            f"{_pct(gaussian['err_share_clipped'])} of its squared error.")
+
+
+def _sensitivity_table(ranked: list[dict[str, Any]]) -> str:
+    return _table(["#", "quantized", "operand", "ppl", "increase", "share of all/both loss"],
+                  [[i + 1, r["place"], r["side"], f"{r['ppl']:.3f}", _pct(r["increase"]),
+                    "–" if r["share"] is None else _pct(r["share"])]
+                   for i, r in enumerate(ranked)])
+
+
+def _activation_section(worst: list[dict[str, Any]], stats: dict[str, dict[str, Any]]) -> list[str]:
+    rows = [[r["place"], r["side"], _pct(r["increase"]), _pct(a["rel_err"]), f"{a['max_abs']:.3g}",
+             f"{a['crest']:.1f}", _pct(a["clip_blocks"]), _pct(a["err_share_clipped"]), _pct(a["subnormal"]),
+             _pct(a["zeroed"]), _pct(a["err_share_small"])]
+            for r in worst if r["side"] != "weights" and (a := stats[r["key"]].get("acts"))]
+    if not rows:
+        return []
+    return ["Activations at the worst places (pooled over the place's linears; max abs: the largest "
+            "|x|; crest: max over median of the per-channel max |x|; % of nonzero elements, of MX blocks, "
+            "of the squared error):", "",
+            _table(["quantized", "operand", "increase", "rel err", "max abs", "crest", "clip blocks",
+                    "err from clipped", "subnormal", "flushed to 0", "err from subnormal"], rows)]
+
+
+def _weight_section(worst: list[dict[str, Any]], stats: dict[str, dict[str, Any]]) -> list[str]:
+    rows = [[r["place"], r["side"], _pct(r["increase"]), _pct(w["rel_err"]), w["levels"],
+             f"{w['err_over_step']:.3f}", _pct(w["off_grid_rel_err"]), _pct(w["unchanged"]),
+             _pct(w["clip_blocks"]), _pct(w["err_share_clipped"])]
+            for r in worst if r["side"] != "acts" and (w := stats[r["key"]].get("weights"))]
+    if not rows:
+        return []
+    return ["Weights at the worst places:", "",
+            _table(["quantized", "operand", "increase", "rel err", "levels/32-block", "rms err / grid step",
+                    "rel err off-grid", "unchanged", "clip blocks", "err from clipped"], rows)]
+
+
+def _position_section(positions: dict[str, dict[str, dict[str, float]]] | None, seq_len: int) -> list[str]:
+    if not positions:
+        return []
+    rows = [[role, f"{p['first']['max_abs']:.3g}", f"{p['rest']['max_abs']:.3g}",
+             _pct(p["first"]["rel_err"]), _pct(p["rest"]["rel_err"]),
+             _pct(p["first"]["err2"] / ((p["first"]["err2"] + p["rest"]["err2"]) or 1.0)),
+             _pct(p["first"]["clip_blocks"]), _pct(p["rest"]["clip_blocks"])]
+            for role, p in positions.items()]
+    return [f"Activations by position (pooled over blocks): each window's first token (1 of {seq_len} tokens) "
+            "against the rest; share of error = the first token's part of the role's squared MX error:", "",
+            _table(["role", "max abs first", "max abs rest", "rel err first", "rel err rest",
+                    "share of error", "clip blocks first", "clip blocks rest"], rows)]
 
 
 def run(
@@ -432,19 +452,8 @@ def run(
     text = evaluate.perplexity_texts(tokenizer, exp.eval, seq_len)[0]
     batch = exp.eval.batch_size if isinstance(exp.eval.batch_size, int) else 1
     json_path = out.with_suffix(".json")
-    result: dict[str, Any] = {
-        "command": command, "model": exp.model.name, "quant": exp.quant_name, "transform": exp.transform_name,
-        "quant_config": dataclasses.asdict(exp.quant),
-        "text": text.name, "text_source": text.source, "tokens": int(text.ids.numel()), "seq_len": seq_len,
-        "batch_size": batch, "device": str(device), "torch_threads": torch.get_num_threads(),
-        "load_average_before": os.getloadavg(), "seconds": {},
-    }
-    if resume and json_path.exists():  # earlier points: their perplexity and how long each took
-        earlier = json.loads(json_path.read_text())
-        done, result["seconds"] = earlier["ppl"], earlier.get("seconds", {})
-        result["resumed"] = sorted(done)
-    else:
-        done = {}
+    result = _header(exp, command, text, seq_len, batch, device)
+    done = _resume(result, json_path) if resume and json_path.exists() else {}
 
     def on_point(key: str, ppl: dict[str, float], seconds: float) -> None:
         result["seconds"][key] = seconds
@@ -456,24 +465,54 @@ def run(
     names = linear_names(prepared)
     acts = activation_stats(model, text.ids, seq_len, batch, names)
     weights = {n: weight_stats(m) for n, m in names.items() if m.weight_format is not None}
-    by_id = {id(m): n for n, m in names.items()}
-    # what the format does to a Gaussian operand, for scale: a format's error with nothing model-specific
-    some = next(iter(names.values()))
-    gaussian = torch.randn(4096, some.in_features, generator=torch.Generator().manual_seed(0))
-    total = ppl["all/both"] - fp if "all/both" in ppl else None  # shares only against a measured total
     result |= {
         "fp_ppl": fp, "ppl": {"fp": fp, **ppl}, "load_average_after": os.getloadavg(),
-        "gaussian": ratios(mx_sums(gaussian, some.act_format or some.weight_format,
-                                   some.act_block_size or some.weight_block_size)),
-        "rows": [{"key": p.key, "place": p.name, "kind": p.kind, "side": p.side, "ppl": ppl[p.key],
-                  "increase": ppl[p.key] / fp - 1, "share": (ppl[p.key] - fp) / total if total else None,
-                  "stats": place_stats(p, by_id, acts, weights)} for p in sweep_places],
+        "gaussian": _gaussian_reference(next(iter(names.values()))),
+        "rows": _rows(sweep_places, fp, ppl, {id(m): n for n, m in names.items()}, acts, weights),
         "linears": {n: {"acts": acts.get(n), "weights": weights.get(n)} for n in names},
         "positions": by_position(acts),
     }
     _write(json_path, result)
     out.with_suffix(".md").write_text(report(result))
     return result
+
+
+def _header(
+    exp: Experiment, command: str, text: evaluate.PerplexityText, seq_len: int, batch: int, device: torch.device
+) -> dict[str, Any]:
+    """What the measurement is of, and where it ran."""
+    return {
+        "command": command, "model": exp.model.name, "quant": exp.quant_name, "transform": exp.transform_name,
+        "quant_config": dataclasses.asdict(exp.quant),
+        "text": text.name, "text_source": text.source, "tokens": int(text.ids.numel()), "seq_len": seq_len,
+        "batch_size": batch, "device": str(device), "torch_threads": torch.get_num_threads(),
+        "load_average_before": os.getloadavg(), "seconds": {},
+    }
+
+
+def _resume(result: dict[str, Any], json_path: Path) -> dict[str, float]:
+    """The earlier points' perplexities; their times go into `result`, which says what was resumed."""
+    earlier = json.loads(json_path.read_text())
+    result["seconds"] = earlier.get("seconds", {})
+    result["resumed"] = sorted(earlier["ppl"])
+    return earlier["ppl"]
+
+
+def _gaussian_reference(linear: QuantLinear) -> dict[str, float]:
+    """What the format does to a Gaussian operand, for scale: a format's error with nothing model-specific."""
+    gaussian = torch.randn(4096, linear.in_features, generator=torch.Generator().manual_seed(0))
+    return ratios(mx_sums(gaussian, linear.act_format or linear.weight_format,
+                          linear.act_block_size or linear.weight_block_size))
+
+
+def _rows(
+    sweep_places: list[Place], fp: float, ppl: dict[str, float], names: dict[int, str],
+    acts: dict[str, Any], weights: dict[str, Any],
+) -> list[dict[str, Any]]:
+    total = ppl["all/both"] - fp if "all/both" in ppl else None  # shares only against a measured total
+    return [{"key": p.key, "place": p.name, "kind": p.kind, "side": p.side, "ppl": ppl[p.key],
+             "increase": ppl[p.key] / fp - 1, "share": (ppl[p.key] - fp) / total if total else None,
+             "stats": place_stats(p, names, acts, weights)} for p in sweep_places]
 
 
 def _write(path: Path, value: dict[str, Any]) -> None:
