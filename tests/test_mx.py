@@ -663,3 +663,5 @@ def test_cuda_eager_and_fused_results_equal_the_cpu_results(fmt, fused_everywher
     on_cpu = eager(x, fmt, monkeypatch)
     assert_bitwise_equal(eager(x.cuda(), fmt, monkeypatch).cpu(), on_cpu)
     assert_bitwise_equal(quantize(x.cuda(), fmt).cpu(), on_cpu)
+    assert (get_format(fmt).name, torch.float32, "cuda") in mx._compiled
+    assert not mx._compile_failed, "the fused path fell back to eager on CUDA"
