@@ -146,19 +146,25 @@ def _round_nvfp4(
     return torch.where(tensor_amax.isfinite(), dequantized, math.nan)
 
 
-def _fake_quantize_nvfp4(blocks: Tensor, element: ElementFormat) -> Tensor:
-    """NVFP4 as torchao's nvfp4_quantize with per_tensor_scale = amax / (elem max * E4M3 max)."""
-    tensor_amax = blocks.abs().amax()
+def _fake_quantize_nvfp4(blocks: Tensor, element: ElementFormat, tensor_amax: Tensor | None = None) -> Tensor:
+    """NVFP4 as torchao's nvfp4_quantize with per_tensor_scale = amax / (elem max * E4M3 max).
+
+    tensor_amax, the whole tensor's max magnitude in float32, is taken from blocks unless given."""
+    if tensor_amax is None:
+        tensor_amax = blocks.abs().amax()
     block_amax = blocks.abs().amax(dim=-1, keepdim=True)
     tensor_scale, block_scale = _nvfp4_scales(tensor_amax, block_amax, element)
     return _round_nvfp4(blocks, tensor_amax, tensor_scale, block_scale, element)
 
 
-def _fake_quantize_blocks(blocks: Tensor, fmt: MXFormat) -> Tensor:
-    """The eager reference: fake-quantize `blocks` (..., block_size) in float32, return blocks' dtype."""
+def _fake_quantize_blocks(blocks: Tensor, fmt: MXFormat, tensor_amax: Tensor | None = None) -> Tensor:
+    """The eager reference: fake-quantize `blocks` (..., block_size) in float32, return blocks' dtype.
+
+    tensor_amax: for NVFP4, the whole tensor's max magnitude when the caller has taken it."""
     blocks32 = blocks.to(torch.float32)
-    quantizer = _fake_quantize_nvfp4 if fmt.tensor_scale else _fake_quantize_e8m0
-    return quantizer(blocks32, fmt.element).to(blocks.dtype)
+    if fmt.tensor_scale:
+        return _fake_quantize_nvfp4(blocks32, fmt.element, tensor_amax).to(blocks.dtype)
+    return _fake_quantize_e8m0(blocks32, fmt.element).to(blocks.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -188,9 +194,13 @@ def _fused_fake_quantize_blocks(blocks: Tensor, fmt: MXFormat) -> Tensor:
         _compiled[key] = torch.compile(functools.partial(_fake_quantize_blocks, fmt=fmt))
     rows = blocks.reshape(-1, blocks.shape[-1])
     torch._dynamo.maybe_mark_dynamic(rows, 0)
+    # NVFP4's whole-tensor max is taken outside the graph: compiled into it, on an H200, 16384 x 16384
+    # float32 took 28 ms (48x a copy) against 1.3 ms in bfloat16. Rounding to float32 is monotone, so
+    # the max of the input's magnitudes, rounded, is the max of the rounded magnitudes: same bits.
+    tensor_amax = rows.abs().amax().to(torch.float32) if fmt.tensor_scale else None
     try:
         with torch._dynamo.config.patch(**_DYNAMO_SETTINGS):
-            return _compiled[key](rows).reshape(blocks.shape)
+            return _compiled[key](rows, tensor_amax=tensor_amax).reshape(blocks.shape)
     except Exception as error:  # any compiler failure: the eager reference computes the same values
         _compile_failed.add(key)
         warnings.warn(
