@@ -98,7 +98,8 @@ def fp_forward_backward_seconds(fp_model: torch.nn.Module, ids: torch.Tensor, re
 
 def bench_one(d: int, label: str, spec: dict, mode: str, args: argparse.Namespace) -> dict:
     tokens = args.samples * args.seq_len
-    row = {"d": d, "blocks": args.blocks, "transform": label, "mode": mode, "tokens/step": tokens}
+    row = {"d": d, "blocks": args.blocks, "transform": label, "mode": mode, "tokens/step": tokens,
+           "micro-batch": args.micro_batch or args.samples}  # fmt: skip
     try:
         return row | measure(d, spec, mode, args)
     except torch.OutOfMemoryError:
@@ -123,6 +124,7 @@ def measure(d: int, spec: dict, mode: str, args: argparse.Namespace) -> dict:
         epochs=args.steps,
         batch_size=args.samples,
         n_samples=args.samples,
+        micro_batch_size=args.micro_batch,
         seq_len=args.seq_len,
         checkpoint_every=10**9,
     )
@@ -159,6 +161,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=1024, help="vocabulary size (Llama-3-8B: 128256)")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--samples", type=int, default=1, help="sequences per step")
+    parser.add_argument("--micro-batch", type=int, default=None,
+                        help="sequences per forward/backward (calib.micro_batch_size; default: all of a step's)")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
