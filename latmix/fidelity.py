@@ -13,19 +13,43 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from latmix.models import input_device
 
 __all__ = ["Reference", "deviation", "logit_deviation", "next_token_kl", "next_token_nll"]
 
 
+# Rows (tokens) per chunk of next_token_kl: about 2^25 float32 logits, 128 MiB, whatever the vocabulary.
+KL_CHUNK_ELEMENTS = 2**25
+
+
 def next_token_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of KL(ref || model) of the next-token distributions; differentiable in `logits`."""
+    """Mean over tokens of KL(ref || model) of the next-token distributions; differentiable in `logits`.
+
+    Computed over chunks of tokens, so that no float32 tensor of every token's vocabulary-sized
+    distribution is ever whole: for Llama-3-8B's 128256 words and 4 x 2048 tokens each such tensor is
+    3.9 GiB, and the whole-tensor form held about five at once. Under autograd each chunk is recomputed
+    in the backward (a checkpoint) instead of keeping its log-probabilities. Every token's terms and
+    every gradient are the unchunked computation's bits; only the order of the loss's final sum differs.
+    """
     if logits.shape != ref_logits.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and ref_logits {tuple(ref_logits.shape)} differ in shape")
-    log_p = F.log_softmax(logits.float().flatten(0, -2), dim=-1)
-    log_ref = F.log_softmax(ref_logits.float().flatten(0, -2), dim=-1)
-    return F.kl_div(log_p, log_ref, log_target=True, reduction="batchmean")
+    rows, ref_rows = logits.flatten(0, -2), ref_logits.flatten(0, -2)
+    chunk = max(1, KL_CHUNK_ELEMENTS // rows.shape[-1])
+    recompute = torch.is_grad_enabled() and rows.requires_grad
+    total = sum(
+        checkpoint(_kl_sum, part, ref_part, use_reentrant=False) if recompute else _kl_sum(part, ref_part)
+        for part, ref_part in zip(rows.split(chunk), ref_rows.split(chunk), strict=True)
+    )
+    return total / rows.shape[0]
+
+
+def _kl_sum(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    """Sum over rows of KL(ref || model), in float32."""
+    log_p = F.log_softmax(logits.float(), dim=-1)
+    log_ref = F.log_softmax(ref_logits.float(), dim=-1)
+    return F.kl_div(log_p, log_ref, log_target=True, reduction="sum")
 
 
 def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
