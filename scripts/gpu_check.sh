@@ -43,6 +43,7 @@ results=$(mktemp -d)
 step run_tiny 150 "$PYTHON" run.py model=tiny logger=none device=auto "paths.results_dir=$results" \
     "paths.output_dir=$results/outputs"
 cp "$results"/runs/*.json "$OUT/run_record.json" 2>/dev/null
+rm -rf "$results"
 
 step calib_8b 200 "$PYTHON" scripts/bench_calibrate.py --sizes 4096 --blocks 32 --vocab 128256 --samples 4 \
     --seq-len 2048 --steps 3 --transforms "affine qr" "affine block_diag" --modes end_to_end --device cuda
