@@ -19,8 +19,12 @@ def whole_tensor_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Ten
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("chunk_elements", [2**25, 5 * 300, 7 * 300])  # one chunk; 5-token chunks; uneven ones
-def test_chunked_kl_has_the_whole_tensor_gradients_bit_for_bit_and_its_value(dtype, chunk_elements, monkeypatch):
+@pytest.mark.parametrize("recompute_elements", [0, 2**40], ids=["recomputed", "kept"])
+def test_chunked_kl_has_the_whole_tensor_gradients_bit_for_bit_and_its_value(
+    dtype, chunk_elements, recompute_elements, monkeypatch
+):
     monkeypatch.setattr(fidelity, "KL_CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(fidelity, "KL_RECOMPUTE_ELEMENTS", recompute_elements)
     generator = torch.Generator().manual_seed(0)
     logits = (3 * torch.randn(3, 17, 300, generator=generator)).to(dtype).requires_grad_()
     ref_logits = (3 * torch.randn(3, 17, 300, generator=generator)).to(dtype)
