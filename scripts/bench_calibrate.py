@@ -35,6 +35,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from latmix.calibrate import calibrate
 from latmix.quantize import prepare_model
 from latmix.settings import CalibConfig, OptimConfig, QuantConfig, TransformConfig
+from latmix.timing import median_seconds, synchronize
 
 # (label, family kwargs for residual and attn_vo); affine T1 on the residual needs approximate: true.
 TRANSFORMS = {
@@ -74,26 +75,20 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def fp_forward_backward_seconds(fp_model: torch.nn.Module, ids: torch.Tensor, repeats: int) -> float:
     """Median seconds of the FP model's forward + backward (weight gradients) of one batch."""
     device = next(fp_model.parameters()).device
     fp_model.requires_grad_(True)
-    times = []
-    for _ in range(repeats + 1):  # the first one warms up
+
+    def forward_backward() -> None:
         fp_model.zero_grad(set_to_none=True)
-        synchronize(device)
-        start = time.perf_counter()
         fp_model(ids.to(device), use_cache=False).logits.float().logsumexp(-1).mean().backward()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
+
+    forward_backward()  # warms up
+    seconds = median_seconds(forward_backward, repeats, device)
     fp_model.zero_grad(set_to_none=True)
     fp_model.requires_grad_(False)
-    return statistics.median(times[1:])
+    return seconds
 
 
 def bench_one(d: int, label: str, spec: dict, mode: str, args: argparse.Namespace) -> dict:

@@ -11,8 +11,6 @@ NVFP4Tensor for nvfp4) and latmix's speedup over it, plus the one-off first-call
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 import warnings
 from collections.abc import Callable
 
@@ -21,29 +19,9 @@ from tabulate import tabulate
 
 from latmix.formats import FORMATS, get_format
 from latmix.mx import quantize
+from latmix.timing import paired_medians, timed
 
 CANONICAL_FORMATS = sorted({fmt.name for fmt in FORMATS.values()}, key=list(FORMATS).index)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def seconds(run: Callable[[], object], device: torch.device) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    run()
-    synchronize(device)
-    return time.perf_counter() - start
-
-
-def paired_medians(
-    run: Callable[[], object], baseline: Callable[[], object], device: torch.device, repeats: int
-) -> tuple[float, float]:
-    """Median seconds of run and of baseline, timed alternately so that both see the same machine load."""
-    pairs = [(seconds(run, device), seconds(baseline, device)) for _ in range(repeats)]
-    return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
 
 
 def torchao_round_trip(fmt: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -81,8 +59,8 @@ def milliseconds(s: float) -> str:
 
 def bench_one(x: torch.Tensor, fmt: str, repeats: int) -> list[object]:
     device, traffic = x.device, 2 * x.numel() * x.element_size()
-    first_call_s = seconds(lambda: quantize(x, fmt), device)
-    latmix_s, clone_s = paired_medians(lambda: quantize(x, fmt), x.clone, device, repeats)
+    first_call_s = timed(lambda: quantize(x, fmt), device)[0]
+    latmix_s, clone_s = paired_medians(lambda: quantize(x, fmt), x.clone, repeats, device)
     reference = torchao_round_trip(fmt)
     torchao_s = None
     if reference is not None:
@@ -92,7 +70,7 @@ def bench_one(x: torch.Tensor, fmt: str, repeats: int) -> list[object]:
             print(f"torchao {fmt} on {device.type} failed ({type(error).__name__}: {error}); shown as n/a")
             reference = None
     if reference is not None:
-        torchao_s, latmix_again_s = paired_medians(lambda: reference(x), lambda: quantize(x, fmt), device, 3)
+        torchao_s, latmix_again_s = paired_medians(lambda: reference(x), lambda: quantize(x, fmt), 3, device)
     return [
         fmt,
         str(x.dtype).removeprefix("torch."),

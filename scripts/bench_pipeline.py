@@ -58,6 +58,7 @@ from latmix.fidelity import Reference
 from latmix.gptq import gptq_quantize_model
 from latmix.quantize import PreparedModel, prepare_model, set_quantization
 from latmix.settings import Experiment
+from latmix.timing import median_seconds, paired_medians, timed
 
 DEFAULT_OVERRIDES = ("model=smollm2-135m", "quant=mxfp4", "transform=affine_literal", "logger=none")
 PRESETS = ("identity", "hadamard", "block_hadamard", "rotation", "affine", "affine_literal", "flatquant")
@@ -73,31 +74,6 @@ GOALS = {
 
 def experiment(overrides: Sequence[str]) -> Experiment:
     return compose_experiment([*DEFAULT_OVERRIDES, *overrides])
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(run: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
-    synchronize(device)
-    start = time.perf_counter()
-    result = run()
-    synchronize(device)
-    return time.perf_counter() - start, result
-
-
-def median_of(run: Callable[[], Any], repeats: int, device: torch.device) -> float:
-    return statistics.median(timed(run, device)[0] for _ in range(max(repeats, 1)))
-
-
-def paired_medians(
-    run: Callable[[], Any], baseline: Callable[[], Any], repeats: int, device: torch.device
-) -> tuple[float, float]:
-    """Median seconds of run and of baseline, timed alternately so that both see the same machine load."""
-    pairs = [(timed(run, device)[0], timed(baseline, device)[0]) for _ in range(max(repeats, 1))]
-    return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
 
 
 def profiled(stage: str, wanted: str | None):
@@ -266,7 +242,7 @@ class _Bench:
                 self.device,
             )
             seconds += timed(prepared.fp_deviation, self.device)[0]
-        fp_seconds = median_of(lambda: self.fp.forward(probe_ids, PROBE_SEQUENCES), self.repeats, self.device)
+        fp_seconds = median_seconds(lambda: self.fp.forward(probe_ids, PROBE_SEQUENCES), self.repeats, self.device)
         self.report.row("transform", seconds, f"FP forward, {tuple(probe_ids.shape)}", fp_seconds,
                         f"{self.exp.transform_name}: 2 forwards inside (reference, deviation)")
         return prepared
@@ -306,7 +282,7 @@ class _Bench:
             if quant.weight_quantizer == "gptq" and quant.weight_format is not None:
                 seconds = timed(lambda: gptq_quantize_model(prepared, calib_ids, quant, self.exp.gptq), self.device)[0]
             set_quantization(self.model, weights=quant.weight_format is not None, acts=quant.act_format is not None)
-        fp_seconds = median_of(lambda: self.fp.forward(calib_ids, self.exp.calib.batch_size), self.repeats, self.device)
+        fp_seconds = median_seconds(lambda: self.fp.forward(calib_ids, self.exp.calib.batch_size), self.repeats, self.device)
         self.report.row("GPTQ", seconds, f"FP forward, calibration set {tuple(calib_ids.shape)}", fp_seconds)
         return seconds
 
