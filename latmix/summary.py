@@ -225,9 +225,9 @@ def sweep_summary(jobs: Sequence[Job], results_dir: str | Path | None = None, ti
     lines += [line[:WIDTH] for line in table]
     if keys != varying:  # the differing keys did not fit: one line per job below the table
         for job in done:
-            config = tables.configuration(job.record)
+            row = tables.record_row(job.record)
             lines.append(fit(f"  #{job.number}: " + ", ".join(
-                f"{tables.short_name(k)}={config.get(k, '–')}" for k in varying)))
+                f"{tables.short_name(k)}={tables.shown_value(k, row) or '–'}" for k in varying)))
     notes = []
     if any(not m.startswith("ppl_") for m in metrics):
         notes.append(ACCURACY_NOTE)
@@ -261,11 +261,11 @@ class _SweepTable:
 
     def _row(self, job: Job, keys: list[str], shown: list[str], deltas: list[str]) -> list[str]:
         rec = job.record
-        config, values = tables.configuration(rec), metric_values(rec)
+        row, values = tables.record_row(rec), metric_values(rec)
         reference = self.references.get(job.number, {})
         return [
             str(job.number), rec["run_id"], job.status, *(LABELS[name](rec) for name in self.columns),
-            *(config.get(k, "–") for k in keys), str(rec["seed"]),
+            *(tables.shown_value(k, row) or "–" for k in keys), str(rec["seed"]),
             *(_number(values.get(m)) for m in shown),
             *(_delta(values.get(m), reference.get(m)) for m in deltas),
             _number(rec["timing"].get("total"), 0),

@@ -38,6 +38,11 @@ SEED_KEYS = ("calib.seed", "transform.seed")
 SETTING_PREFIXES = ("model.", "eval.")
 # Keys that can change the full-precision reference (nothing is calibrated or quantized there).
 FP_REFERENCE_PREFIXES = ("model.", "eval.", "quant.", "transform.")
+# Keys that only say how maps are learned: a run that learned nothing shows calib.mode none and not these.
+LEARNING_PREFIXES = ("optim.",)
+LEARNING_KEYS = ("calib.objective", "calib.batch_size", "calib.micro_batch_size", "calib.epochs", "calib.steps",
+                 "calib.reg_weight", "calib.learn_clipping", "calib.cond_limit", "calib.online_maps",
+                 "calib.quantize_weights", "calib.rounding")
 # Keys the quant and method labels stand for: shown as a column only where a label does not tell them.
 LABEL_PREFIXES = ("quant.", "transform.")
 
@@ -111,6 +116,30 @@ def configuration_id(model: str, quant: str, method: str, config: Mapping[str, s
     return hashlib.sha256(canonical_json(identity).encode()).hexdigest()[:12]
 
 
+def learned_something(rec: Mapping[str, Any]) -> bool:
+    """Whether calibration learned: not skipped (calib.mode none, nothing quantized or nothing learnable).
+    A record that does not say is taken to have learned."""
+    return not (rec.get("calibration") or {}).get("skipped")
+
+
+def applies(key: str, row: Mapping[str, Any]) -> bool:
+    """Whether a config key can change this row's numbers: the full-precision reference only has its own
+    keys, and a run that learned nothing has no learning settings (its calib.mode reads none)."""
+    if row["fp_reference"] and not key.startswith(FP_REFERENCE_PREFIXES):
+        return False
+    return row.get("learned", True) or not (key in LEARNING_KEYS or key.startswith(LEARNING_PREFIXES))
+
+
+def shown_value(key: str, row: Mapping[str, Any], missing: str = "–") -> str:
+    """A config key's value as a table shows it for this row: '' where it does not apply, calib.mode as
+    what calibration did (none when it learned nothing), `missing` where the record lacks the key."""
+    if not applies(key, row):
+        return ""
+    if key == "calib.mode" and not row.get("learned", True):
+        return "none"
+    return row["config"].get(key, missing)
+
+
 def record_row(rec: dict) -> dict:
     """One record flattened to one table row: identity columns, then metrics (accuracies in percent)."""
     full_precision = is_full_precision(rec)
@@ -126,6 +155,7 @@ def record_row(rec: dict) -> dict:
         "transform": rec["transform"],
         "weight_quantizer": rec["weight_quantizer"] if quantized else "",
         "fp_reference": full_precision and rec["transform"] == "identity",
+        "learned": learned_something(rec),
         "seed": rec["seed"],
         "uncommitted": bool(rec.get("git_uncommitted")),
         "config_id": configuration_id(rec["model"], rec["quant"], method, config),
@@ -143,8 +173,8 @@ def record_row(rec: dict) -> dict:
     return row
 
 
-RUN_COLUMNS = ["run_id", "model", "quant", "method", "transform", "weight_quantizer", "fp_reference", "seed",
-               "uncommitted", "config_id", "setting_id", "config"]
+RUN_COLUMNS = ["run_id", "model", "quant", "method", "transform", "weight_quantizer", "fp_reference", "learned",
+               "seed", "uncommitted", "config_id", "setting_id", "config"]
 # Per configuration, beside run_ids: the runs made with code that differed from their commit (record.uncommitted_code).
 PER_SEED_COLUMNS = ("seed", "uncommitted")
 SUMMARY_COLUMNS = ["table", "seeds", "runs", "run_ids", "uncommitted_runs"]
@@ -325,20 +355,19 @@ def short_name(key: str) -> str:
 
 
 def varying_keys(rows: pd.DataFrame) -> list[str]:
-    """Config keys whose values differ between rows, except the ones the quant/method labels tell.
+    """Config keys whose shown values differ between rows, except the ones the quant/method labels tell.
 
-    The full-precision reference takes part only with the keys that can change its numbers.
+    A row takes part only with the keys that apply to it (`applies`): the full-precision reference with
+    the keys that can change its numbers, a run that learned nothing without the learning settings.
     """
-    configs = list(rows["config"])
-    keys = sorted({key for config in configs for key in config})
+    records = rows.to_dict("records")
+    keys = sorted({key for row in records for key in row["config"]})
     shown = []
     for key in keys:
         values = {}
-        for config, quant, method, fp in zip(configs, rows["quant"], rows["method"], rows["fp_reference"],
-                                             strict=True):
-            if fp and not key.startswith(FP_REFERENCE_PREFIXES):
-                continue
-            values.setdefault((quant, method), set()).add(config.get(key))
+        for row in records:
+            if applies(key, row):
+                values.setdefault((row["quant"], row["method"]), set()).add(shown_value(key, row, missing=None))
         distinct = set().union(*values.values()) if values else set()
         if len(distinct) <= 1:
             continue
@@ -410,8 +439,7 @@ def _cells(table: Table, latex: bool) -> tuple[list[str], list[list[str]], list[
         previous_quant = row["quant"]
         mark = (("$^\\dagger$" if latex else f" {UNCOMMITTED_MARK}") if row["uncommitted_runs"] else "")
         cells = [text(quant), text(row["method"]) + mark]
-        cells += ["" if row["fp_reference"] and not k.startswith(FP_REFERENCE_PREFIXES) else
-                  text(row["config"].get(k, missing)) for k in table.varying]
+        cells += [text(shown_value(k, row, missing)) for k in table.varying]
         cells.append(str(row["seeds"]))
         for metric, delta in _shown_metrics(table.metrics):
             mean, std = row[metric], row[f"{metric}_std"]
@@ -492,7 +520,8 @@ def tables_csv(tables: list[Table]) -> pd.DataFrame:
     parts = []
     for table in tables:
         rows = table.rows.drop(columns=["config", "setting_id", "transform", "weight_quantizer"])
-        rows = rows.assign(**{key: [c.get(key) for c in table.rows["config"]] for key in table.varying})
+        rows = rows.assign(**{key: [shown_value(key, row, missing=None) or None for row in table.rows.to_dict("records")]
+                              for key in table.varying})
         parts.append(rows)
     frame = pd.concat(parts, ignore_index=True)
     metrics = list(dict.fromkeys(m for table in tables for m in metric_columns(table.rows)))

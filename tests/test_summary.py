@@ -142,6 +142,19 @@ def test_many_differing_settings_move_below_the_table(tmp_path):
     assert "#0: calib some_long_hyperparameter_name_0=value-0-0" in text
 
 
+def test_a_sweep_does_not_show_learning_settings_of_runs_that_learned_nothing(tmp_path):
+    # identity keeps the default calib.mode end_to_end but has nothing to learn; affine here learns nothing
+    # by its calib.mode none: neither was trained, so the mode is no difference between them
+    identity = make_record("identity", edits={"calib.mode": "end_to_end", "calib.smooth_alpha": 0.0})
+    affine = make_record("affine", edits={"calib.mode": "none", "calib.smooth_alpha": 0.5})
+    jobs = []
+    for n, rec in enumerate((identity, affine)):
+        rec["calibration"]["skipped"] = "nothing to learn"
+        jobs.append(summary.Job(n, write(tmp_path, rec)["run_id"], "ran", record=rec))
+    header = summary.sweep_summary(jobs, tmp_path).splitlines()[1]
+    assert "smooth_alpha" in header and "mode" not in header
+
+
 def test_the_callback_reads_the_markers_of_a_sweep(tmp_path):
     rec = write(tmp_path / "results", make_record())
     for number, status in ((0, "ran"), (1, "recorded")):

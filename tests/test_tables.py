@@ -46,9 +46,10 @@ def set_key(config: dict, dotted: str, value) -> None:
 
 def write_run(results_dir: Path, transform: str = "affine", seed: int = 0, heldout: float = 10.0,
               piqa: float = 0.70, quant: str = "mxfp4", wq: str = "gptq", uncommitted: list[str] | None = None,
-              **overrides) -> dict:
+              learned: bool = True, **overrides) -> dict:
     """One record of `transform` in `quant` (none = full precision); overrides: {'eval.max_seq_len': 128};
-    uncommitted: the code files the run's checkout had changed (its git_uncommitted)."""
+    uncommitted: the code files the run's checkout had changed (its git_uncommitted); learned=False: its
+    calibration was skipped (nothing to learn)."""
     config = copy.deepcopy(BASE_CONFIG)
     config["seed"] = config["calib"]["seed"] = config["transform"]["seed"] = seed
     config["transform"]["name"] = transform
@@ -67,6 +68,8 @@ def write_run(results_dir: Path, transform: str = "affine", seed: int = 0, heldo
     rec["metrics"]["averages"] = {"avg6": None, "avg8": None, "mean": piqa}
     if uncommitted is not None:
         rec["git_uncommitted"] = uncommitted
+    if not learned:
+        rec["calibration"]["skipped"] = "no learnable parameter (every transform is fixed)"
     record.write_record(record.record_path(results_dir, rec["run_id"]), rec)
     return rec
 
@@ -170,6 +173,32 @@ def test_the_full_precision_reference_ignores_calibration_settings_it_never_used
     write_run(tmp_path, "affine", heldout=10.0, **{"calib.n_samples": 128})
     table = only_table(tmp_path)
     assert list(table.rows["seeds"]) == [2, 1] and table.varying == []
+
+
+def test_a_run_that_learned_nothing_reads_calib_mode_none_and_has_no_learning_settings(tmp_path):
+    # block_hadamard keeps the default calib.mode end_to_end, but has nothing to learn: the table must not
+    # suggest it was trained, nor show the optimizer it never used
+    write_run(tmp_path, "block_hadamard", heldout=12.0, learned=False, **{"optim.lr": 0.001})
+    write_run(tmp_path, "rotation", heldout=11.0, **{"optim.lr": 1.5})
+    write_run(tmp_path, "affine", heldout=10.0, **{"calib.mode": "none", "optim.lr": 0.001}, learned=False)
+    table = only_table(tmp_path)
+    assert table.varying == ["calib.mode"]  # optim.lr differs only between runs that never used it
+    header, body, _ = tables._cells(table, latex=False)
+    modes = {row[1]: row[header.index("calib mode")] for row in body}
+    assert modes == {"block_hadamard+gptq": "none", "rotation+gptq": "end_to_end", "affine+gptq": "none"}
+
+
+def test_learning_settings_of_learned_runs_are_columns_blank_for_runs_that_learned_nothing(tmp_path):
+    write_run(tmp_path, "identity", heldout=12.0, learned=False)
+    write_run(tmp_path, "rotation", heldout=11.0, **{"optim.lr": 1.5})
+    write_run(tmp_path, "affine", heldout=10.0, **{"optim.lr": 0.01})
+    table = only_table(tmp_path)
+    assert table.varying == ["calib.mode", "optim.lr"]
+    header, body, _ = tables._cells(table, latex=False)
+    assert [row[header.index("calib mode")] for row in body] == ["none", "end_to_end", "end_to_end"]
+    assert [row[header.index("optim lr")] for row in body] == ["", "1.5", "0.01"]
+    csv = tables.tables_csv([table])
+    assert csv["optim.lr"].isna().tolist() == [True, False, False]
 
 
 # --- layout: full precision first, deltas, bold best -----------------------------------------------
