@@ -173,10 +173,10 @@ def methods_per_layer_figure(runs: Mapping[str, Sequence[Mapping[str, Any]]], ti
 
 def row_label(row: Mapping[str, Any], varying: Sequence[str]) -> str:
     """'mxfp4 · affine+gptq · residual param lu': what tells a table row from the others."""
-    from latmix.tables import short_name
+    from latmix.tables import short_name, shown_value
 
-    config = row["config"]
-    extra = [f"{short_name(k)} {config[k]}" for k in varying if k in config and not row["fp_reference"]]
+    shown = {k: shown_value(k, row, missing="") for k in varying}
+    extra = [f"{short_name(k)} {value}" for k, value in shown.items() if value and not row["fp_reference"]]
     return " · ".join([row["quant"], row["method"], *extra])
 
 

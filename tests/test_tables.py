@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from test_record import make_record
 
-from latmix import record, report, tables
+from latmix import figures, record, report, tables
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -199,6 +199,9 @@ def test_learning_settings_of_learned_runs_are_columns_blank_for_runs_that_learn
     assert [row[header.index("optim lr")] for row in body] == ["", "1.5", "0.01"]
     csv = tables.tables_csv([table])
     assert csv["optim.lr"].isna().tolist() == [True, False, False]
+    labels = [figures.row_label(row, table.varying) for row in table.rows.to_dict("records")]
+    assert labels == ["mxfp4 · identity+gptq · calib mode none", "mxfp4 · rotation+gptq · calib mode end_to_end · optim lr 1.5",
+                      "mxfp4 · affine+gptq · calib mode end_to_end · optim lr 0.01"]
 
 
 # --- layout: full precision first, deltas, bold best -----------------------------------------------
