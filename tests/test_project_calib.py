@@ -32,3 +32,14 @@ def test_calib_paper_is_64_steps_and_the_projection_scales_with_the_measured_rat
     assert one[2][1] == pytest.approx(3 * forward + forward) and two[2][1] == pytest.approx(6 * forward + forward)
     assert two[3][1] == pytest.approx(64 * two[2][1])
     assert two[3][2] == f"{64 * two[2][1] / 100e12 / 60:.1f} min"
+
+
+def test_a_step_measured_with_checkpointing_is_not_given_a_second_recomputed_forward():
+    calib = project_calib.calib_settings("paper")
+    assert calib["grad_checkpointing"]
+    target = project_calib.SHAPES["llama3-8b"]
+    forward = target.forward_flops(4, 2048)
+    measured_on_gpu = project_calib.projection(target, calib, 3.52, [100.0], measured=target,
+                                               measured_batch=(4, 2048), step_includes_recompute=True)
+    assert measured_on_gpu[2][1] == pytest.approx(3.52 * 3 * forward)
+    assert "+ recompute" not in measured_on_gpu[2][0]
