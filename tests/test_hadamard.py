@@ -45,7 +45,12 @@ def test_fast_transform_equals_dense_matrix(n):
 
 @pytest.mark.parametrize(
     ("n", "factors"),
-    [(4096, (1, 4096)), (14336, (28, 512)), (3584, (28, 128)), (18944, (148, 128)), (11008, (344, 32)), (6, None)],
+    [(4096, (1, 4096)), (14336, (28, 512)), (3584, (28, 128)), (18944, (148, 128)), (11008, (344, 32)), (6, None),
+     # the rest of conf/model/: SmolLM2 576 / 1536, Llama-3.2-1B 2048 / 8192, Llama-3.2-3B 3072, heads 64 / 128
+     (576, (36, 16)), (1536, (12, 128)), (2048, (1, 2048)), (8192, (1, 8192)), (3072, (12, 256)), (64, (1, 64)),
+     (128, (1, 128)),
+     # larger published models: Llama-2-13B's intermediate 13824, Qwen2-72B's 29568
+     (13824, (108, 128)), (29568, (924, 32))],
 )
 def test_model_sizes_factor_into_a_known_small_hadamard(n, factors):
     assert hadamard_factorization(n) == factors
