@@ -186,6 +186,12 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def calibration_learned(rec: Mapping[str, Any]) -> bool:
+    """Whether the run's calibration learned: not skipped (calib.mode none, nothing quantized or nothing
+    learnable). A record that does not say is taken to have learned."""
+    return not (rec.get("calibration") or {}).get("skipped")
+
+
 def _require_number(value: Any, where: str) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
         raise RecordError(f"{where} must be a number or null, got {type(value).__name__}")

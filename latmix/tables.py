@@ -26,7 +26,7 @@ from typing import Any
 import pandas as pd
 
 from latmix.metrics import headline_accuracy
-from latmix.record import SkippedRecord, canonical_json, identity, iter_records
+from latmix.record import SkippedRecord, calibration_learned, canonical_json, identity, iter_records
 
 # Keys that say how a run executes, not what it computes (the results do not depend on them).
 EXECUTION_KEYS = ("device", "calib.offload", "calib.grad_checkpointing", "calib.checkpoint_every")
@@ -116,12 +116,6 @@ def configuration_id(model: str, quant: str, method: str, config: Mapping[str, s
     return hashlib.sha256(canonical_json(identity).encode()).hexdigest()[:12]
 
 
-def learned_something(rec: Mapping[str, Any]) -> bool:
-    """Whether calibration learned: not skipped (calib.mode none, nothing quantized or nothing learnable).
-    A record that does not say is taken to have learned."""
-    return not (rec.get("calibration") or {}).get("skipped")
-
-
 def applies(key: str, row: Mapping[str, Any]) -> bool:
     """Whether a config key can change this row's numbers: the full-precision reference only has its own
     keys, and a run that learned nothing has no learning settings (its calib.mode reads none)."""
@@ -155,7 +149,7 @@ def record_row(rec: dict) -> dict:
         "transform": rec["transform"],
         "weight_quantizer": rec["weight_quantizer"] if quantized else "",
         "fp_reference": full_precision and rec["transform"] == "identity",
-        "learned": learned_something(rec),
+        "learned": calibration_learned(rec),
         "seed": rec["seed"],
         "uncommitted": bool(rec.get("git_uncommitted")),
         "config_id": configuration_id(rec["model"], rec["quant"], method, config),

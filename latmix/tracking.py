@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WANDB_HOST = "api.wandb.ai"
+# What a run's summary says of its calibration, beside `learned` (a W&B column to filter runs by: the
+# config's calib.mode alone does not say, since a run with nothing to learn keeps the default mode).
+CALIBRATION_SUMMARY = ("steps", "seconds", "loss_before", "loss_after", "skipped")
 # Per-layer series of the calibration report drawn as curves over depth.
 PER_LAYER_CURVES = {
     "loss_per_layer": ("loss_before", "loss_after"),
@@ -320,9 +323,15 @@ class Tracker:
         self.run.log_artifact(artifact)
 
     def log_record(self, rec: Mapping[str, Any], record_path: Path, config_yaml: str) -> None:
-        """The record's metrics, timing and fidelity as the summary, its per-layer table, and the record
-        and resolved config as the `record-<run_id>` artifact."""
-        self.log_summary({"metrics": rec["metrics"], "timing": rec["timing"], "fidelity": rec.get("fidelity", {})})
+        """The record's metrics, timing, fidelity and what calibration did (learned or not, steps, loss
+        before and after) as the summary, its per-layer table, and the record and resolved config as the
+        `record-<run_id>` artifact."""
+        from latmix.record import calibration_learned
+
+        calibration = rec["calibration"]
+        done = {key: calibration[key] for key in CALIBRATION_SUMMARY if calibration.get(key) is not None}
+        self.log_summary({"metrics": rec["metrics"], "timing": rec["timing"], "fidelity": rec.get("fidelity", {}),
+                          "calibration": {"learned": calibration_learned(rec), **done}})
         self.log_calibration(rec["calibration"].get("per_layer", []))
         self.log_artifact(f"record-{rec['run_id']}", "result", files={"record.json": record_path},
                           texts={"config.yaml": config_yaml}, metadata={"run_id": rec["run_id"]})
