@@ -124,7 +124,7 @@ def applies(key: str, row: Mapping[str, Any]) -> bool:
     return row.get("learned", True) or not (key in LEARNING_KEYS or key.startswith(LEARNING_PREFIXES))
 
 
-def shown_value(key: str, row: Mapping[str, Any], missing: str = "–") -> str:
+def shown_value(key: str, row: Mapping[str, Any], missing: str | None = "–") -> str | None:
     """A config key's value as a table shows it for this row: '' where it does not apply, calib.mode as
     what calibration did (none when it learned nothing), `missing` where the record lacks the key."""
     if not applies(key, row):
