@@ -209,11 +209,11 @@ def sweep_summary(jobs: Sequence[Job], results_dir: str | Path | None = None, ti
     lines = [fit(" · ".join([heading, *shared.values()]))]
     if not jobs:
         return lines[0]
-    frame = pd.DataFrame([tables.record_row(job.record) for job in done]) if done else None
-    varying = tables.varying_keys(frame) if frame is not None and len(frame) > 1 else []
+    rows = {job.number: tables.record_row(job.record) for job in done}
+    varying = tables.varying_keys(pd.DataFrame(list(rows.values()))) if len(rows) > 1 else []
     metrics = _sweep_metrics([job.record for job in done])
     sweep = _SweepTable(
-        jobs, columns=[name for name in LABELS if name not in shared],
+        jobs, rows, columns=[name for name in LABELS if name not in shared],
         references={job.number: mean_metrics(fp_references(job.record, results_dir))
                     for job in done if results_dir is not None and not is_fp_reference(job.record)},
         short=list(dict.fromkeys(metrics[:1] + [m for m in metrics if m in tables.AVERAGE_COLUMNS][-1:])),
@@ -225,9 +225,8 @@ def sweep_summary(jobs: Sequence[Job], results_dir: str | Path | None = None, ti
     lines += [line[:WIDTH] for line in table]
     if keys != varying:  # the differing keys did not fit: one line per job below the table
         for job in done:
-            row = tables.record_row(job.record)
             lines.append(fit(f"  #{job.number}: " + ", ".join(
-                f"{tables.short_name(k)}={tables.shown_value(k, row) or '–'}" for k in varying)))
+                f"{tables.short_name(k)}={tables.shown_value(k, rows[job.number]) or '–'}" for k in varying)))
     notes = []
     if any(not m.startswith("ppl_") for m in metrics):
         notes.append(ACCURACY_NOTE)
@@ -244,6 +243,7 @@ class _SweepTable:
     """A sweep's rows, renderable with more or fewer columns (sweep_summary picks what fits)."""
 
     jobs: Sequence[Job]
+    rows: dict[int, dict]  # job number -> its record as a table row (tables.record_row), for jobs with one
     columns: list[str]  # of LABELS, those that differ between the jobs
     references: dict[int, dict[str, float]]  # job number -> its full-precision reference's metrics
     short: list[str]  # the metrics kept when all do not fit
@@ -260,8 +260,8 @@ class _SweepTable:
         return render(header, body, right)
 
     def _row(self, job: Job, keys: list[str], shown: list[str], deltas: list[str]) -> list[str]:
-        rec = job.record
-        row, values = tables.record_row(rec), metric_values(rec)
+        rec, row = job.record, self.rows[job.number]
+        values = metric_values(rec)
         reference = self.references.get(job.number, {})
         return [
             str(job.number), rec["run_id"], job.status, *(LABELS[name](rec) for name in self.columns),

@@ -121,7 +121,7 @@ def applies(key: str, row: Mapping[str, Any]) -> bool:
     keys, and a run that learned nothing has no learning settings (its calib.mode reads none)."""
     if row["fp_reference"] and not key.startswith(FP_REFERENCE_PREFIXES):
         return False
-    return row.get("learned", True) or not (key in LEARNING_KEYS or key.startswith(LEARNING_PREFIXES))
+    return row["learned"] or not (key in LEARNING_KEYS or key.startswith(LEARNING_PREFIXES))
 
 
 def shown_value(key: str, row: Mapping[str, Any], missing: str | None = "–") -> str | None:
@@ -129,7 +129,7 @@ def shown_value(key: str, row: Mapping[str, Any], missing: str | None = "–") -
     what calibration did (none when it learned nothing), `missing` where the record lacks the key."""
     if not applies(key, row):
         return ""
-    if key == "calib.mode" and not row.get("learned", True):
+    if key == "calib.mode" and not row["learned"]:
         return "none"
     return row["config"].get(key, missing)
 

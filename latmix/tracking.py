@@ -332,7 +332,7 @@ class Tracker:
         done = {key: calibration[key] for key in CALIBRATION_SUMMARY if calibration.get(key) is not None}
         self.log_summary({"metrics": rec["metrics"], "timing": rec["timing"], "fidelity": rec.get("fidelity", {}),
                           "calibration": {"learned": calibration_learned(rec), **done}})
-        self.log_calibration(rec["calibration"].get("per_layer", []))
+        self.log_calibration(calibration.get("per_layer", []))
         self.log_artifact(f"record-{rec['run_id']}", "result", files={"record.json": record_path},
                           texts={"config.yaml": config_yaml}, metadata={"run_id": rec["run_id"]})
 
