@@ -52,7 +52,7 @@ TRANSFORM_FAMILIES: dict[str, frozenset[str]] = {
     "rotation": frozenset({"learnable", "init", "seed", "block_size", "parametrization"}),
     "affine": frozenset(
         {"parametrization", "init", "shift", "learnable", "learn", "seed", "block_size", "factor", "kron_factors",
-         "premix"}
+         "premix", "channel_scales"}
     ),
 }
 ORTHOGONAL_FAMILIES = ("identity", "hadamard", "block_hadamard", "rotation")

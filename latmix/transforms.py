@@ -51,6 +51,9 @@ __all__ = [
 _matrix_cache: dict[tuple[int, str], list[torch.Tensor]] | None = None
 # The premix Hadamard's seed, apart from the seeds of the learned map's own starts (seed + i).
 PREMIX_SEED_OFFSET = 7919
+# An affine map with channel scales this wide or narrower gives its exact condition number (a dense
+# SVD); a wider one (an 8B model's 14336) the upper bound cond(B) cond(D), which the guard can afford.
+DENSE_CONDITION_LIMIT = 4096
 
 
 @contextlib.contextmanager
@@ -467,6 +470,8 @@ class Affine(Transform):
     that matrix before training).
     learn: all | scales (only the per-channel scales exp(log_scale) of each block or factor, the part
     calib.smooth_alpha sets; the mixing stays at its start). Ignored when not learnable.
+    channel_scales: a learnable per-input-channel scale D applied first, A = B H D (FlatQuant's
+    add_diag): the one diagonal a Kronecker or premixed map can take calib.smooth_alpha's start in.
     """
 
     def __init__(
@@ -482,6 +487,7 @@ class Affine(Transform):
         kron_factors: tuple[int, int] | None = None,
         premix: str | None = None,
         learn: str = "all",
+        channel_scales: bool = False,
     ) -> None:
         super().__init__(dim, orthogonal=False)
         _check_affine_choices(parametrization, init, premix, learn)
@@ -494,6 +500,8 @@ class Affine(Transform):
         # premix: a fixed randomized full Hadamard H before the learned (structured) map B, A = B H: H
         # spreads outliers across all blocks, B reshapes each block (cheap: one FWHT plus the blocks).
         self.premix = Hadamard(dim, seed=seed + PREMIX_SEED_OFFSET) if premix == "hadamard" else None
+        # Named like the factors' log_scale, so learn=scales learns it too.
+        self.channel_log_scale = nn.Parameter(torch.zeros(dim)) if channel_scales else None
         self.requires_grad_(learnable)
         if learnable and learn == "scales":
             for name, param in self.named_parameters():
@@ -558,13 +566,22 @@ class Affine(Transform):
             return torch.kron(mats[0][0], mats[1][0])
         return torch.block_diag(*mats[0])
 
+    def _channel_scale(self) -> torch.Tensor | None:
+        return None if self.channel_log_scale is None else torch.exp(self.channel_log_scale)
+
     def matrix(self) -> torch.Tensor:
-        B = self._assemble(self._matrices())
-        return B if self.premix is None else B @ self.premix.matrix()
+        A = self._assemble(self._matrices())
+        if self.premix is not None:
+            A = A @ self.premix.matrix()
+        scale = self._channel_scale()
+        return A if scale is None else A * scale
 
     def inverse_matrix(self) -> torch.Tensor:
-        B_inv = self._assemble(self._inverse_matrices())
-        return B_inv if self.premix is None else self.premix.matrix().T @ B_inv
+        A_inv = self._assemble(self._inverse_matrices())
+        if self.premix is not None:
+            A_inv = self.premix.matrix().T @ A_inv
+        scale = self._channel_scale()
+        return A_inv if scale is None else A_inv / scale[:, None]
 
     def apply_cost(self) -> int:
         mix = 0 if self.premix is None else self.premix.apply_cost()
@@ -573,17 +590,26 @@ class Affine(Transform):
         return mix + self.dim * self.factors[0].log_scale.shape[-1]
 
     def apply_matrix(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self._channel_scale()
+        if scale is not None:
+            x = x * scale
         if self.premix is not None:
             x = self.premix.apply_matrix(x)
         return self._structured_apply(x, self._matrices(), transpose=False)
 
     def apply_inverse_matrix(self, y: torch.Tensor) -> torch.Tensor:
         x = self._structured_apply(y, self._inverse_matrices(), transpose=False)
-        return x if self.premix is None else self.premix.apply_inverse_matrix(x)
+        if self.premix is not None:
+            x = self.premix.apply_inverse_matrix(x)
+        scale = self._channel_scale()
+        return x if scale is None else x / scale
 
     def fold_into(self, weight: torch.Tensor) -> torch.Tensor:
-        # W A^-1 = (W H^T) B^-1, and W H^T applies H to each row of W.
+        # W A^-1 = ((W D^-1) H^T) B^-1, and W H^T applies H to each row of W.
         w = self._to_compute(weight)
+        scale = self._channel_scale()
+        if scale is not None:
+            w = w / scale
         if self.premix is not None:
             w = self.premix.apply_matrix(w)
         return self._structured_apply(w, self._inverse_matrices(), transpose=True).to(weight.dtype)
@@ -592,27 +618,40 @@ class Affine(Transform):
         if self.kronecker:
             d1, d2 = self.factor_sizes
             # det(A1 ⊗ A2) = det(A1)^d2 det(A2)^d1
-            return d2 * self.factors[0].log_abs_det() + d1 * self.factors[1].log_abs_det()
-        return self.factors[0].log_abs_det()
+            structured = d2 * self.factors[0].log_abs_det() + d1 * self.factors[1].log_abs_det()
+        else:
+            structured = self.factors[0].log_abs_det()
+        return structured if self.channel_log_scale is None else structured + self.channel_log_scale.sum()
 
+    # With channel scales, B D's singular values are not B's times D's: those three ask the dense matrix,
+    # except the conditioning guard's number on a wide map, which takes the bound cond(B) cond(D).
     def condition_number(self) -> float:
+        if self.channel_log_scale is not None and self.dim <= DENSE_CONDITION_LIMIT:
+            return super().condition_number()
         with torch.no_grad():
             conds = [_condition_of(f.matrices()) for f in self.factors]
+            if self.channel_log_scale is not None:
+                conds.append(float(torch.exp(self.channel_log_scale.max() - self.channel_log_scale.min())))
         return math.prod(conds)
 
     def smallest_singular_value(self) -> torch.Tensor:
+        if self.channel_log_scale is not None:
+            return super().smallest_singular_value()
         mins = [torch.linalg.svdvals(f.matrices().float()).min() for f in self.factors]
         return mins[0] * mins[1] if self.kronecker else mins[0]
 
     @torch.no_grad()
     def singular_values(self) -> torch.Tensor:
+        if self.channel_log_scale is not None:
+            return super().singular_values()
         # Those of B (the premix is orthogonal): per block, or the outer product of the Kronecker factors'.
         sigmas = [torch.linalg.svdvals(f.matrices().detach().double()).reshape(-1) for f in self.factors]
         return torch.outer(sigmas[0], sigmas[1]).reshape(-1) if self.kronecker else sigmas[0]
 
     def extra_repr(self) -> str:
         premix = "" if self.premix is None else ", premix=hadamard"
-        return f"dim={self.dim}, parametrization={self.parametrization}, shift={self.bias is not None}{premix}"
+        scales = "" if self.channel_log_scale is None else ", channel_scales=True"
+        return f"dim={self.dim}, parametrization={self.parametrization}, shift={self.bias is not None}{premix}{scales}"
 
 
 class Headwise(Transform):

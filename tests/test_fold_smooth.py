@@ -231,6 +231,23 @@ def test_smooth_alpha_zero_leaves_the_start_unchanged(make_tiny_model, caplog):
         assert torch.equal(prepared.transforms[name].matrix(), start[name])
 
 
+@torch.no_grad()
+def test_kronecker_maps_with_channel_scales_take_the_smoothing_there(make_tiny_model, input_ids):
+    # FlatQuant's start: a random orthogonal Kronecker map whose per-channel scale d is SmoothQuant's 1/s.
+    model = make_tiny_model("llama")
+    reference = model(input_ids).logits
+    kron = {"family": "affine", "parametrization": "kronecker", "factor": "svd", "init": "random",
+            "channel_scales": True}
+    prepared = prepare_model(model, TransformConfig({"pre_linear": kron, "down_proj": kron}, fold_norms=False), QuantConfig())
+    before = {n: t.matrix().detach().clone() for n, t in prepared.transforms.items()}
+    assert len(smooth_init(prepared, token_ids(4, 16, 0), 0.3, batch_size=2)) == 6
+    for name, t in prepared.transforms.items():
+        ratio = torch.linalg.solve(before[name].double(), t.matrix().double())
+        torch.testing.assert_close(ratio, torch.diag(torch.exp(t.channel_log_scale.double())), atol=1e-5, rtol=1e-5)
+        assert abs(float(t.channel_log_scale.sum())) < 1e-3 and float(t.channel_log_scale.std()) > 0
+    assert relative_error(model(input_ids).logits, reference) < 1e-5
+
+
 def test_kronecker_maps_are_left_as_they_are_and_counted(make_tiny_model, caplog):
     kron = {"family": "affine", "parametrization": "kronecker"}
     prepared = prepare_model(make_tiny_model("llama"), TransformConfig({"pre_linear": kron}, fold_norms=False), W4A4)

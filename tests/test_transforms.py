@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from latmix import transforms
 from latmix.settings import AFFINE_PARAMETRIZATIONS
 from latmix.transforms import (
     TRANSFORMS,
@@ -26,6 +27,8 @@ FAMILY_CASES = [
     *[("affine", {"parametrization": p, "init": "random", "shift": True}) for p in AFFINE_PARAMETRIZATIONS],
     ("affine", {"parametrization": "block_diag", "init": "block_hadamard", "shift": True, "premix": "hadamard"}),
     ("affine", {"parametrization": "kronecker", "init": "hadamard", "premix": "hadamard"}),
+    ("affine", {"parametrization": "kronecker", "init": "random", "factor": "svd", "channel_scales": True}),
+    ("affine", {"parametrization": "block_diag", "init": "block_hadamard", "premix": "hadamard", "channel_scales": True}),
 ]
 
 
@@ -264,3 +267,30 @@ def test_affine_premix_is_the_learned_map_after_a_fixed_hadamard():
     assert torch.allclose(A.matrix(), B.matrix() @ H, atol=1e-5)
     assert not any(p.requires_grad for p in A.premix.parameters())
     assert A.log_abs_det() == B.log_abs_det()
+
+
+def test_affine_channel_scales_scale_each_input_channel_before_the_map():
+    # FlatQuant's add_diag: A = B diag(d), so x -> B (d * x), and log|det A| = log|det B| + sum log d.
+    kwargs = {"parametrization": "kronecker", "init": "random", "factor": "svd", "seed": 5}
+    B = _perturbed("affine", kwargs)
+    A = build_transform("affine", DIM, **kwargs, channel_scales=True)
+    A.load_state_dict({**B.state_dict(), "channel_log_scale": torch.linspace(-1, 1, DIM)})
+    d = torch.exp(torch.linspace(-1, 1, DIM))
+    torch.testing.assert_close(A.matrix(), B.matrix() @ torch.diag(d), atol=1e-5, rtol=1e-5)
+    assert A.log_abs_det().item() == pytest.approx(B.log_abs_det().item() + float(d.log().sum()), abs=1e-4)
+    assert "channel_log_scale" in {n for n, p in Affine(DIM, channel_scales=True, learn="scales").named_parameters()
+                                   if p.requires_grad}
+    torch.testing.assert_close(build_transform("affine", DIM, **kwargs, channel_scales=True).matrix(),
+                               build_transform("affine", DIM, **kwargs).matrix())  # it starts at 1
+
+
+def test_a_wide_map_with_channel_scales_bounds_its_condition_number_from_the_structure(monkeypatch):
+    # Above the dense limit the guard gets cond(B) cond(D) >= cond(B D), never a dense SVD of the map.
+    A = _perturbed("affine", {"parametrization": "kronecker", "init": "random", "factor": "svd",
+                              "channel_scales": True})
+    exact = A.condition_number()
+    monkeypatch.setattr(transforms, "DENSE_CONDITION_LIMIT", DIM - 1)
+    scale = A.channel_log_scale.detach()
+    B_cond = A.condition_number() / float(torch.exp(scale.max() - scale.min()))
+    assert A.condition_number() >= exact
+    assert B_cond == pytest.approx(float(torch.linalg.cond(A._assemble(A._matrices()).detach().double())), rel=1e-4)

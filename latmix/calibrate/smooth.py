@@ -14,8 +14,9 @@ the range is split between the quantized activation (x_j / s_j) and the weight (
 The scale goes into the map's own diagonal, exactly: with A = Q (R + D) per block (qr) or P L (U + D)
 (lu), A diag(1/s) = Q (R diag(1/s) + D diag(1/s)), so the strictly upper factor's columns and the
 log-diagonal take it. An svd map takes it while its right rotation is still the identity (before any
-learning). Kronecker maps and maps with a premix have no per-input-channel diagonal: they are left as
-they are (and counted in the log line). Measured on explore (docs/calibration.md): alpha 0.5 as the
+learning). A map with channel scales (A = B H D, FlatQuant's add_diag) takes it in D, whatever B is.
+Other Kronecker maps and maps with a premix have no per-input-channel diagonal: they are left as they
+are (and counted in the log line). Measured on explore (docs/calibration.md): alpha 0.5 as the
 start of the latmix preset's block-diagonal maps, nothing learned, SmolLM2-135M W4A4 + GPTQ dev ppl
 52.93 (block_hadamard 60.76).
 """
@@ -51,6 +52,8 @@ def _why_not(transform: Transform) -> str | None:
     """None if the map can take a per-input-channel scale exactly, else why not."""
     if not isinstance(transform, Affine) or not any(p.requires_grad for p in transform.parameters()):
         return "not a learnable affine map"
+    if transform.channel_log_scale is not None:
+        return None
     if transform.kronecker:
         return "kronecker"
     if transform.premix is not None:
@@ -64,6 +67,9 @@ def _why_not(transform: Transform) -> str | None:
 @torch.no_grad()
 def _scale_input(transform: Affine, log_s: torch.Tensor) -> None:
     """A <- A diag(exp(-log_s)), exactly, through the map's diagonal (see the module doc)."""
+    if transform.channel_log_scale is not None:
+        transform.channel_log_scale.sub_(log_s.to(transform.channel_log_scale))
+        return
     factor = transform.factors[0]
     log_s = log_s.reshape(factor.log_scale.shape).to(factor.log_scale.device, factor.log_scale.dtype)
     if factor.parametrization in ("qr", "lu"):
