@@ -27,7 +27,10 @@ NON_IDENTITY_KEYS = ("paths", "logger", "force", "wait", "export", "hydra", "lau
 NON_IDENTITY_SUBKEYS = ("calib.checkpoint_minutes", "calib.keep_checkpoints")
 # Settings added after runs were recorded, at the value every earlier run had implicitly: at that value
 # they stay out of the run id, so the earlier records keep their ids (and are found, not rerun).
-IMPLICIT_BEFORE = {"calib.rounding": "nearest", "calib.micro_batch_size": None, "optim.clip_lr": None}
+IMPLICIT_BEFORE = {
+    "calib.rounding": "nearest", "calib.micro_batch_size": None, "optim.clip_lr": None,
+    "calib.layer_inputs": "quantized",
+}
 # Calibration fields that describe one execution (how long, whether it resumed), not its result: two
 # executions of one run agree on everything else in the record's calibration section.
 EXECUTION_CALIBRATION_KEYS = ("seconds", "measure_seconds", "resumed_from_step")

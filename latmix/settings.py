@@ -71,6 +71,9 @@ LEARNED_PARTS = ("all", "scales")
 
 # calib
 MODES = ("end_to_end", "layer_wise", "none")
+# What a block learns from in layer_wise mode: the stream through the earlier blocks as quantized and
+# learned, or the full-precision model's own stream (FlatQuant).
+LAYER_INPUTS = ("quantized", "full_precision")
 OBJECTIVES = ("kl", "block_mse", "bound")
 # How the quantizers round while the transforms are learned (latmix.mx): exactly, with a
 # straight-through gradient, or by adding noise as wide as the rounding step (a loss without rounding flips).
@@ -389,9 +392,13 @@ class CalibConfig:
     # noise as wide as their rounding step (mx.with_rounding_noise). Measurements, GPTQ and evaluation
     # always round to nearest.
     rounding: str = "nearest"
+    # layer_wise only: each block learns on the quantized stream through the earlier, already learned
+    # blocks, or on the full-precision model's stream, as FlatQuant does (full_precision).
+    layer_inputs: str = "quantized"
 
     def __post_init__(self) -> None:
         check_choice("calib.mode", self.mode, MODES)
+        check_choice("calib.layer_inputs", self.layer_inputs, LAYER_INPUTS)
         check_choice("calib.objective", self.objective, OBJECTIVES)
         check_choice("calib.rounding", self.rounding, ROUNDINGS)
         check_choice("calib.source", self.source, SOURCES)
@@ -436,6 +443,11 @@ class CalibConfig:
             raise ValueError(
                 "calib.offload keeps one block on the GPU, but end_to_end backpropagates through every block "
                 "at once; use mode=layer_wise (or none) with offload, or offload: false"
+            )
+        if self.mode == "end_to_end" and self.layer_inputs != "quantized":
+            raise ValueError(
+                f"calib.layer_inputs={self.layer_inputs} is what a block learns on in mode=layer_wise; "
+                "end_to_end learns on the whole model; use mode=layer_wise or layer_inputs=quantized"
             )
         if self.mode == "layer_wise" and self.objective == "kl":
             raise ValueError(

@@ -69,6 +69,8 @@ def quick_config(**overrides) -> CalibConfig:
         ({"autocast_dtype": "fp8"}, "calib.autocast_dtype='fp8' is not supported"),
         ({"batch_size": 4, "micro_batch_size": 8}, "calib.micro_batch_size=8 must be between 1 and calib.batch_size=4"),
         ({"micro_batch_size": 0}, "calib.micro_batch_size=0 must be between 1"),
+        ({"layer_inputs": "fp"}, "calib.layer_inputs='fp' is not supported"),
+        ({"mode": "end_to_end", "layer_inputs": "full_precision"}, "use mode=layer_wise or layer_inputs=quantized"),
     ],
 )
 def test_bad_calibration_settings_say_what_to_change(overrides, message):
@@ -353,6 +355,29 @@ def test_weight_clipping_is_learned_only_where_weights_are_quantized_while_learn
     assert (q_proj.weight_clip is not None) == rtn_weights
     assert q_proj.act_clip is not None
     assert set(report.clipping) == ({"weight", "act"} if rtn_weights else {"act"})
+
+
+@pytest.mark.parametrize("layer_inputs", ["quantized", "full_precision"])
+def test_layer_wise_blocks_learn_on_the_stream_that_layer_inputs_names(make_tiny_model, monkeypatch, layer_inputs):
+    # quantized: block 1 sees block 0 as quantized and learned; full_precision (FlatQuant): the FP model's
+    # own block-1 input, whatever block 0 learned.
+    from latmix.calibrate import learn
+    from latmix.models import blocks
+
+    seen = []
+    train_block = learn._train_block
+    monkeypatch.setattr(learn, "_train_block", lambda trainer, block, data, *rest: (
+        seen.append(data[0].clone()), train_block(trainer, block, data, *rest))[1])
+    fp_model, ids = model_with_outliers(make_tiny_model), token_ids(4, 16, 0)
+    prepared = prepare_model(model_with_outliers(make_tiny_model), TransformConfig(placements("affine")), W4A4)
+    cfg = quick_config(mode="layer_wise", objective="block_mse", layer_inputs=layer_inputs, measure=False)
+    calibrate(prepared, fp_model, ids, cfg, OptimConfig(lr=1e-2), None)
+    with torch.no_grad():
+        x, kwargs = blocks.block_inputs(fp_model, ids)
+        fp_stream = [x, blocks.run_block(blocks.decoder_layers(fp_model)[0], x, kwargs, 2)]
+    assert len(seen) == 2
+    torch.testing.assert_close(seen[0], fp_stream[0])  # the embeddings: the same either way
+    assert torch.allclose(seen[1], fp_stream[1], atol=1e-6) == (layer_inputs == "full_precision")
 
 
 def test_bound_objective_lowers_the_bound(make_tiny_model):

@@ -6,7 +6,8 @@ Two modes share the trainable parameters, objectives, optimizers and checkpoints
   pre-linear and down_proj maps) trained jointly on the quantized model's next-token KL to the
   full-precision model, gradients through the quantizer by the straight-through estimator;
 - layer_wise (FlatQuant): one decoder block at a time, its input propagated through the already
-  calibrated, quantized earlier blocks, its loss the normalized MSE to the full-precision block
+  calibrated, quantized earlier blocks (or, with calib.layer_inputs=full_precision, as FlatQuant does,
+  the full-precision model's own block input), its loss the normalized MSE to the full-precision block
   output. The global T1 stays at its initialization: this mode learns the per-block maps.
 
 Either mode can instead minimize the bound surrogate (objective="bound"). A volume regularizer
@@ -265,10 +266,17 @@ def _train_block(
             interrupt.check(f"block {index}, step {step + 1} (the block is redone on resume)")
 
 
+@torch.no_grad()
+def _in_model_basis(x_fp: torch.Tensor, residual: Transform | None) -> torch.Tensor:
+    """The full-precision stream as the prepared model carries it (mapped by the fixed T1, if any)."""
+    return x_fp if residual is None else residual(x_fp)
+
+
 def _run_layer_wise(run: _Calibration) -> tuple[int, list[str], dict[int, float]]:
-    """Block by block: block i of the quantized model, fed the quantized stream, learns to reproduce the
-    full-precision block i on the full-precision stream (mapped by the fixed T1 into the model's basis).
-    The targets come from fp_model, so they do not depend on any parameter being learned."""
+    """Block by block: block i of the quantized model, fed the quantized stream (or, with
+    calib.layer_inputs=full_precision, the full-precision stream), learns to reproduce the full-precision
+    block i on the full-precision stream (mapped by the fixed T1 into the model's basis). The targets
+    come from fp_model, so they do not depend on any parameter being learned."""
     model, fp_model, cfg, groups = run.model, run.fp_model, run.cfg, run.groups
     transforms = run.prepared.transforms
     residual = transforms.get("residual")
@@ -284,12 +292,14 @@ def _run_layer_wise(run: _Calibration) -> tuple[int, list[str], dict[int, float]
         load_params(flat(groups), run.resume["params"])
         set_rng_state(run.resume["rng"])
     total = total_steps(cfg, run.calib_ids.shape[0])
+    fp_inputs = cfg.layer_inputs == "full_precision"
     for i in tqdm(range(len(layers)), desc="calibrate layer_wise", leave=False):
         block = layers[i]
+        if fp_inputs:
+            x_q = _in_model_basis(x_fp, residual)
         with resident(fp_model, fp_layers[i]):
             x_fp = blocks.run_block(fp_layers[i], x_fp, fp_kwargs, cfg.batch_size)
-        with torch.no_grad():
-            target = x_fp if residual is None else residual(x_fp)
+        target = _in_model_basis(x_fp, residual)
         block_groups = {o: ps for o, ps in groups.items() if blocks.block_index(o) == i and o not in rolled_back}
         with run.prepared.resident(block):
             if i >= first and block_groups:
@@ -301,7 +311,8 @@ def _run_layer_wise(run: _Calibration) -> tuple[int, list[str], dict[int, float]
                 rolled_back += trainer.rolled_back
                 steps_done += total
                 seconds[i] = time.perf_counter() - started
-            x_q = blocks.run_block(block, x_q, kwargs, cfg.batch_size)
+            if not fp_inputs:
+                x_q = blocks.run_block(block, x_q, kwargs, cfg.batch_size)
         if i >= first and run.checkpoints.enabled:
             run.checkpoints.save(
                 {
