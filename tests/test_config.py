@@ -141,6 +141,22 @@ def test_flatquant_calibrates_layer_wise():
     assert (calib.mode, calib.objective) == ("layer_wise", "block_mse")
 
 
+def test_flatquant_recipe_is_flatquants_own_configuration():
+    exp = config.build_experiment(compose_config("transform=flatquant_recipe"))
+    calib, optim = exp.calib, exp.optim
+    assert (calib.mode, calib.objective, calib.layer_inputs) == ("layer_wise", "block_mse", "full_precision")
+    assert (calib.epochs, calib.batch_size, calib.smooth_alpha, calib.reg_weight) == (15, 4, 0.3, 0.0)
+    assert calib.learn_clipping and calib.quantize_weights
+    assert (optim.name, optim.lr, optim.clip_lr, optim.grad_clip, optim.schedule) == ("adamw", 5e-3, 5e-2, None, "cosine")
+    kron = {"family": "affine", "parametrization": "kronecker", "factor": "svd", "init": "random",
+            "channel_scales": True}
+    assert exp.transform.active() == {
+        "pre_linear": kron, "down_proj": kron,
+        "attn_vo": {"family": "affine", "parametrization": "svd", "init": "random"},
+    }
+    assert not exp.transform.fold_norms
+
+
 def test_the_seed_reaches_the_transforms():
     assert config.build_experiment(compose_config("seed=3")).transform.seed == 3
 

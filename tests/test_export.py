@@ -71,6 +71,8 @@ SETTINGS = {
     "hadamard_kv": ["transform=hadamard", "quant.weight_quantizer=gptq", "quant.kv_format=mxfp8"],
     # FlatQuant: learned online Kronecker maps before every linear, learned activation clipping.
     "flatquant": ["transform=flatquant", "quant.weight_quantizer=rtn", "calib.learn_clipping=true"],
+    # FlatQuant's own recipe: Kronecker maps after learned per-channel scales, weight and activation clipping.
+    "flatquant_recipe": ["transform=flatquant_recipe", "quant.weight_quantizer=gptq"],
 }
 
 
@@ -105,7 +107,7 @@ def test_the_reloaded_model_reproduces_the_records_perplexity_exactly(tiny_check
     if setting == "hadamard_kv":
         assert manifest["attention"]["model.layers.0.self_attn"]["qk"] == "layers.0.qk"
         assert manifest["attention"]["model.layers.0.self_attn"]["kv_format"] == "mxfp8"
-    if setting == "flatquant":
+    if setting.startswith("flatquant"):
         assert linears["model.layers.0.self_attn.q_proj"]["act_clip"]
         assert manifest["transforms"]["layers.0.pre_linear_attn"]["family"] == "affine"
     # The MX codes decode to the checkpoint's weights.
