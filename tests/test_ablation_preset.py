@@ -69,6 +69,9 @@ def test_the_base_is_the_affine_preset_as_it_is():
             "calib.mode", "optim.lr", "calib.rounding", "calib.n_samples", "calib.seq_len", "calib.batch_size",
             "calib.micro_batch_size", "calib.reg_weight",
             *(f"transform.placements.{p}.learn" for p in ("pre_linear", "attn_vo", "down_proj"))}),
+        ("learn_flatquant_recipe", {
+            "calib.mode", "calib.objective", "calib.layer_inputs", "calib.epochs", "calib.learn_clipping",
+            "calib.quantize_weights", "calib.reg_weight", "optim.lr", "optim.clip_lr", "optim.grad_clip"}),
     ],
 )
 def test_an_ablation_changes_only_what_its_name_says(ablation, keys):
