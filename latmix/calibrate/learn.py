@@ -266,12 +266,6 @@ def _train_block(
             interrupt.check(f"block {index}, step {step + 1} (the block is redone on resume)")
 
 
-@torch.no_grad()
-def _in_model_basis(x_fp: torch.Tensor, residual: Transform | None) -> torch.Tensor:
-    """The full-precision stream as the prepared model carries it (mapped by the fixed T1, if any)."""
-    return x_fp if residual is None else residual(x_fp)
-
-
 def _run_layer_wise(run: _Calibration) -> tuple[int, list[str], dict[int, float]]:
     """Block by block: block i of the quantized model, fed the quantized stream (or, with
     calib.layer_inputs=full_precision, the full-precision stream), learns to reproduce the full-precision
@@ -295,11 +289,10 @@ def _run_layer_wise(run: _Calibration) -> tuple[int, list[str], dict[int, float]
     fp_inputs = cfg.layer_inputs == "full_precision"
     for i in tqdm(range(len(layers)), desc="calibrate layer_wise", leave=False):
         block = layers[i]
-        if fp_inputs:
-            x_q = _in_model_basis(x_fp, residual)
         with resident(fp_model, fp_layers[i]):
             x_fp = blocks.run_block(fp_layers[i], x_fp, fp_kwargs, cfg.batch_size)
-        target = _in_model_basis(x_fp, residual)
+        with torch.no_grad():
+            target = x_fp if residual is None else residual(x_fp)
         block_groups = {o: ps for o, ps in groups.items() if blocks.block_index(o) == i and o not in rolled_back}
         with run.prepared.resident(block):
             if i >= first and block_groups:
@@ -311,8 +304,8 @@ def _run_layer_wise(run: _Calibration) -> tuple[int, list[str], dict[int, float]
                 rolled_back += trainer.rolled_back
                 steps_done += total
                 seconds[i] = time.perf_counter() - started
-            if not fp_inputs:
-                x_q = blocks.run_block(block, x_q, kwargs, cfg.batch_size)
+            # The next block's input: this block's full-precision target, or its own quantized output.
+            x_q = target if fp_inputs else blocks.run_block(block, x_q, kwargs, cfg.batch_size)
         if i >= first and run.checkpoints.enabled:
             run.checkpoints.save(
                 {
