@@ -296,14 +296,15 @@ def test_a_checkpoint_from_another_calibration_is_not_resumed(make_tiny_model, t
 # --- guards ---------------------------------------------------------------------------------------
 
 
-def test_non_finite_activation_is_caught_and_named(make_tiny_model):
+@pytest.mark.parametrize(("mode", "objective"), [("end_to_end", "kl"), ("layer_wise", "block_mse")])
+def test_non_finite_activation_is_caught_and_named(make_tiny_model, mode, objective):
     fp_model = make_tiny_model("llama")
     prepared = prepare_model(make_tiny_model("llama"), TransformConfig(placements("affine")), W4A4)
     broken = prepared.transforms["layers.1.pre_linear_attn"]
     with torch.no_grad():
         next(broken.parameters()).view(-1)[0] = float("nan")
     with pytest.raises(NonFiniteError, match=r"model\.layers\.1\.self_attn\.q_proj") as caught:
-        calibrate(prepared, fp_model, token_ids(2, 16, 0), quick_config(), OptimConfig(), None)
+        calibrate(prepared, fp_model, token_ids(2, 16, 0), quick_config(mode=mode, objective=objective), OptimConfig(), None)
     assert "layers.1.pre_linear_attn" in str(caught.value)
 
 
