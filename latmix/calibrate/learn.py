@@ -218,17 +218,14 @@ def _run_end_to_end(run: _Calibration) -> tuple[int, list[str]]:
         start = run.resume["step"]
     progress = tqdm(range(start, total), desc="calibrate end_to_end", initial=start, total=total, leave=False)
     reference = _FPReference(run.fp_model, calib_ids)
+
+    def loss_of(chunk: torch.Tensor) -> torch.Tensor:
+        return _end_to_end_loss(run, reference, chunk, learned)
+
     with blocks.gradient_checkpointing(model, cfg.grad_checkpointing):
         for step in progress:
             indices = batch_indices(cfg, calib_ids.shape[0], step)
-            loss = _step(
-                trainer,
-                step,
-                model,
-                indices,
-                lambda chunk: _end_to_end_loss(run, reference, chunk, learned),
-                around=lambda: matrices_built_once(learned),
-            )
+            loss = _step(trainer, step, model, indices, loss_of, around=lambda: matrices_built_once(learned))
             progress.set_postfix(loss=f"{loss:.4g}", epoch=step // batches_per_epoch(cfg, calib_ids.shape[0]))
             done = step + 1
             due = done % cfg.checkpoint_every == 0 or done == total
@@ -278,15 +275,13 @@ def _train_block(
     cfg = trainer.cfg
     learned = [transforms[o] for o in trainer.groups if o in transforms]
     progress = tqdm(range(trainer.total_steps), desc=f"block {index}", leave=False)
+
+    def loss_of(chunk: torch.Tensor) -> torch.Tensor:
+        return _layer_wise_loss(block, x_q[chunk], target[chunk], kwargs, cfg, points, learned)
+
     for step in progress:
         idx = batch_indices(cfg, x_q.shape[0], step)
-        loss = _step(
-            trainer,
-            step,
-            block,
-            idx,
-            lambda chunk: _layer_wise_loss(block, x_q[chunk], target[chunk], kwargs, cfg, points, learned),
-        )
+        loss = _step(trainer, step, block, idx, loss_of)
         progress.set_postfix(loss=f"{loss:.4g}")
         interrupt.check(f"block {index}, step {step + 1} (the block is redone on resume)")
 
