@@ -296,15 +296,17 @@ def test_a_checkpoint_from_another_calibration_is_not_resumed(make_tiny_model, t
 # --- guards ---------------------------------------------------------------------------------------
 
 
+# measure=False: the NaN is first met in training, not in the bound/error measurement before it.
+@pytest.mark.parametrize("measure", [True, False])
 @pytest.mark.parametrize(("mode", "objective"), [("end_to_end", "kl"), ("layer_wise", "block_mse")])
-def test_non_finite_activation_is_caught_and_named(make_tiny_model, mode, objective):
+def test_non_finite_activation_is_caught_and_named(make_tiny_model, mode, objective, measure):
     fp_model = make_tiny_model("llama")
     prepared = prepare_model(make_tiny_model("llama"), TransformConfig(placements("affine")), W4A4)
     broken = prepared.transforms["layers.1.pre_linear_attn"]
     with torch.no_grad():
         next(broken.parameters()).view(-1)[0] = float("nan")
     with pytest.raises(NonFiniteError, match=r"model\.layers\.1\.self_attn\.q_proj") as caught:
-        calibrate(prepared, fp_model, token_ids(2, 16, 0), quick_config(mode=mode, objective=objective), OptimConfig(), None)
+        calibrate(prepared, fp_model, token_ids(2, 16, 0), quick_config(mode=mode, objective=objective, measure=measure), OptimConfig(), None)
     assert "layers.1.pre_linear_attn" in str(caught.value)
 
 
@@ -367,8 +369,8 @@ def test_layer_wise_blocks_learn_on_the_stream_that_layer_inputs_names(make_tiny
 
     seen = []
     train_block = learn._train_block
-    monkeypatch.setattr(learn, "_train_block", lambda trainer, block, data, *rest: (
-        seen.append(data[0].clone()), train_block(trainer, block, data, *rest))[1])
+    monkeypatch.setattr(learn, "_train_block", lambda trainer, model, block, data, *rest: (
+        seen.append(data[0].clone()), train_block(trainer, model, block, data, *rest))[1])
     fp_model, ids = model_with_outliers(make_tiny_model), token_ids(4, 16, 0)
     prepared = prepare_model(model_with_outliers(make_tiny_model), TransformConfig(placements("affine")), W4A4)
     cfg = quick_config(mode="layer_wise", objective="block_mse", layer_inputs=layer_inputs, measure=False)

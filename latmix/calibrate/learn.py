@@ -179,8 +179,10 @@ def _step(
     over every quantized linear's input and output costs about 5% of a layer-wise step on SmolLM2): after a
     non-finite loss the step's forward runs again, checked, so that the error names the first quantized
     linear whose input or output holds a NaN/Inf (or, where none does, the loss's own error stands)."""
+    # closing: a loss the trainer refuses leaves the generator suspended inside around(); close it now.
     try:
-        return trainer.step(step, micro_losses(trainer.cfg, indices, loss_of, around))
+        with contextlib.closing(micro_losses(trainer.cfg, indices, loss_of, around)) as losses:
+            return trainer.step(step, losses)
     except NonFiniteError:
         with finite_guard(model, trainer.params), torch.no_grad():
             for chunk in indices.split(trainer.cfg.micro_batch_size or len(indices)):
@@ -264,13 +266,14 @@ def _layer_wise_loss(
 
 def _train_block(
     trainer: Trainer,
+    model: nn.Module,
     block: nn.Module,
     data: tuple[torch.Tensor, torch.Tensor, dict[str, Any]],
     points: list[Point],
     transforms: dict[str, Transform],
     index: int,
 ) -> None:
-    """All optimizer steps of one block: its quantized inputs x_q against its full-precision targets."""
+    """All optimizer steps of one block of `model`: its inputs x_q against its full-precision targets."""
     x_q, target, kwargs = data
     cfg = trainer.cfg
     learned = [transforms[o] for o in trainer.groups if o in transforms]
@@ -281,7 +284,7 @@ def _train_block(
 
     for step in progress:
         idx = batch_indices(cfg, x_q.shape[0], step)
-        loss = _step(trainer, step, block, idx, loss_of)
+        loss = _step(trainer, step, model, idx, loss_of)
         progress.set_postfix(loss=f"{loss:.4g}")
         interrupt.check(f"block {index}, step {step + 1} (the block is redone on resume)")
 
@@ -319,7 +322,7 @@ def _run_layer_wise(run: _Calibration) -> tuple[int, list[str], dict[int, float]
                 started = time.perf_counter()
                 trainer = Trainer(block_groups, cfg, run.optim_cfg, total, f"layer-wise calibration of block {i}")
                 block_points = [p for p in run.points if p[1] == i]
-                _train_block(trainer, block, (x_q, target, kwargs), block_points, transforms, i)
+                _train_block(trainer, model, block, (x_q, target, kwargs), block_points, transforms, i)
                 trainer.guard_conditioning(transforms)
                 rolled_back += trainer.rolled_back
                 steps_done += total
