@@ -185,8 +185,8 @@ def _step(
             return trainer.step(step, losses)
     except NonFiniteError:
         with finite_guard(model, trainer.params), torch.no_grad():
-            for chunk in indices.split(trainer.cfg.micro_batch_size or len(indices)):
-                loss_of(chunk)
+            for _ in micro_losses(trainer.cfg, indices, loss_of):
+                pass
         raise
 
 
