@@ -47,7 +47,7 @@ from latmix.formats import MXFormat, get_format
 from latmix.models import attention, load_model
 from latmix.quantize import AttentionQuant, PreparedModel, QuantLinear
 from latmix.settings import Experiment
-from latmix.transforms import Transform, build_transform
+from latmix.transforms import AcrossHeads, Transform, build_transform
 
 __all__ = [
     "QuantizedModel", "decode_mx", "encode_mx", "export_model", "learnable_transforms", "load_quantized",
@@ -236,13 +236,19 @@ class _Gathered:
     sidecar: dict[str, torch.Tensor] = field(default_factory=dict)  # latmix_transforms.safetensors
     codes: dict[str, torch.Tensor] = field(default_factory=dict)  # latmix_mx_codes.safetensors
     used: dict[str, Transform] = field(default_factory=dict)
+    across_heads: dict[str, int] = field(default_factory=dict)  # name -> head_dim of a map acting across heads
 
     def use(self, transform: Transform, where: str) -> str:
-        """The online transform's name, noted as used (its state goes in the sidecar)."""
-        if id(transform) not in self.names:
+        """The online transform's name, noted as used (its state goes in the sidecar). A map across the
+        heads (AcrossHeads, before o_proj) is named and saved as the heads map it tiles."""
+        tiled = isinstance(transform, AcrossHeads)
+        inner = transform.transform if tiled else transform
+        if id(inner) not in self.names:
             raise ValueError(f"{where}: an online transform that PreparedModel.transforms does not name")
-        name = self.names[id(transform)]
-        self.used[name] = transform
+        name = self.names[id(inner)]
+        self.used[name] = inner
+        if tiled:
+            self.across_heads[name] = transform.head_dim
         return name
 
 
@@ -273,7 +279,7 @@ def export_model(
         "dtype": str(config.dtype).removeprefix("torch."),
         "quant_config": {"weight_format": exp.quant.weight_format, "act_format": exp.quant.act_format,
                          "block_size": exp.quant.block_size, "kv_format": exp.quant.kv_format},
-        "transforms": _transform_entries(gathered.used, exp.transform.active()),
+        "transforms": _transform_entries(gathered, exp.transform.active()),
         "linears": linear_entries,
         "attention": attention_entries,
         "config": dict(resolved) if resolved is not None else None,
@@ -331,13 +337,16 @@ def _add_architecture_weights(
         raise ValueError(f"export: no value for {missing[:5]} of the architecture's weights")
 
 
-def _transform_entries(used: Mapping[str, Transform], specs: Mapping[str, Mapping[str, Any]]) -> dict[str, dict]:
-    """Each used transform as load_quantized rebuilds it: family, size, placement and its preset's kwargs."""
+def _transform_entries(gathered: _Gathered, specs: Mapping[str, Mapping[str, Any]]) -> dict[str, dict]:
+    """Each used transform as load_quantized rebuilds it: family, size, placement and its preset's kwargs,
+    and the head_dim it is tiled over where it acts across the heads."""
     entries = {}
-    for name, transform in used.items():
+    for name, transform in gathered.used.items():
         spec = specs[_placement(name)]
         kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in spec.items() if k != "family"}
         entries[name] = {"family": spec["family"], "dim": transform.dim, "placement": _placement(name), "kwargs": kwargs}
+        if name in gathered.across_heads:
+            entries[name]["across_heads"] = gathered.across_heads[name]
     return entries
 
 
@@ -395,6 +404,8 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> Quan
         transform = build_transform(spec["family"], spec["dim"], **spec["kwargs"])
         prefix = f"transforms/{name}/"
         transform.load_state_dict({k[len(prefix):]: v for k, v in sidecar.items() if k.startswith(prefix)})
+        if "across_heads" in spec:
+            transform = AcrossHeads(transform, spec["across_heads"])
         transforms[name] = transform.requires_grad_(False).to(device)
 
     for module_path, entry in manifest["linears"].items():

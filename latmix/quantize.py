@@ -13,6 +13,8 @@ QuantLinear for every linear, TransformedEmbedding, and per attention module one
                 normalized stream (RMSNorm weights folded into the readers), or on the norm's output
                 with its weight when transform.fold_norms is false
     attn_vo     T2 per head: v_proj out-map, inverse folded into o_proj (a shift becomes an o_proj bias)
+    o_proj      online before o_proj, across the heads (one num_heads map at every head feature:
+                FlatQuant's o_trans), after attn_vo's per-head map
     down_proj   online before down_proj
     qk          online on q and k after RoPE (orthogonal families only), for a quantized KV cache
 """
@@ -35,7 +37,7 @@ from latmix.formats import get_format
 from latmix.models import LlamaFamilyAdapter, attention, get_adapter, model_dimensions
 from latmix.offload import BlockOffload, offload_of, resident
 from latmix.settings import QuantConfig, TransformConfig
-from latmix.transforms import Headwise, Transform, build_transform, cached_transforms
+from latmix.transforms import AcrossHeads, Headwise, Transform, build_transform, cached_transforms
 
 __all__ = [
     "AttentionQuant",
@@ -54,7 +56,7 @@ __all__ = [
 ]
 
 # Placements applied to activations as the model runs: they stay after freeze_model folds the rest.
-_ONLINE_PLACEMENTS = ("pre_linear", "down_proj", "qk")
+_ONLINE_PLACEMENTS = ("pre_linear", "o_proj", "down_proj", "qk")
 
 
 # --- operands shared within one forward -----------------------------------------------------------
@@ -392,7 +394,7 @@ class PreparedModel:
     """A model as prepare_model left it, and what latmix keeps about it.
 
     transforms: every transform by stable name ("residual", "layers.{i}.pre_linear_attn|pre_linear_mlp|
-    attn_vo|down_proj|qk"); fixed families have no trainable parameters, and after freeze_model only
+    attn_vo|o_proj|down_proj|qk"); fixed families have no trainable parameters, and after freeze_model only
     the online ones remain. reference: the original model's logits on prepare_model's deviation_ids.
     residual: the map T1 of the residual stream (None without one), kept after it is folded: it maps
     the original model's hidden states into this model's basis.
@@ -445,6 +447,10 @@ class _TransformFactory:
 
 def _per_head(transform: Transform | None, num_heads: int) -> Transform | None:
     return None if transform is None else Headwise(transform, num_heads)
+
+
+def _across_heads(transform: Transform | None, head_dim: int) -> Transform | None:
+    return None if transform is None else AcrossHeads(transform, head_dim)
 
 
 def _present(*transforms: Transform | None) -> list[Transform]:
@@ -509,13 +515,15 @@ def _prepare_layer(
     pre_attn = make("pre_linear", f"layers.{index}.pre_linear_attn", adapter.hidden_size, at)
     pre_mlp = make("pre_linear", f"layers.{index}.pre_linear_mlp", adapter.hidden_size, at)
     vo = make("attn_vo", f"layers.{index}.attn_vo", adapter.head_dim, at)
+    heads = make("o_proj", f"layers.{index}.o_proj", adapter.num_heads, at)
     down = make("down_proj", f"layers.{index}.down_proj", adapter.intermediate_size, at)
     for role in ("q", "k"):
         _wrap(adapter, layer, role, quant_cfg, folded_in=_present(residual), online_in=_present(pre_attn))
     v_out = _present(_per_head(vo, adapter.num_kv_heads))
     _wrap(adapter, layer, "v", quant_cfg, folded_in=_present(residual), online_in=_present(pre_attn), out_map=v_out)
     o_in = _present(_per_head(vo, adapter.num_heads))
-    _wrap(adapter, layer, "o", quant_cfg, folded_in=o_in, out_map=_present(residual))
+    o_online = _present(_across_heads(heads, adapter.head_dim))
+    _wrap(adapter, layer, "o", quant_cfg, folded_in=o_in, online_in=o_online, out_map=_present(residual))
     for role in ("gate", "up"):
         _wrap(adapter, layer, role, quant_cfg, folded_in=_present(residual), online_in=_present(pre_mlp))
     _wrap(adapter, layer, "down", quant_cfg, online_in=_present(down), out_map=_present(residual))

@@ -43,7 +43,7 @@ LINEAR_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 WEIGHT_QUANTIZERS = ("rtn", "gptq")
 
 # transform
-PLACEMENTS = ("residual", "pre_linear", "attn_vo", "down_proj", "qk")
+PLACEMENTS = ("residual", "pre_linear", "attn_vo", "o_proj", "down_proj", "qk")
 # family -> the keyword arguments its class takes besides dim (what a placement spec may set).
 TRANSFORM_FAMILIES: dict[str, frozenset[str]] = {
     "identity": frozenset(),
@@ -268,6 +268,7 @@ class TransformConfig:
         residual    T1 on the residual stream, folded into every reader and writer
         pre_linear  online after each RMSNorm: one map shared by q/k/v, one by gate/up
         attn_vo     T2 per head between v and o
+        o_proj      online before o_proj across the heads (a num_heads map; FlatQuant's o_trans)
         down_proj   online before down_proj
         qk          online on q and k after RoPE (orthogonal families only), for a quantized KV cache
 

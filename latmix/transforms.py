@@ -34,6 +34,7 @@ from latmix.settings import (
 
 __all__ = [
     "TRANSFORMS",
+    "AcrossHeads",
     "Affine",
     "BlockHadamard",
     "Hadamard",
@@ -654,12 +655,65 @@ class Affine(Transform):
         return f"dim={self.dim}, parametrization={self.parametrization}, shift={self.bias is not None}{premix}{scales}"
 
 
-class Headwise(Transform):
+class _Tiled(Transform):
+    """One map t tiled over a (num_heads, head_dim) layout, as a Kronecker product with an identity:
+    Headwise is I (x) t (t on each head's features), AcrossHeads is t (x) I (t across the heads at each
+    feature). Subclasses say how the layout is turned so that t acts along the last dim, and back."""
+
+    def __init__(self, transform: Transform, copies: int) -> None:
+        super().__init__(transform.dim * copies, orthogonal=transform.orthogonal)
+        self.transform = transform
+        self.copies = copies
+
+    def _to_map_axis(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _from_map_axis(self, y: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _tiled(self, m: torch.Tensor) -> torch.Tensor:
+        """The dim x dim matrix of t's matrix m tiled over the layout."""
+        raise NotImplementedError
+
+    def _through(self, apply: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return self._from_map_axis(apply(self._to_map_axis(x)), x.shape)
+
+    def matrix(self) -> torch.Tensor:
+        return self._tiled(self.transform.matrix())
+
+    def inverse_matrix(self) -> torch.Tensor:
+        return self._tiled(self.transform.inverse_matrix())
+
+    def apply_cost(self) -> int:
+        return self.copies * self.transform.apply_cost()
+
+    def apply_matrix(self, x: torch.Tensor) -> torch.Tensor:
+        return self._through(self.transform.apply_matrix, x)
+
+    def apply_inverse_matrix(self, y: torch.Tensor) -> torch.Tensor:
+        return self._through(self.transform.apply_inverse_matrix, y)
+
+    def fold_into(self, weight: torch.Tensor) -> torch.Tensor:
+        return self._through(self.transform.fold_into, weight)
+
+    def log_abs_det(self) -> torch.Tensor:
+        return self.copies * self.transform.log_abs_det()
+
+    def condition_number(self) -> float:
+        return self.transform.condition_number()
+
+    def singular_values(self) -> torch.Tensor:
+        return self.transform.singular_values().repeat(self.copies)
+
+    def smallest_singular_value(self) -> torch.Tensor:
+        return self.transform.smallest_singular_value()
+
+
+class Headwise(_Tiled):
     """blockdiag(t, ..., t) over num_heads heads: one head_dim map shared by every head (the v->o map)."""
 
     def __init__(self, transform: Transform, num_heads: int) -> None:
-        super().__init__(transform.dim * num_heads, orthogonal=transform.orthogonal)
-        self.transform = transform
+        super().__init__(transform, num_heads)
         self.num_heads = num_heads
 
     @property
@@ -667,41 +721,43 @@ class Headwise(Transform):
         b = self.transform.shift
         return None if b is None else b.repeat(self.num_heads)
 
-    def _per_head(self, x: torch.Tensor) -> torch.Tensor:
+    def _to_map_axis(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(*x.shape[:-1], self.num_heads, self.transform.dim)
 
-    def matrix(self) -> torch.Tensor:
-        return torch.block_diag(*[self.transform.matrix()] * self.num_heads)
+    def _from_map_axis(self, y: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        return y.reshape(shape)
 
-    def inverse_matrix(self) -> torch.Tensor:
-        return torch.block_diag(*[self.transform.inverse_matrix()] * self.num_heads)
-
-    def apply_cost(self) -> int:
-        return self.num_heads * self.transform.apply_cost()
-
-    def apply_matrix(self, x: torch.Tensor) -> torch.Tensor:
-        return self.transform.apply_matrix(self._per_head(x)).reshape(x.shape)
-
-    def apply_inverse_matrix(self, y: torch.Tensor) -> torch.Tensor:
-        return self.transform.apply_inverse_matrix(self._per_head(y)).reshape(y.shape)
-
-    def fold_into(self, weight: torch.Tensor) -> torch.Tensor:
-        return self.transform.fold_into(self._per_head(weight)).reshape(weight.shape)
-
-    def log_abs_det(self) -> torch.Tensor:
-        return self.num_heads * self.transform.log_abs_det()
-
-    def condition_number(self) -> float:
-        return self.transform.condition_number()
-
-    def singular_values(self) -> torch.Tensor:
-        return self.transform.singular_values().repeat(self.num_heads)
-
-    def smallest_singular_value(self) -> torch.Tensor:
-        return self.transform.smallest_singular_value()
+    def _tiled(self, m: torch.Tensor) -> torch.Tensor:
+        return torch.block_diag(*[m] * self.num_heads)
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}"
+
+
+class AcrossHeads(_Tiled):
+    """t (x) I over a (num_heads, head_dim) layout: one num_heads x num_heads map mixing the heads at each
+    feature, the same at every feature (FlatQuant's o_trans before o_proj)."""
+
+    def __init__(self, transform: Transform, head_dim: int) -> None:
+        super().__init__(transform, head_dim)
+        self.head_dim = head_dim
+
+    @property
+    def shift(self) -> torch.Tensor | None:
+        b = self.transform.shift
+        return None if b is None else b.repeat_interleave(self.head_dim)
+
+    def _to_map_axis(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(*x.shape[:-1], self.transform.dim, self.head_dim).transpose(-1, -2)
+
+    def _from_map_axis(self, y: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        return y.transpose(-1, -2).reshape(shape)
+
+    def _tiled(self, m: torch.Tensor) -> torch.Tensor:
+        return torch.kron(m, torch.eye(self.head_dim, dtype=m.dtype, device=m.device))
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.transform.dim}, head_dim={self.head_dim}"
 
 
 TRANSFORMS: dict[str, type[Transform]] = {

@@ -59,6 +59,7 @@ def test_the_base_is_the_affine_preset_as_it_is():
     [
         ("alpha_0", {"calib.smooth_alpha"}),
         ("no_down_proj", {"transform.placements.down_proj"}),
+        ("o_proj", {"transform.placements.o_proj"}),
         ("block_32", {f"transform.placements.{p}.block_size" for p in ("pre_linear", "attn_vo", "down_proj")}),
         ("learn_kl", {"calib.mode", "optim.lr"}),
         ("learn_kl_reg0", {"calib.mode", "optim.lr", "calib.reg_weight"}),

@@ -360,6 +360,22 @@ def test_weight_clipping_is_learned_only_where_weights_are_quantized_while_learn
     assert set(report.clipping) == ({"weight", "act"} if rtn_weights else {"act"})
 
 
+def test_the_map_across_heads_before_o_proj_is_learned_with_its_block(make_tiny_model):
+    # FlatQuant's o_trans (placement o_proj) belongs to its decoder block: layer-wise learning moves it,
+    # and the learned model still quantizes o_proj's input through it.
+    specs = placements("affine") | {"o_proj": {"family": "affine", "parametrization": "svd", "init": "random"}}
+    prepared = prepare_model(model_with_outliers(make_tiny_model), TransformConfig(specs), W4A4)
+    start = {name: t.matrix().detach().clone() for name, t in prepared.transforms.items() if name.endswith("o_proj")}
+    assert set(start) == {"layers.0.o_proj", "layers.1.o_proj"}
+    cfg = quick_config(mode="layer_wise", objective="block_mse", layer_inputs="full_precision", epochs=2)
+    report = calibrate(prepared, model_with_outliers(make_tiny_model), token_ids(4, 16, 0), cfg, OptimConfig(lr=1e-2), None)
+    for name, matrix in start.items():
+        assert not torch.allclose(prepared.transforms[name].matrix(), matrix)
+    o_proj = prepared.model.model.layers[0].self_attn.o_proj
+    assert [t.transform for t in o_proj.online_in] == [prepared.transforms["layers.0.o_proj"]]
+    assert {row["layer"] for row in report.per_layer} >= {"model.layers.0.self_attn.o_proj"}
+
+
 @pytest.mark.parametrize("layer_inputs", ["quantized", "full_precision"])
 def test_layer_wise_blocks_learn_on_the_stream_that_layer_inputs_names(make_tiny_model, monkeypatch, layer_inputs):
     # quantized: block 1 sees block 0 as quantized and learned; full_precision (FlatQuant): the FP model's
@@ -538,6 +554,7 @@ def test_calibrate_can_leave_measuring_out(make_tiny_model):
         {
             "pre_linear": {"family": "affine", "parametrization": "block_diag", "block_size": 16, "init": "block_hadamard"},
             "attn_vo": {"family": "affine", "parametrization": "qr", "shift": True},
+            "o_proj": {"family": "affine", "parametrization": "svd", "init": "random"},
             "down_proj": {"family": "affine", "parametrization": "kronecker", "init": "hadamard", "premix": "hadamard"},
         },
         {
@@ -589,6 +606,7 @@ def test_structured_measurement_matches_the_dense_inverse(make_tiny_model, place
                     "init": "block_hadamard", "shift": True,
                 },
                 "attn_vo": {"family": "affine", "parametrization": "block_diag", "block_size": 16},
+                "o_proj": {"family": "affine", "parametrization": "qr", "init": "random", "shift": True},
                 "down_proj": {"family": "affine", "parametrization": "kronecker", "init": "hadamard"},
             },
             False,

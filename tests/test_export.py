@@ -71,8 +71,9 @@ SETTINGS = {
     "hadamard_kv": ["transform=hadamard", "quant.weight_quantizer=gptq", "quant.kv_format=mxfp8"],
     # FlatQuant: learned online Kronecker maps before every linear, learned activation clipping.
     "flatquant": ["transform=flatquant", "quant.weight_quantizer=rtn", "calib.learn_clipping=true"],
-    # FlatQuant's own recipe: Kronecker maps after learned per-channel scales, weight and activation clipping.
-    "flatquant_recipe": ["transform=flatquant_recipe", "quant.weight_quantizer=gptq"],
+    # FlatQuant's own recipe: Kronecker maps after learned per-channel scales, weight and activation clipping,
+    # and its map across the heads before o_proj (o_trans).
+    "flatquant_recipe": ["transform=flatquant_recipe", "+ablation=o_proj", "quant.weight_quantizer=gptq"],
 }
 
 
@@ -110,6 +111,10 @@ def test_the_reloaded_model_reproduces_the_records_perplexity_exactly(tiny_check
     if setting.startswith("flatquant"):
         assert linears["model.layers.0.self_attn.q_proj"]["act_clip"]
         assert manifest["transforms"]["layers.0.pre_linear_attn"]["family"] == "affine"
+    if setting == "flatquant_recipe":
+        assert linears["model.layers.0.self_attn.o_proj"]["online_in"] == ["layers.0.o_proj"]
+        assert manifest["transforms"]["layers.0.o_proj"]["dim"] == 2  # the tiny checkpoint's heads
+        assert manifest["transforms"]["layers.0.o_proj"]["across_heads"] == 32
     # The MX codes decode to the checkpoint's weights.
     weights, codes = load_file(str(path / "model.safetensors")), load_file(str(path / export.CODES))
     name = "model.layers.1.mlp.up_proj"

@@ -35,6 +35,8 @@ PLACEMENT_FAMILIES = {
     "residual": ORTHOGONAL,
     "pre_linear": list(FAMILIES),
     "attn_vo": list(FAMILIES),
+    # num_heads wide (3 or 4 here): the families that need no Hadamard or MX-block size
+    "o_proj": ["identity", "rotation", "affine_qr_shift", "affine_svd"],
     "down_proj": list(FAMILIES),
     "qk": ORTHOGONAL,
 }
@@ -55,6 +57,11 @@ PRESETS = {
         "down_proj": {"family": "hadamard"},
     },
     "flatquant": {p: {"family": "affine", "parametrization": "kronecker"} for p in ("pre_linear", "attn_vo", "down_proj")},
+    "flatquant_recipe": {
+        **{p: {"family": "affine", "parametrization": "kronecker", "factor": "svd", "init": "random",
+               "channel_scales": True} for p in ("pre_linear", "down_proj")},
+        **{p: {"family": "affine", "parametrization": "svd", "init": "random"} for p in ("attn_vo", "o_proj")},
+    },
     "affine_without_t1": {
         "attn_vo": {"family": "affine", "parametrization": "qr", "init": "hadamard", "shift": True},
         "down_proj": {"family": "hadamard"},
@@ -96,6 +103,7 @@ def test_all_exact_placements_at_once_with_affine_shifts_preserve_logits(make_ti
         "residual": FAMILIES["rotation_learnable"],
         "pre_linear": FAMILIES["affine_qr_shift"],
         "attn_vo": FAMILIES["affine_lu"],
+        "o_proj": FAMILIES["affine_qr_shift"],
         "down_proj": FAMILIES["affine_kronecker"],
         "qk": FAMILIES["hadamard"],
     }

@@ -7,6 +7,7 @@ from latmix import transforms
 from latmix.settings import AFFINE_PARAMETRIZATIONS
 from latmix.transforms import (
     TRANSFORMS,
+    AcrossHeads,
     Affine,
     BlockHadamard,
     Hadamard,
@@ -201,6 +202,32 @@ def test_headwise_is_the_block_diagonal_of_one_head_map():
     expected = x @ headwise.matrix().T + head.shift.repeat(3)
     torch.testing.assert_close(headwise(x), expected, atol=2e-5, rtol=1e-5)
     assert headwise.log_abs_det().item() == pytest.approx(3 * head.log_abs_det().item(), rel=1e-5)
+
+
+def test_across_heads_mixes_the_heads_at_each_feature_with_one_map():
+    # FlatQuant's o_trans: x laid out (heads, head_dim), one heads x heads map applied at every feature.
+    heads = _perturbed_at(3, "affine", {"parametrization": "qr", "shift": True})
+    across = AcrossHeads(heads, head_dim=DIM)
+    torch.testing.assert_close(across.matrix(), torch.kron(heads.matrix(), torch.eye(DIM)))
+    x = torch.randn(2, 3 * DIM)
+    expected = x @ across.matrix().T + heads.shift.repeat_interleave(DIM)
+    torch.testing.assert_close(across(x), expected, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(across.inverse(across(x)), x, atol=2e-5, rtol=1e-5)
+    weight = torch.randn(5, 3 * DIM)
+    torch.testing.assert_close(across.fold_into(weight) @ across.apply_matrix(x).T, weight @ x.T, atol=1e-4, rtol=1e-4)
+    assert across.log_abs_det().item() == pytest.approx(DIM * heads.log_abs_det().item(), rel=1e-5)
+    dense = torch.linalg.svdvals(across.matrix().detach().double())
+    assert torch.allclose(across.singular_values().sort().values, dense.sort().values, rtol=1e-5)
+    assert across.condition_number() == pytest.approx(float(dense.max() / dense.min()), rel=1e-4)
+    assert across.apply_cost() == DIM * 3 * 3
+
+
+def _perturbed_at(dim: int, family: str, kwargs: dict, scale: float = 0.05):
+    transform = build_transform(family, dim, **kwargs)
+    with torch.no_grad():
+        for param in transform.parameters():
+            param.add_(scale * torch.randn(param.shape))
+    return transform
 
 
 def test_build_transform_passes_only_the_kwargs_a_family_takes():
