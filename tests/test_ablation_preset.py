@@ -73,6 +73,10 @@ def test_the_base_is_the_affine_preset_as_it_is():
         ("learn_flatquant_recipe", {
             "calib.mode", "calib.objective", "calib.layer_inputs", "calib.epochs", "calib.learn_clipping",
             "calib.quantize_weights", "calib.reg_weight", "optim.lr", "optim.clip_lr", "optim.grad_clip"}),
+        ("learn_flatquant_recipe_noise", {
+            "calib.mode", "calib.objective", "calib.layer_inputs", "calib.epochs", "calib.learn_clipping",
+            "calib.quantize_weights", "calib.reg_weight", "optim.lr", "optim.clip_lr", "optim.grad_clip",
+            "calib.rounding"}),
     ],
 )
 def test_an_ablation_changes_only_what_its_name_says(ablation, keys):
@@ -86,6 +90,17 @@ def test_the_measured_reg0_preset_is_the_run_its_documented_command_made():
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         spelled = compose("config", overrides=["+experiment=ablation_smollm2", "+ablation=learn_scales_noise", *overrides])
     preset = composed("learn_scales_noise_64x512_b16_reg0")
+    assert record.run_id(OmegaConf.to_container(preset, resolve=True)) == record.run_id(
+        OmegaConf.to_container(spelled, resolve=True)
+    )
+
+
+def test_the_noisy_recipe_preset_is_the_run_its_documented_command_made():
+    # docs/calibration.md "Rounding noise under the recipe": `+ablation=learn_flatquant_recipe calib.rounding=noise`
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        spelled = compose("config", overrides=["+experiment=ablation_smollm2", "+ablation=learn_flatquant_recipe",
+                                               "calib.rounding=noise"])
+    preset = composed("learn_flatquant_recipe_noise")
     assert record.run_id(OmegaConf.to_container(preset, resolve=True)) == record.run_id(
         OmegaConf.to_container(spelled, resolve=True)
     )
