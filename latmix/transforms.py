@@ -678,6 +678,11 @@ class _Tiled(Transform):
     def _through(self, apply: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return self._from_map_axis(apply(self._to_map_axis(x)), x.shape)
 
+    @property
+    def shift(self) -> torch.Tensor | None:
+        b = self.transform.shift
+        return None if b is None else self._from_map_axis(b.expand(self.copies, b.numel()), torch.Size([self.dim]))
+
     def matrix(self) -> torch.Tensor:
         return self._tiled(self.transform.matrix())
 
@@ -714,12 +719,10 @@ class Headwise(_Tiled):
 
     def __init__(self, transform: Transform, num_heads: int) -> None:
         super().__init__(transform, num_heads)
-        self.num_heads = num_heads
 
     @property
-    def shift(self) -> torch.Tensor | None:
-        b = self.transform.shift
-        return None if b is None else b.repeat(self.num_heads)
+    def num_heads(self) -> int:
+        return self.copies
 
     def _to_map_axis(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(*x.shape[:-1], self.num_heads, self.transform.dim)
@@ -740,12 +743,10 @@ class AcrossHeads(_Tiled):
 
     def __init__(self, transform: Transform, head_dim: int) -> None:
         super().__init__(transform, head_dim)
-        self.head_dim = head_dim
 
     @property
-    def shift(self) -> torch.Tensor | None:
-        b = self.transform.shift
-        return None if b is None else b.repeat_interleave(self.head_dim)
+    def head_dim(self) -> int:
+        return self.copies
 
     def _to_map_axis(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(*x.shape[:-1], self.transform.dim, self.head_dim).transpose(-1, -2)
