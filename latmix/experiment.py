@@ -147,7 +147,8 @@ def environment(device: torch.device) -> dict[str, Any]:
 
     The processor and the kernels torch picks for it belong here: MX rounding turns last-bit
     differences between two CPUs' matmuls into different codes, so a run reproduces bit for bit
-    on the same machine, not across machines (README, "Thread count").
+    on the same machine, not across machines (README, "Thread count"). latmix.environment compares
+    these between runs set side by side.
     """
     import lm_eval
 

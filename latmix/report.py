@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from latmix.environment import environment_spread
 from latmix.record import SkippedRecord
 from latmix.tables import (
     UNCOMMITTED_MARK,
@@ -38,6 +39,22 @@ def format_uncommitted(frame: pd.DataFrame) -> list[str]:
             f"not reproducible from their git_sha alone): {shown}"]
 
 
+def format_mixed_environments(frame: pd.DataFrame) -> list[str]:
+    """One line naming the configurations whose seeds ran on different processors, thread counts or torch
+    builds: their mean ± std mixes machines' differences with the seeds'."""
+    mixed = []
+    for config_id, runs in frame.groupby("config_id", sort=False):
+        spread = environment_spread(runs["env"])
+        if spread:
+            first = runs.iloc[0]
+            mixed.append(f"{first['method']} at {first['quant']} on {first['model']} ({config_id}: {'; '.join(spread)})")
+    if not mixed:
+        return []
+    shown = ", ".join(mixed[:8]) + (f" and {len(mixed) - 8} more" if len(mixed) > 8 else "")
+    return [f"{len(mixed)} configuration(s) average seeds run in different environments, which alone move a "
+            f"quantized run by up to a seed std: {shown}"]
+
+
 def regenerate(
     results_dir: str | Path, out_dir: str | Path, reference: str | Path | None = None,
     match_format: bool = True, figures: bool = False, run_ids: Iterable[str] | None = None,
@@ -45,7 +62,7 @@ def regenerate(
 ) -> tuple[dict[str, Path], list[str]]:
     """Read records, write tables (and the comparison, and figures if asked); return paths and messages."""
     frame, skipped, records = load_runs(results_dir)
-    messages = format_skipped(skipped) + format_uncommitted(frame)
+    messages = format_skipped(skipped) + format_uncommitted(frame) + format_mixed_environments(frame)
     summary = summarize(frame)
     paths = write_tables(summary, out_dir)
     out_dir = Path(out_dir)

@@ -152,6 +152,7 @@ def record_row(rec: dict) -> dict:
         "learned": calibration_learned(rec),
         "seed": rec["seed"],
         "uncommitted": bool(rec.get("git_uncommitted")),
+        "env": rec.get("env") or {},
         "config_id": configuration_id(rec["model"], rec["quant"], method, config),
         "setting_id": configuration_id(rec["model"], "", "", setting),
         "config": config,
@@ -168,9 +169,10 @@ def record_row(rec: dict) -> dict:
 
 
 RUN_COLUMNS = ["run_id", "model", "quant", "method", "transform", "weight_quantizer", "fp_reference", "learned",
-               "seed", "uncommitted", "config_id", "setting_id", "config"]
+               "seed", "uncommitted", "env", "config_id", "setting_id", "config"]
 # Per configuration, beside run_ids: the runs made with code that differed from their commit (record.uncommitted_code).
-PER_SEED_COLUMNS = ("seed", "uncommitted")
+# env (where each run ran: latmix.environment) is per run, so not summarized.
+PER_SEED_COLUMNS = ("seed", "uncommitted", "env")
 SUMMARY_COLUMNS = ["table", "seeds", "runs", "run_ids", "uncommitted_runs"]
 UNCOMMITTED_MARK = "†"
 

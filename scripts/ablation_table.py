@@ -15,7 +15,8 @@ named by the config keys it changes (`smooth alpha=0.25`, `without down_proj`). 
 reference and any other methods at the same format and evaluation are listed below it for scale, each
 method's own preset first (the configuration that sets everything its conf/transform/<name>.yaml
 sets, as the file sets it; else the most seeded). Writes <out>/ablation_<model>_<quant>_<transform>.md
-and prints it. Imports no torch.
+and prints it. A column `env vs base` appears where some row's runs ran on another processor, thread
+count or torch build than the base's at the same seeds (latmix/environment.py). Imports no torch.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from latmix.environment import environment_differences
 from latmix.paired import seed_sign_flip_p
 from latmix.tables import (
     NAME_KEYS,
@@ -41,6 +43,7 @@ from latmix.tables import (
 )
 
 NAMED_METRICS = {"ppl_heldout": "held-out ppl", "ppl_ood": "ood ppl"}
+ENVIRONMENT_COLUMN = "env vs base"
 PLACEMENT_KEY = "transform.placements."
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "conf" / "transform"
 
@@ -90,9 +93,10 @@ def ablation(
 
     def numbers(row: pd.Series) -> dict:
         if row["config_id"] == base["config_id"]:
-            return _numbers(row, base, metrics, None)
-        differences = _differences_by_seed(runs_of.get_group(row["config_id"]), base_runs, metrics)
-        return _numbers(row, base, metrics, differences)
+            return {**_numbers(row, base, metrics, None), ENVIRONMENT_COLUMN: ""}
+        row_runs = runs_of.get_group(row["config_id"])
+        differences = _differences_by_seed(row_runs, base_runs, metrics)
+        return {**_numbers(row, base, metrics, differences), ENVIRONMENT_COLUMN: _environment_vs_base(row_runs, base_runs)}
 
     rows = []
     for _, row in method[method["table"] == base["table"]].iterrows():  # same evaluation as the base
@@ -104,7 +108,8 @@ def ablation(
     others = same_setting[(same_setting["transform"] != transform) & ((same_setting["quant"] == quant)
                                                                       | same_setting["fp_reference"])]
     rows += [{"change": label, "method": row["method"], **numbers(row)} for label, row in _labelled_others(others)]
-    return pd.DataFrame(rows).drop(columns="_order")
+    table = pd.DataFrame(rows).drop(columns="_order")
+    return table if (table[ENVIRONMENT_COLUMN] != "").any() else table.drop(columns=ENVIRONMENT_COLUMN)
 
 
 def _exclusion(exclude: str | None) -> re.Pattern | None:
@@ -185,6 +190,12 @@ def _differences_by_seed(
     return (by_seed[0] - by_seed[1]).dropna(how="all")
 
 
+def _environment_vs_base(row_runs: pd.DataFrame, base_runs: pd.DataFrame) -> str:
+    """Where the row's runs ran differently from the base's at the same seeds ('threads 1 vs 2 at seed 0'), or ''."""
+    by_seed = [dict(zip(frame["seed"], frame["env"], strict=True)) for frame in (row_runs, base_runs)]
+    return "; ".join(environment_differences(*by_seed))
+
+
 def _numbers(row: pd.Series, base: pd.Series, metrics: Mapping[str, str], differences: pd.DataFrame | None) -> dict:
     """Mean ± std over seeds; Δ against the base: the mean of the per-seed differences ± their std (two
     or more seeds), or against the base's mean over all its seeds where it did not run the row's. After
@@ -236,8 +247,11 @@ def main() -> None:
             "std, so an effect that holds at every seed shows a std below its mean; else against the base's "
             "mean. `lower` counts the paired seeds at which the row's perplexity is below the base's; `p` is "
             "the two-sided sign-flip p-value of those per-seed differences (at n seeds never below 2/2^n). "
-            "Below the line: full precision and the other methods at the same format and evaluation.\n\n"
-            + table.to_markdown(index=False, disable_numparse=True) + "\n")
+            "Below the line: full precision and the other methods at the same format and evaluation."
+            + (f" `{ENVIRONMENT_COLUMN}` names where a row's runs ran differently from the base's at the same "
+               "seeds (processor, threads, torch): that alone moves a quantized run by up to a seed std, so "
+               "such a Δ is not the change's alone." if ENVIRONMENT_COLUMN in table else "")
+            + "\n\n" + table.to_markdown(index=False, disable_numparse=True) + "\n")
     out = args.out or args.results_dir / "tables"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"ablation_{args.model}_{args.quant}_{args.transform}.md").write_text(text)

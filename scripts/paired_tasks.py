@@ -9,7 +9,9 @@ A and B are each a method label (affine+gptq), a transform (affine) or a configu
 characters are enough), at --model and --quant (B at --b-quant where given). Their records must hold
 the per-item answers (eval.task_items) for the same items, and the seeds both ran are paired (a
 full-precision B, which draws nothing at random, pairs its one record with each of A's seeds); see
-latmix/paired.py for the statistics. Prints one markdown row per task and one for all tasks. Imports no torch.
+latmix/paired.py for the statistics. Prints one markdown row per task and one for all tasks, and a
+warning where the paired runs ran on different processors, thread counts or torch builds
+(latmix/environment.py). Imports no torch.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from latmix.environment import environment_differences
 from latmix.paired import PairedRow, PairingError, paired_rows
 from latmix.tables import load_runs
 
@@ -92,6 +95,11 @@ def main() -> None:
     print(f"{args.model} · {formats} · A = {label_a}, B = {label_b} · Δ = A - B in points, "
           f"seeds {', '.join(map(str, sorted(set(a) & set(b))))} paired, {args.resamples} draws")
     print(markdown(rows))
+    differences = environment_differences(*({seed: rec.get("env") for seed, rec in arm.items()} for arm in (a, b)))
+    if differences:
+        print(f"\nwarning: A and B ran in different environments ({'; '.join(differences)}). Processor and "
+              "thread count alone move a quantized run by up to a seed std; run both arms on one machine at "
+              "one OMP_NUM_THREADS for a difference that is the methods'.")
 
 
 if __name__ == "__main__":

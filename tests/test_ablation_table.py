@@ -49,6 +49,19 @@ def test_the_base_has_the_most_seeds_and_variants_follow_best_first_then_the_oth
     assert list(table["Δ held-out ppl"]) == ["+0.00", "-1.00", "+5.00", "-2.00", "+3.00"]
 
 
+def test_a_row_paired_with_runs_made_elsewhere_says_where_they_differ(tmp_path):
+    for seed in (0, 1):
+        write_run(tmp_path, "affine", seed=seed, heldout=10.0, env={"threads": 1})
+    write_run(tmp_path, "affine", heldout=9.0, env={"threads": 1}, **{"calib.epochs": 5})
+    runs, _, _ = load_runs(tmp_path)
+    assert ablation_table.ENVIRONMENT_COLUMN not in ablation_table.ablation(runs, "tiny", "mxfp4", "affine")
+    write_run(tmp_path, "affine", heldout=9.5, env={"threads": 2}, **{"calib.epochs": 6})
+    runs, _, _ = load_runs(tmp_path)
+    table = ablation_table.ablation(runs, "tiny", "mxfp4", "affine").set_index("change")
+    assert table.loc["calib epochs=6", ablation_table.ENVIRONMENT_COLUMN] == "threads 2 vs 1 at seed 0"
+    assert table.loc["calib epochs=5", ablation_table.ENVIRONMENT_COLUMN] == ""
+
+
 def test_a_row_at_seeds_the_base_did_not_run_is_measured_against_the_base_mean(tmp_path):
     for seed, ppl in ((0, 10.0), (1, 12.0)):
         write_run(tmp_path, "affine", seed=seed, heldout=ppl)

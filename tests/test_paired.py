@@ -142,6 +142,19 @@ def test_the_script_pairs_two_methods_by_name_and_prints_one_row_per_task(tmp_pa
     paired_tasks.main()
     out = capsys.readouterr().out
     assert "A mxfp4, B none" in out and "seeds 0, 1 paired" in out and "+5.00" in out  # its one record, each seed
+    assert "warning" not in out  # every run here ran alike
+
+
+def test_the_script_warns_when_the_arms_ran_at_different_thread_counts(tmp_path, capsys, monkeypatch):
+    for seed in (0, 1):
+        with_items(tmp_path, write_run(tmp_path, "affine", seed=seed, env={"threads": 1}), "1" * 60 + "0" * 40)
+        with_items(tmp_path, write_run(tmp_path, "hadamard", seed=seed, env={"threads": 1 + seed}), "1" * 50 + "0" * 50)
+    monkeypatch.setattr("sys.argv", ["paired_tasks", "affine", "hadamard", "--model", "tiny",
+                                     "--results-dir", str(tmp_path), "--resamples", "100"])
+    paired_tasks.main()
+    out = capsys.readouterr().out
+    assert "| piqa" in out  # the table still comes, with the warning under it
+    assert "warning: A and B ran in different environments (threads 1 vs 2 at seed 1)" in out
 
 
 def test_the_script_names_what_to_change_when_the_choice_is_unclear(tmp_path):

@@ -46,10 +46,10 @@ def set_key(config: dict, dotted: str, value) -> None:
 
 def write_run(results_dir: Path, transform: str = "affine", seed: int = 0, heldout: float = 10.0,
               piqa: float = 0.70, quant: str = "mxfp4", wq: str = "gptq", uncommitted: list[str] | None = None,
-              learned: bool = True, **overrides) -> dict:
+              learned: bool = True, env: dict | None = None, **overrides) -> dict:
     """One record of `transform` in `quant` (none = full precision); overrides: {'eval.max_seq_len': 128};
     uncommitted: the code files the run's checkout had changed (its git_uncommitted); learned=False: its
-    calibration was skipped (nothing to learn)."""
+    calibration was skipped (nothing to learn); env: settings of where it ran, over the record's own."""
     config = copy.deepcopy(BASE_CONFIG)
     config["seed"] = config["calib"]["seed"] = config["transform"]["seed"] = seed
     config["transform"]["name"] = transform
@@ -70,6 +70,7 @@ def write_run(results_dir: Path, transform: str = "affine", seed: int = 0, heldo
         rec["git_uncommitted"] = uncommitted
     if not learned:
         rec["calibration"]["skipped"] = "no learnable parameter (every transform is fixed)"
+    rec["env"].update(env or {})
     record.write_record(record.record_path(results_dir, rec["run_id"]), rec)
     return rec
 
@@ -324,6 +325,19 @@ def test_a_row_with_a_seed_run_on_uncommitted_code_is_marked_and_its_runs_named(
     csv = pd.read_csv(paths["csv"], keep_default_na=False).set_index("method")
     assert csv.loc["affine+gptq", "uncommitted_runs"] == dirty["run_id"]
     assert csv.loc["rotation+gptq", "uncommitted_runs"] == ""
+
+
+def test_a_row_whose_seeds_ran_at_different_thread_counts_is_named(tmp_path):
+    write_run(tmp_path, "affine", seed=0, heldout=10.0, env={"threads": 1, "cpu": "Xeon"})
+    write_run(tmp_path, "affine", seed=1, heldout=12.0, env={"threads": 2, "cpu": "Xeon"})
+    write_run(tmp_path, "hadamard", seed=0, heldout=14.0, env={"threads": 1})
+    write_run(tmp_path, "hadamard", seed=1, heldout=14.0)  # a record without the setting is not compared
+
+    _, messages = report.regenerate(tmp_path, tmp_path / "tables")
+
+    assert len(messages) == 1
+    assert messages[0].startswith("1 configuration(s) average seeds run in different environments")
+    assert "affine+gptq at mxfp4 on tiny" in messages[0] and messages[0].endswith(": threads 1, 2)")
 
 
 def test_a_table_of_committed_runs_says_nothing_of_uncommitted_code(tmp_path):
