@@ -323,15 +323,16 @@ class Tracker:
         self.run.log_artifact(artifact)
 
     def log_record(self, rec: Mapping[str, Any], record_path: Path, config_yaml: str) -> None:
-        """The record's metrics, timing, fidelity and what calibration did (learned or not, steps, loss
-        before and after) as the summary, its per-layer table, and the record and resolved config as the
+        """The record's metrics, timing, fidelity, what calibration did (learned or not, steps, loss
+        before and after) and where it ran (`env`: processor, threads, torch; runs of one group may
+        differ there, latmix.environment) as the summary, its per-layer table, and the record and resolved config as the
         `record-<run_id>` artifact."""
         from latmix.record import calibration_learned
 
         calibration = rec["calibration"]
         done = {key: calibration[key] for key in CALIBRATION_SUMMARY if calibration.get(key) is not None}
         self.log_summary({"metrics": rec["metrics"], "timing": rec["timing"], "fidelity": rec.get("fidelity", {}),
-                          "calibration": {"learned": calibration_learned(rec), **done}})
+                          "calibration": {"learned": calibration_learned(rec), **done}, "env": rec.get("env", {})})
         self.log_calibration(calibration.get("per_layer", []))
         self.log_artifact(f"record-{rec['run_id']}", "result", files={"record.json": record_path},
                           texts={"config.yaml": config_yaml}, metadata={"run_id": rec["run_id"]})

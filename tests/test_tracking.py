@@ -240,7 +240,8 @@ def test_a_finished_run_logs_its_record_config_and_transforms_and_says_how_to_sy
     transforms.write_bytes(b"\0" * 8)
     rec = {"run_id": "abc", "metrics": {"ppl": {"heldout": 12.5}}, "timing": {"total": 3.0}, "fidelity": {},
            "calibration": {"per_layer": [], "steps": 0, "loss_before": 0.25, "loss_after": 0.25,
-                           "skipped": "no learnable parameter (every transform is fixed)"}}
+                           "skipped": "no learnable parameter (every transform is fixed)"},
+           "env": {"cpu": "Intel(R) Xeon(R) Processor", "threads": 1}}
 
     def body(tracker):
         tracker.log_transforms("abc", transforms)
@@ -253,6 +254,8 @@ def test_a_finished_run_logs_its_record_config_and_transforms_and_says_how_to_sy
     # whether anything was learned is a column of its own: the config's calib.mode does not say
     assert logged["summary"]["calibration/learned"] is False and logged["summary"]["calibration/loss_after"] == 0.25
     assert logged["summary"]["calibration/skipped"].startswith("no learnable parameter")
+    # where it ran, to filter a group's runs by (a thread count moves a quantized run's numbers)
+    assert logged["summary"]["env/threads"] == 1 and logged["summary"]["env/cpu"] == "Intel(R) Xeon(R) Processor"
     assert logged["artifacts"]["record-abc"] == {"type": "result", "files": ["config.yaml", "record.json"]}
     assert logged["artifacts"]["transforms-abc"] == {"type": "transforms", "files": ["transforms.safetensors"]}
     (run_dir,) = (tmp_path / "wandb" / "wandb").glob("offline-run-*")  # the path conf/logger/wandb.yaml names
