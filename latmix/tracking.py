@@ -325,8 +325,8 @@ class Tracker:
     def log_record(self, rec: Mapping[str, Any], record_path: Path, config_yaml: str) -> None:
         """The record's metrics, timing, fidelity, what calibration did (learned or not, steps, loss
         before and after) and where it ran (`env`: processor, threads, torch; runs of one group may
-        differ there, latmix.environment) as the summary, its per-layer table, and the record and resolved config as the
-        `record-<run_id>` artifact."""
+        differ there, latmix.environment) as the summary, its per-layer table, and the record and
+        resolved config as the `record-<run_id>` artifact."""
         from latmix.record import calibration_learned
 
         calibration = rec["calibration"]
