@@ -1,10 +1,11 @@
 """Whether runs ran alike: the parts of a record's `env` that change what a run computes, compared.
 
 The same configuration on another processor, thread count or torch build sums in another order; MX
-rounding turns those last bits into other codes, and through GPTQ that moves perplexity by up to a
-seed std (README, "Thread count"). A run id hashes the configuration, not where it ran, so two arms
-compared seed by seed, or the seeds averaged into one table row, may come from different machines.
-These functions say where they did. latmix.experiment.environment writes `env`; pure Python.
+rounding turns those last bits into other codes, and through GPTQ that moves perplexity by a seed std
+or more (README, "Thread count"; 3.5 of its seed stds for one learned run). A run id hashes the
+configuration, not where it ran, so two arms compared seed by seed, or the seeds averaged into one
+table row, may come from different machines. These functions say where they did.
+latmix.experiment.environment writes `env`; pure Python.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 NUMERIC_ENVIRONMENT = ("device", "cpu", "cpu_capability", "threads", "torch")
+# Why a report names such a difference, in the words every report uses (measured: README, "Thread count").
+ENVIRONMENT_EFFECT = "processor, thread count and torch build alone can move a quantized run by more than a seed std"
 
 
 def environment_differences(a: Mapping[int, Mapping], b: Mapping[int, Mapping]) -> list[str]:

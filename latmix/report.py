@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from latmix.environment import environment_spread
+from latmix.environment import ENVIRONMENT_EFFECT, environment_spread
 from latmix.record import SkippedRecord
 from latmix.tables import (
     UNCOMMITTED_MARK,
@@ -51,8 +51,8 @@ def format_mixed_environments(frame: pd.DataFrame) -> list[str]:
     if not mixed:
         return []
     shown = ", ".join(mixed[:8]) + (f" and {len(mixed) - 8} more" if len(mixed) > 8 else "")
-    return [f"{len(mixed)} configuration(s) average seeds run in different environments, which alone move a "
-            f"quantized run by up to a seed std: {shown}"]
+    return [f"{len(mixed)} configuration(s) average seeds run in different environments ({ENVIRONMENT_EFFECT}): "
+            f"{shown}"]
 
 
 def regenerate(

@@ -29,7 +29,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from latmix.environment import environment_differences
+from latmix.environment import ENVIRONMENT_EFFECT, environment_differences
 from latmix.paired import seed_sign_flip_p
 from latmix.tables import (
     NAME_KEYS,
@@ -249,8 +249,8 @@ def main() -> None:
             "the two-sided sign-flip p-value of those per-seed differences (at n seeds never below 2/2^n). "
             "Below the line: full precision and the other methods at the same format and evaluation."
             + (f" `{ENVIRONMENT_COLUMN}` names where a row's runs ran differently from the base's at the same "
-               "seeds (processor, threads, torch): that alone moves a quantized run by up to a seed std, so "
-               "such a Δ is not the change's alone." if ENVIRONMENT_COLUMN in table else "")
+               f"seeds: {ENVIRONMENT_EFFECT}, so such a Δ is not the change's alone."
+               if ENVIRONMENT_COLUMN in table else "")
             + "\n\n" + table.to_markdown(index=False, disable_numparse=True) + "\n")
     out = args.out or args.results_dir / "tables"
     out.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from latmix.environment import environment_differences
+from latmix.environment import ENVIRONMENT_EFFECT, environment_differences
 from latmix.paired import PairedRow, PairingError, paired_rows
 from latmix.tables import load_runs
 
@@ -97,9 +97,9 @@ def main() -> None:
     print(markdown(rows))
     differences = environment_differences(*({seed: rec.get("env") for seed, rec in arm.items()} for arm in (a, b)))
     if differences:
-        print(f"\nwarning: A and B ran in different environments ({'; '.join(differences)}). Processor and "
-              "thread count alone move a quantized run by up to a seed std; run both arms on one machine at "
-              "one OMP_NUM_THREADS for a difference that is the methods'.")
+        print(f"\nwarning: A and B ran in different environments ({'; '.join(differences)}); "
+              f"{ENVIRONMENT_EFFECT}. Run both arms on one machine at one OMP_NUM_THREADS for a difference "
+              "that is the methods'.")
 
 
 if __name__ == "__main__":
