@@ -52,7 +52,7 @@ DISPLAY_NAMES = {"ppl_wikitext2": "Wiki2 ppl", "ppl_heldout": "heldout ppl", "pp
 QUANT_ORDER = ("none", "mxfp8", "mxint8", "mxfp6", "nvfp4", "mxfp4")
 TRANSFORM_ORDER = (
     "identity", "hadamard", "block_hadamard", "rotation", "flatquant", "affine_block", "affine_literal", "affine",
-    "affine_learned",
+    "affine_learned", "affine_recipe",
 )
 WEIGHT_QUANTIZER_ORDER = ("rtn", "gptq")
 SHORT_WORDS = {"parametrization": "param", "n_samples": "samples", "max_seq_len": "seq len",

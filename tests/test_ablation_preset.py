@@ -116,6 +116,24 @@ def test_the_learned_method_preset_is_the_paired_ablation_run_under_its_own_name
     assert preset.transform.name == "affine_learned"
 
 
+def test_the_recipe_preset_is_the_noisy_recipe_at_eight_epochs_under_its_own_name():
+    # README "The recipe against rounding noise": `+ablation=learn_flatquant_recipe_noise calib.epochs=8`
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        preset = compose("config", overrides=["model=smollm2-135m", "quant=mxfp4", "transform=affine_recipe"])
+        paired = compose("config", overrides=["+experiment=ablation_smollm2",
+                                              "+ablation=learn_flatquant_recipe_noise", "calib.epochs=8"])
+    assert changed_keys(preset, paired) == {"transform.name"}
+    assert (preset.transform.name, preset.calib.epochs, preset.calib.rounding) == ("affine_recipe", 8, "noise")
+
+
+def test_an_ablation_composes_on_top_of_the_recipe_preset():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        with_o_proj = compose("config", overrides=["+experiment=ablation_smollm2", "transform=affine_recipe",
+                                                   "+ablation=o_proj"])
+    assert with_o_proj.transform.placements.o_proj.family == "affine"
+    assert (with_o_proj.calib.mode, with_o_proj.calib.epochs) == ("layer_wise", 8)
+
+
 def test_a_calib_named_on_the_command_line_replaces_the_learned_presets_calibration_set():
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         paper = compose("config", overrides=["model=llama3-8b", "transform=affine_learned", "calib=paper"])
