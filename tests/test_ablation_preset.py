@@ -83,25 +83,22 @@ def test_an_ablation_changes_only_what_its_name_says(ablation, keys):
     assert changed_keys(composed(ablation), composed("base")) == keys
 
 
-def test_the_measured_reg0_preset_is_the_run_its_documented_command_made():
-    # docs/calibration.md's seed-0 dev run, spelled on the command line as `calib.reg_weight=0`
-    overrides = ["calib.n_samples=64", "calib.seq_len=512", "calib.batch_size=16", "calib.micro_batch_size=2",
-                 "optim.lr=2e-2", "calib.reg_weight=0"]
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        spelled = compose("config", overrides=["+experiment=ablation_smollm2", "+ablation=learn_scales_noise", *overrides])
-    preset = composed("learn_scales_noise_64x512_b16_reg0")
-    assert record.run_id(OmegaConf.to_container(preset, resolve=True)) == record.run_id(
-        OmegaConf.to_container(spelled, resolve=True)
-    )
+# Ablation presets that name a run first spelled on the command line, with the spelling that made it:
+# learn_scales_noise_64x512_b16_reg0 in docs/calibration.md's seed-0 dev run, learn_flatquant_recipe_noise
+# in "Rounding noise under the recipe".
+SPELLED_ABLATIONS = {
+    "learn_scales_noise_64x512_b16_reg0": [
+        "+ablation=learn_scales_noise", "calib.n_samples=64", "calib.seq_len=512", "calib.batch_size=16",
+        "calib.micro_batch_size=2", "optim.lr=2e-2", "calib.reg_weight=0"],
+    "learn_flatquant_recipe_noise": ["+ablation=learn_flatquant_recipe", "calib.rounding=noise"],
+}
 
 
-def test_the_noisy_recipe_preset_is_the_run_its_documented_command_made():
-    # docs/calibration.md "Rounding noise under the recipe": `+ablation=learn_flatquant_recipe calib.rounding=noise`
+@pytest.mark.parametrize("ablation", sorted(SPELLED_ABLATIONS))
+def test_a_measured_ablation_preset_is_the_run_its_documented_command_made(ablation):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        spelled = compose("config", overrides=["+experiment=ablation_smollm2", "+ablation=learn_flatquant_recipe",
-                                               "calib.rounding=noise"])
-    preset = composed("learn_flatquant_recipe_noise")
-    assert record.run_id(OmegaConf.to_container(preset, resolve=True)) == record.run_id(
+        spelled = compose("config", overrides=["+experiment=ablation_smollm2", *SPELLED_ABLATIONS[ablation]])
+    assert record.run_id(OmegaConf.to_container(composed(ablation), resolve=True)) == record.run_id(
         OmegaConf.to_container(spelled, resolve=True)
     )
 
