@@ -173,8 +173,17 @@ def preset_settings(transform: str, presets_dir: Path = PRESETS_DIR) -> dict[str
 
 def own_preset(group: pd.DataFrame, settings: Mapping[str, str]) -> pd.Series:
     """The configuration that runs the preset as its file sets it (most seeds among those); else the most seeded."""
-    as_shipped = group[group["config"].apply(lambda c: all(c.get(k) == v for k, v in settings.items()))]
+    as_shipped = group[group["config"].apply(lambda c: runs_as_the_file_sets_it(c, settings))]
     return most_seeded(as_shipped if settings and not as_shipped.empty else group)
+
+
+def runs_as_the_file_sets_it(config: Mapping[str, str], settings: Mapping[str, str]) -> bool:
+    """Every key the file sets has the file's value, and no map sits at a placement the file does not name:
+    a placement added on the command line (`+ablation=o_proj`) leaves the file's own keys as they were."""
+    named = {key.split(".")[2] for key in settings if key.startswith(PLACEMENT_KEY)}
+    added = {key.split(".")[2] for key, value in config.items()
+             if key.startswith(PLACEMENT_KEY) and value not in (None, "null")} - named
+    return all(config.get(k) == v for k, v in settings.items()) and not (named and added)
 
 
 def _differences_by_seed(

@@ -150,6 +150,22 @@ def test_another_method_is_shown_first_as_its_preset_file_sets_it_not_as_its_mos
     assert ablation_table.preset_settings("no_such_preset", presets) == {}
 
 
+def test_a_run_with_a_map_at_a_placement_its_preset_file_does_not_name_is_not_the_preset(tmp_path):
+    o_proj = {"transform.placements.o_proj.family": "affine"}
+    for seed in (0, 1):  # as many seeds as the preset's own runs: the tie must not go to the added map
+        write_run(tmp_path, "affine", seed=seed, heldout=11.0, **o_proj)
+        write_run(tmp_path, "affine", seed=seed, heldout=13.0)
+    runs, _, _ = load_runs(tmp_path)
+    group = tables.summarize(runs)
+    presets = tmp_path / "presets"
+    presets.mkdir()
+    (presets / "affine.yaml").write_text("placements:\n  residual: {family: affine, parametrization: qr}\n")
+    settings = ablation_table.preset_settings("affine", presets)
+    assert ablation_table.own_preset(group, settings)["ppl_heldout"] == 13.0
+    preset_run = runs[runs["ppl_heldout"] == 13.0]["config"].iloc[0]
+    assert ablation_table.runs_as_the_file_sets_it({**preset_run, "transform.placements.o_proj": "null"}, settings)
+
+
 def test_a_global_package_preset_file_names_its_keys_from_the_root():
     settings = ablation_table.preset_settings("flatquant")
     assert settings["transform.fold_norms"] == "true" and settings["calib.mode"] == "layer_wise"
