@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import load_script
@@ -134,20 +135,23 @@ def test_one_setting_changed_alike_at_several_placements_reads_once():
     assert ablation_table.change(one, base) == "down_proj block_size=32"
 
 
+def settings_of_a_preset_file(presets: Path, transform: str, text: str) -> dict[str, str]:
+    """The settings scripts/ablation_table.py reads from a preset file of `text` in the folder `presets`."""
+    presets.mkdir(exist_ok=True)
+    (presets / f"{transform}.yaml").write_text(text)
+    return ablation_table.preset_settings(transform, presets)
+
+
 def test_another_method_is_shown_first_as_its_preset_file_sets_it_not_as_its_most_seeded_diagnosis(tmp_path):
     write_run(tmp_path, "hadamard", heldout=13.0, **{"transform.fold_norms": True})
     for seed in (0, 1):
         write_run(tmp_path, "hadamard", seed=seed, heldout=11.0, **{"transform.fold_norms": False})
-    runs, _, _ = load_runs(tmp_path)
-    group = tables.summarize(runs)
-    presets = tmp_path / "presets"
-    presets.mkdir()
-    (presets / "hadamard.yaml").write_text("name: hadamard\nfold_norms: true\nseed: ${seed}\n")
-    settings = ablation_table.preset_settings("hadamard", presets)
+    group = tables.summarize(load_runs(tmp_path)[0])
+    settings = settings_of_a_preset_file(tmp_path / "presets", "hadamard", "name: hadamard\nfold_norms: true\nseed: ${seed}\n")
     assert settings == {"transform.fold_norms": "true"}
     assert ablation_table.own_preset(group, settings)["ppl_heldout"] == 13.0
     assert ablation_table.own_preset(group, {})["ppl_heldout"] == 11.0  # no file: the most seeded
-    assert ablation_table.preset_settings("no_such_preset", presets) == {}
+    assert ablation_table.preset_settings("no_such_preset", tmp_path / "presets") == {}
 
 
 def test_a_run_with_a_map_at_a_placement_its_preset_file_does_not_name_is_not_the_preset(tmp_path):
@@ -155,13 +159,10 @@ def test_a_run_with_a_map_at_a_placement_its_preset_file_does_not_name_is_not_th
     for seed in (0, 1):  # as many seeds as the preset's own runs: the tie must not go to the added map
         write_run(tmp_path, "affine", seed=seed, heldout=11.0, **o_proj)
         write_run(tmp_path, "affine", seed=seed, heldout=13.0)
-    runs, _, _ = load_runs(tmp_path)
-    group = tables.summarize(runs)
-    presets = tmp_path / "presets"
-    presets.mkdir()
-    (presets / "affine.yaml").write_text("placements:\n  residual: {family: affine, parametrization: qr}\n")
-    settings = ablation_table.preset_settings("affine", presets)
-    assert ablation_table.own_preset(group, settings)["ppl_heldout"] == 13.0
+    runs = load_runs(tmp_path)[0]
+    settings = settings_of_a_preset_file(tmp_path / "presets", "affine",
+                                         "placements:\n  residual: {family: affine, parametrization: qr}\n")
+    assert ablation_table.own_preset(tables.summarize(runs), settings)["ppl_heldout"] == 13.0
     preset_run = runs[runs["ppl_heldout"] == 13.0]["config"].iloc[0]
     assert ablation_table.runs_as_the_file_sets_it({**preset_run, "transform.placements.o_proj": "null"}, settings)
 
