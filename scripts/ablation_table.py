@@ -180,10 +180,14 @@ def own_preset(group: pd.DataFrame, settings: Mapping[str, str]) -> pd.Series:
 def runs_as_the_file_sets_it(config: Mapping[str, str], settings: Mapping[str, str]) -> bool:
     """Every key the file sets has the file's value, and no map sits at a placement the file does not name:
     a placement added on the command line (`+ablation=o_proj`) leaves the file's own keys as they were."""
-    named = {key.split(".")[2] for key in settings if key.startswith(PLACEMENT_KEY)}
-    added = {key.split(".")[2] for key, value in config.items()
-             if key.startswith(PLACEMENT_KEY) and value not in (None, "null")} - named
-    return all(config.get(k) == v for k, v in settings.items()) and not (named and added)
+    named = placed(settings)
+    return all(config.get(k) == v for k, v in settings.items()) and not (named and placed(config) - named)
+
+
+def placed(config: Mapping[str, str]) -> set[str]:
+    """The placements at which a flat configuration sets something other than null."""
+    return {key.removeprefix(PLACEMENT_KEY).split(".")[0] for key, value in config.items()
+            if key.startswith(PLACEMENT_KEY) and value not in (None, "null")}
 
 
 def _differences_by_seed(
