@@ -1,6 +1,13 @@
-"""Two methods compared item for item on the zero-shot tasks (the records' eval.task_items).
+"""Two methods compared seed for seed on perplexity, and item for item on the zero-shot tasks (the
+records' eval.task_items).
 
-A task average over a few hundred items has a standard error of a point or more, so two methods'
+Perplexity: a seed draws the calibration sequences, the random signs and the initial maps, so two
+methods' runs at one seed share them, and the spread between seeds is not part of their difference
+there. The differences at the seeds both ran, their mean ± std, at how many seeds A is below B, and
+the sign-flip p of those differences (`seed_sign_flip_p`) say whether a change holds seed by seed or
+is carried by one of them.
+
+Tasks: a task average over a few hundred items has a standard error of a point or more, so two methods'
 averages that differ by half a point say little when they are set side by side. But both methods
 answer the same items, and most items they answer alike: only the items one method gets right and
 the other does not carry the difference. Pairing them gives the difference its own, much narrower,
@@ -167,3 +174,49 @@ def paired_rows(
         only_a=sum(p.only_a for p in parts), only_b=sum(p.only_b for p in parts),
     )
     return [*rows, overall.row(ALL_TASKS, len(seeds))]
+
+
+@dataclass(frozen=True)
+class PairedPerplexity:
+    """One perplexity text: A's and B's perplexity at each seed both ran, and what their differences say."""
+
+    text: str
+    seeds: tuple[int, ...]
+    a: tuple[float, ...]
+    b: tuple[float, ...]
+
+    @property
+    def differences(self) -> np.ndarray:
+        """A minus B, one per seed."""
+        return np.subtract(self.a, self.b)
+
+    @property
+    def lower(self) -> int:
+        """At how many seeds A's perplexity is below B's."""
+        return int(np.count_nonzero(self.differences < 0))
+
+    @property
+    def p_value(self) -> float:
+        return seed_sign_flip_p(self.differences)
+
+
+def _perplexities(rec: Mapping) -> Mapping[str, float]:
+    return rec.get("metrics", {}).get("ppl") or {}
+
+
+def paired_perplexities(a: Mapping[int, Mapping], b: Mapping[int, Mapping]) -> list[PairedPerplexity]:
+    """Method A's records against method B's, by seed (only seeds both ran): one entry per perplexity text
+    that every one of those records measured, in A's first record's order."""
+    seeds = tuple(sorted(set(a) & set(b)))
+    if not seeds:
+        raise PairingError(f"no seed was run by both (A: {sorted(a)}, B: {sorted(b)})")
+    records = [a[s] for s in seeds] + [b[s] for s in seeds]
+    texts = [text for text in _perplexities(records[0]) if all(text in _perplexities(rec) for rec in records)]
+    if not texts:
+        raise PairingError("the runs share no perplexity text (their eval.ppl_datasets differ); "
+                           "compare runs evaluated alike")
+    return [
+        PairedPerplexity(text, seeds, tuple(float(_perplexities(a[s])[text]) for s in seeds),
+                         tuple(float(_perplexities(b[s])[text]) for s in seeds))
+        for text in texts
+    ]

@@ -1,5 +1,5 @@
-"""Two methods compared item for item: per-item answers in the record, and what scripts/paired_tasks.py
-makes of them (latmix/paired.py)."""
+"""Two methods compared item for item and seed for seed: per-item answers in the record, and what
+scripts/paired_tasks.py makes of them and of the perplexities (latmix/paired.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from test_tables import write_run
 
 from latmix import record
 from latmix.evaluate import task_items
-from latmix.paired import ALL_TASKS, PairingError, paired_rows, seed_sign_flip_p
+from latmix.paired import ALL_TASKS, PairingError, paired_perplexities, paired_rows, seed_sign_flip_p
 from latmix.tables import load_runs
 
 paired_tasks = load_script("paired_tasks")
@@ -116,6 +116,34 @@ def test_runs_on_different_items_or_with_no_common_seed_are_not_paired():
         paired_rows({0: run(0)}, {0: run(0)})
 
 
+# --- perplexity, seed by seed ------------------------------------------------------------------------
+
+
+def measured(seed: int, **ppl: float) -> dict:
+    return {"run_id": f"run{seed}", "metrics": {"ppl": ppl}}
+
+
+def test_perplexities_are_paired_at_the_seeds_both_ran_on_the_texts_both_measured():
+    a = {0: measured(0, heldout=40.0, ood=56.0), 1: measured(1, heldout=39.5, ood=57.0),
+         2: measured(2, heldout=39.0, ood=55.0), 3: measured(3, heldout=30.0, ood=30.0)}
+    b = {0: measured(0, heldout=41.0, ood=56.5), 1: measured(1, heldout=40.0, ood=56.0),
+         2: measured(2, heldout=39.5), 4: measured(4, heldout=50.0, ood=50.0)}
+    (heldout,) = paired_perplexities(a, b)  # seed 2 of B measured no ood text, seeds 3 and 4 have no partner
+    assert heldout.text == "heldout" and heldout.seeds == (0, 1, 2)
+    assert heldout.differences.tolist() == [-1.0, -0.5, -0.5]
+    assert heldout.lower == 3 and heldout.p_value == pytest.approx(2 / 2**3)  # one sign at every seed
+    del b[2]
+    heldout, ood = paired_perplexities(a, b)
+    assert ood.differences.tolist() == [-0.5, 1.0] and ood.lower == 1 and ood.p_value == 1.0
+
+
+def test_runs_with_no_common_seed_or_text_have_no_perplexity_pairs():
+    with pytest.raises(PairingError, match="no seed was run by both"):
+        paired_perplexities({0: measured(0, heldout=1.0)}, {1: measured(1, heldout=1.0)})
+    with pytest.raises(PairingError, match="share no perplexity text"):
+        paired_perplexities({0: measured(0, heldout=1.0)}, {0: measured(0, calib_dev=1.0)})
+
+
 # --- the script -------------------------------------------------------------------------------------
 
 
@@ -135,6 +163,7 @@ def test_the_script_pairs_two_methods_by_name_and_prints_one_row_per_task(tmp_pa
     out = capsys.readouterr().out
     assert "A = affine+gptq, B = hadamard+gptq" in out and "seeds 0, 1 paired" in out
     assert "| piqa" in out and "+10.00" in out and "100 x 2" in out
+    assert "| heldout | 2       | 10.00 ± 0.00 | 10.00 ± 0.00 | +0.00, +0.00" in out  # and the perplexities
     # against full precision, whose format is none
     with_items(tmp_path, write_run(tmp_path, "identity", quant="none"), "1" * 55 + "0" * 45)
     monkeypatch.setattr("sys.argv", ["paired_tasks", "affine", "identity", "--b-quant", "none", "--model", "tiny",
@@ -161,10 +190,6 @@ def test_the_script_names_what_to_change_when_the_choice_is_unclear(tmp_path):
     frame, _, records = load_runs(tmp_path)
     with pytest.raises(SystemExit, match="no record of 'affine' at tiny mxfp4"):
         paired_tasks.select(frame, records, "affine", "tiny", "mxfp4")
-    write_run(tmp_path, "affine")
-    frame, _, records = load_runs(tmp_path)
-    with pytest.raises(SystemExit, match=r"hold no per-item answers .* force=true"):
-        paired_tasks.select(frame, records, "affine", "tiny", "mxfp4")
     with_items(tmp_path, write_run(tmp_path, "affine"), "01")
     with_items(tmp_path, write_run(tmp_path, "affine", **{"calib.epochs": 5}), "01")
     frame, _, records = load_runs(tmp_path)
@@ -173,6 +198,20 @@ def test_the_script_names_what_to_change_when_the_choice_is_unclear(tmp_path):
     five = frame[frame["config"].apply(lambda c: c.get("calib.epochs") == "5")]["config_id"].iloc[0]
     label, chosen = paired_tasks.select(frame, records, five[:6], "tiny", "mxfp4")
     assert label == "affine+gptq" and list(chosen) == [0]
+    run_of_five = frame[frame["config_id"] == five]["run_id"].iloc[0]
+    assert paired_tasks.select(frame, records, run_of_five[:6], "tiny", "mxfp4")[1] == chosen  # named by a run
+
+
+def test_runs_without_per_item_answers_are_compared_on_perplexity_alone(tmp_path, capsys, monkeypatch):
+    for seed, (learned, start) in enumerate([(39.5, 40.0), (39.0, 40.5), (40.0, 39.5)]):
+        write_run(tmp_path, "affine", seed=seed, heldout=learned)
+        write_run(tmp_path, "hadamard", seed=seed, heldout=start)
+    monkeypatch.setattr("sys.argv", ["paired_tasks", "affine", "hadamard", "--model", "tiny",
+                                     "--results-dir", str(tmp_path)])
+    paired_tasks.main()
+    out = capsys.readouterr().out
+    assert "| heldout | 3       | 39.50 ± 0.50 | 40.00 ± 0.50 | -0.50, -1.50, +0.50 | -0.50 ± 1.00 | 2 of 3" in out
+    assert "No task pairs: not every record holds per-item answers" in out and "force=true" in out
 
 
 # --- seeds compared pair by pair (scripts/ablation_table.py's p column) --------------------------------
