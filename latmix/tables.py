@@ -89,6 +89,14 @@ def value_text(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
+def mean_std_text(values: Iterable[float], sign: str = "") -> str:
+    """Values as a table shows them: 'mean ± std' (sample std) to two decimals, the mean alone for one
+    value; sign "+" writes the mean's sign, for differences."""
+    values = pd.Series(list(values), dtype=float)
+    spread = f" ± {values.std():.2f}" if len(values) > 1 else ""
+    return f"{values.mean():{sign}.2f}{spread}"
+
+
 def is_full_precision(rec: Mapping[str, Any]) -> bool:
     quant = rec["config"].get("quant", {})
     return all(quant.get(key) is None for key in ("weight_format", "act_format", "kv_format"))

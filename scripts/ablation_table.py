@@ -35,6 +35,7 @@ from latmix.tables import (
     NAME_KEYS,
     flatten,
     load_runs,
+    mean_std_text,
     metric_columns,
     most_seeded,
     short_name,
@@ -234,8 +235,7 @@ def _numbers(row: pd.Series, base: pd.Series, metrics: Mapping[str, str], differ
 def _delta(against_mean: float, paired: pd.Series | None) -> str:
     if paired is None or paired.empty:
         return f"{against_mean:+.2f}"
-    spread = f" ± {paired.std():.2f}" if len(paired) > 1 else ""
-    return f"{paired.mean():+.2f}{spread}"
+    return mean_std_text(paired, sign="+")
 
 
 def main() -> None:

@@ -21,12 +21,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from latmix.environment import ENVIRONMENT_EFFECT, environment_differences
 from latmix.paired import PairedPerplexity, PairedRow, PairingError, paired_perplexities, paired_rows
-from latmix.tables import load_runs
+from latmix.tables import load_runs, mean_std_text
 
 
 def parse_args() -> argparse.Namespace:
@@ -67,19 +66,15 @@ def has_task_items(rec: dict) -> bool:
     return bool(rec.get("eval", {}).get("task_items"))
 
 
-def _mean_std(values, sign: str = "") -> str:
-    return f"{np.mean(values):{sign}.2f}" + (f" ± {np.std(values, ddof=1):.2f}" if len(values) > 1 else "")
-
-
 def perplexity_markdown(rows: list[PairedPerplexity]) -> str:
     table = pd.DataFrame([
         {
             "text": row.text,
             "seeds": len(row.seeds),
-            "A": _mean_std(row.a),
-            "B": _mean_std(row.b),
+            "A": mean_std_text(row.a),
+            "B": mean_std_text(row.b),
             "A - B per seed": ", ".join(f"{d:+.2f}" for d in row.differences),
-            "Δ": _mean_std(row.differences, sign="+"),
+            "Δ": mean_std_text(row.differences, sign="+"),
             "A lower": f"{row.lower} of {len(row.seeds)}",
             "p": f"{row.p_value:.3f}",
         }
