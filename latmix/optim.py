@@ -1,7 +1,7 @@
 """Optimizers and learning-rate schedules for calibration (the Hydra group optim/, settings.OptimConfig).
 
 AdamW with a cosine schedule is the default; SGD; and Cayley SGD (SpinQuant), which keeps every
-parameter that starts out as an orthogonal matrix on the Stiefel manifold by a Cayley retraction
+parameter that starts out as an orthogonal matrix on the orthogonal group by a Cayley retraction
 and trains the remaining parameters with momentum SGD. A learnable `Rotation` with the default
 parametrization (exp) needs none of this: torch's orthogonal parametrization keeps it exactly
 orthogonal under any optimizer (its raw parameter starts as -I, which Cayley SGD would also hold on
@@ -20,10 +20,14 @@ from latmix.settings import OptimConfig
 
 # A parameter counts as orthogonal when ||Q^T Q - I||_max is below this at construction.
 ORTHOGONALITY_TOLERANCE = 1e-4
+# SpinQuant's guard against a zero skew matrix in its step-size cap 1 / ||W||_1.
+CAYLEY_EPSILON = 1e-8
 
 
 def is_orthogonal_matrix(p: torch.Tensor) -> bool:
-    if p.dim() != 2 or p.shape[0] < p.shape[1]:
+    """Square and orthogonal: a rectangular matrix with orthonormal columns is not moved as one (the
+    step below rotates within its column space only)."""
+    if p.dim() != 2 or p.shape[0] != p.shape[1]:
         return False
     gram = p.detach().double().T @ p.detach().double()
     return bool(
@@ -33,12 +37,18 @@ def is_orthogonal_matrix(p: torch.Tensor) -> bool:
 
 
 class CayleySGD(torch.optim.Optimizer):
-    """SpinQuant's optimizer: momentum SGD on the Stiefel manifold {X : X^T X = I} by a Cayley retraction.
+    """SpinQuant's optimizer (its SGDG): SGD on the orthogonal group by a Cayley retraction.
 
-    Parameters that are orthogonal matrices when the optimizer is built stay on the manifold: with
-    momentum buffer M of the Euclidean gradient, the skew matrix W = M X^T - X M^T moves X by
-    X <- (I + lr/2 W)^-1 (I - lr/2 W) X, exactly orthogonal for any step. All other parameters
-    (shifts, scales, clipping ratios) take plain momentum SGD steps with weight decay.
+    For an orthogonal parameter X with descent direction D (the gradient, or with momentum > 0 the
+    momentum buffer of gradients), the skew matrix W = (X^T D - D^T X) / 2 moves X to
+    X (I - a/2 W)(I + a/2 W)^-1, exactly orthogonal, with step a = min(lr, 1 / ||W||_1): SpinQuant's
+    cap, which at its lr of 1.5 binds on most steps and makes a step's size independent of the
+    gradient's scale. Two deliberate differences from SpinQuant's code: the retraction is solved
+    exactly where SpinQuant runs 5 fixed-point iterations of it (and re-orthogonalizes by QR at random
+    1 step in 101), and a momentum > 0 is honoured (SpinQuant's rotation training passes none, and
+    its buffer is never written back, so its momentum would have no effect either way).
+    All other parameters (shifts, scales, clipping ratios) take plain momentum SGD steps with weight
+    decay.
     """
 
     def __init__(
@@ -64,22 +74,25 @@ class CayleySGD(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                grad = p.grad.float()
+                precision = torch.promote_types(p.dtype, torch.float32)  # bfloat16 steps in float32
+                grad = p.grad.to(precision)
                 if not group["stiefel"] and group["weight_decay"]:
-                    grad = grad + group["weight_decay"] * p.float()
+                    grad = grad + group["weight_decay"] * p.to(precision)
                 buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(grad))
                 buf.mul_(group["momentum"]).add_(grad)
                 if group["stiefel"]:
-                    p.copy_(self._cayley_step(p.float(), buf, group["lr"]).to(p.dtype))
+                    p.copy_(self._cayley_step(p.to(precision), buf, group["lr"]).to(p.dtype))
                 else:
                     p.add_(buf.to(p.dtype), alpha=-group["lr"])
         return None
 
     @staticmethod
     def _cayley_step(X: torch.Tensor, direction: torch.Tensor, lr: float) -> torch.Tensor:
-        half = 0.5 * lr * (direction @ X.T - X @ direction.T)
+        skew = 0.5 * (X.T @ direction - direction.T @ X)
+        step = (1.0 / (skew.abs().sum(dim=0).max() + CAYLEY_EPSILON)).clamp(max=lr)  # a tensor: no device sync
+        half = 0.5 * step * skew
         eye = torch.eye(X.shape[0], dtype=X.dtype, device=X.device)
-        return torch.linalg.solve(eye + half, (eye - half) @ X)
+        return torch.linalg.solve(eye + half, X @ (eye - half), left=False)
 
 
 def build_optimizer(params: list[nn.Parameter] | list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:

@@ -430,6 +430,57 @@ def test_cayley_sgd_stays_on_the_stiefel_manifold_and_descends():
     assert torch.allclose(shift, torch.ones(16), atol=0.2)
 
 
+def spinquant_sgdg_step(rotation: torch.Tensor, grad: torch.Tensor, lr: float) -> torch.Tensor:
+    """One step of SpinQuant's SGDG without momentum, written after its code (rows-first frame, the
+    Cayley transform by fixed-point iteration), iterated to convergence instead of 5 times."""
+    x = rotation.T
+    v = -grad.T
+    w_hat = v @ rotation - 0.5 * x @ (rotation @ (v @ rotation))
+    w = w_hat - w_hat.T
+    alpha = min(1.0 / (w.abs().sum(dim=0).max().item() + 1e-8), lr)
+    y = x + alpha * v
+    for _ in range(200):
+        y = x + alpha * w @ (0.5 * (x + y))
+    return y.T
+
+
+@pytest.mark.parametrize("grad_scale", [1e-4, 1.0, 1e3])
+def test_cayley_sgd_takes_spinquants_step_with_its_step_size_cap(grad_scale):
+    # SpinQuant's step is min(lr, 1/||W||_1): at its lr of 1.5 a large gradient's step is capped, so
+    # its size does not follow the gradient's scale; a small gradient takes the plain lr step.
+    generator = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(16, 16, generator=generator, dtype=torch.float64))
+    grad = grad_scale * torch.randn(16, 16, generator=generator, dtype=torch.float64)
+    rotation = torch.nn.Parameter(q.clone())
+    optimizer = build_optimizer([rotation], OptimConfig(name="cayley_sgd", lr=1.5, momentum=0.0))
+    rotation.grad = grad
+    optimizer.step()
+    assert torch.allclose(rotation.detach(), spinquant_sgdg_step(q, grad, 1.5), atol=1e-10)
+    assert torch.allclose(rotation.T @ rotation, torch.eye(16, dtype=torch.float64), atol=1e-12)
+
+
+def test_a_capped_cayley_step_moves_a_rotation_as_far_whatever_the_gradients_scale():
+    generator = torch.Generator().manual_seed(1)
+    q, _ = torch.linalg.qr(torch.randn(8, 8, generator=generator))
+    grad = torch.randn(8, 8, generator=generator)
+    moved = []
+    for scale in (1.0, 100.0):
+        rotation = torch.nn.Parameter(q.clone())
+        rotation.grad = scale * grad
+        build_optimizer([rotation], OptimConfig(name="cayley_sgd", lr=1.5, momentum=0.0)).step()
+        moved.append(rotation.detach())
+    assert torch.allclose(moved[0], moved[1], atol=1e-5)
+    assert (moved[0] - q).abs().max() > 0.05
+
+
+def test_cayley_sgd_leaves_a_rectangular_matrix_with_orthonormal_columns_to_plain_sgd():
+    q, _ = torch.linalg.qr(torch.randn(8, 4, generator=torch.Generator().manual_seed(2)))
+    tall = torch.nn.Parameter(q.clone())
+    tall.grad = torch.ones_like(q)
+    build_optimizer([tall], OptimConfig(name="cayley_sgd", lr=0.1, momentum=0.0)).step()
+    assert torch.allclose(tall.detach(), q - 0.1)
+
+
 @pytest.mark.parametrize(("parametrization", "raw_parameter"), [("stiefel", "weight"), ("exp", "original")])
 def test_spinquant_moves_the_rotation_itself_along_the_orthogonal_group_and_lowers_the_kl(
     make_tiny_model, parametrization, raw_parameter
