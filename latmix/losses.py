@@ -1,4 +1,5 @@
-"""Calibration objectives: next-token KL, normalized block-output MSE, the bound surrogate, the regularizer."""
+"""Calibration objectives: next-token KL, next-token cross-entropy, normalized block-output MSE, the bound
+surrogate, the regularizer."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from latmix.bound import quantization_error_surrogate
 from latmix.errors import ConfigError
@@ -13,7 +15,14 @@ from latmix.fidelity import next_token_kl
 from latmix.formats import MXFormat
 from latmix.transforms import Transform
 
-__all__ = ["QuantizedOperand", "block_mse", "bound_loss", "next_token_kl", "volume_regularizer"]
+__all__ = ["QuantizedOperand", "block_mse", "bound_loss", "next_token_ce", "next_token_kl", "volume_regularizer"]
+
+
+def next_token_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of each next token of `ids` under `logits`: the language-modelling loss on the
+    calibration text itself, which SpinQuant learns its rotations with (the KL learns toward the
+    full-precision model's distribution instead)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
 
 
 def block_mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -74,7 +74,7 @@ MODES = ("end_to_end", "layer_wise", "none")
 # What a block learns from in layer_wise mode: the stream through the earlier blocks as quantized and
 # learned, or the full-precision model's own stream (FlatQuant).
 LAYER_INPUTS = ("quantized", "full_precision")
-OBJECTIVES = ("kl", "block_mse", "bound")
+OBJECTIVES = ("kl", "ce", "block_mse", "bound")
 # How the quantizers round while the transforms are learned (latmix.mx): exactly, with a
 # straight-through gradient, or by adding noise as wide as the rounding step (a loss without rounding flips).
 ROUNDINGS = ("nearest", "noise")
@@ -438,7 +438,7 @@ class CalibConfig:
             raise ValueError(f"calib.cond_limit must be > 1 (a condition number), got {self.cond_limit}")
         if self.mode == "end_to_end" and self.objective == "block_mse":
             raise ValueError(
-                "objective block_mse is the layer_wise loss; use mode=layer_wise or objective kl/bound"
+                "objective block_mse is the layer_wise loss; use mode=layer_wise or objective kl/ce/bound"
             )
         if self.offload and self.mode == "end_to_end":
             raise ValueError(
@@ -450,9 +450,9 @@ class CalibConfig:
                 f"calib.layer_inputs={self.layer_inputs} is what a block learns on in mode=layer_wise; "
                 "end_to_end learns on the whole model; use mode=layer_wise or layer_inputs=quantized"
             )
-        if self.mode == "layer_wise" and self.objective == "kl":
+        if self.mode == "layer_wise" and self.objective in ("kl", "ce"):
             raise ValueError(
-                "objective kl needs the whole model; use mode=end_to_end or objective block_mse/bound"
+                f"objective {self.objective} needs the whole model; use mode=end_to_end or objective block_mse/bound"
             )
 
 

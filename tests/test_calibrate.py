@@ -10,6 +10,7 @@ import torch
 from latmix.calibrate import NonFiniteError, calibrate
 from latmix.calibrate.trainer import param_groups
 from latmix.fidelity import Reference, deviation
+from latmix.losses import next_token_ce
 from latmix.models import inject_channel_outliers
 from latmix.optim import build_optimizer, lr_factor, set_lr
 from latmix.quantize import prepare_model
@@ -500,6 +501,26 @@ def test_spinquant_moves_the_rotation_itself_along_the_orthogonal_group_and_lowe
     assert report.loss_after < report.loss_before
     if parametrization == "stiefel":
         assert (q - start).abs().max() > 1e-3
+
+
+def test_the_ce_objective_is_the_language_modelling_loss_of_the_calibration_text(make_tiny_model):
+    model = make_tiny_model("llama")
+    ids = token_ids(2, 16, 0)
+    with torch.no_grad():
+        assert next_token_ce(model(ids).logits, ids).item() == pytest.approx(model(ids, labels=ids).loss.item(), rel=1e-6)
+
+
+def test_learning_on_the_ce_objective_lowers_the_quantized_models_loss_on_its_text(make_tiny_model):
+    spec = {"family": "rotation", "init": "hadamard", "learnable": True, "parametrization": "stiefel"}
+    rtn = QuantConfig(weight_format="mxfp4", act_format="mxfp4")
+    prepared = prepare_model(model_with_outliers(make_tiny_model), TransformConfig({"residual": spec}), rtn)
+    ids = token_ids(4, 16, 0)
+    with torch.no_grad():
+        before = next_token_ce(prepared.model(ids).logits, ids).item()
+    calibrate(prepared, model_with_outliers(make_tiny_model), ids, quick_config(objective="ce"),
+              OptimConfig(name="cayley_sgd", lr=1.5, momentum=0.0), None)
+    with torch.no_grad():
+        assert next_token_ce(prepared.model(ids).logits, ids).item() < before
 
 
 def test_learning_rate_schedule_depends_on_the_step_alone():

@@ -236,10 +236,17 @@ def test_the_shipped_configs_keep_their_run_ids():
 def test_spinquant_learns_the_rotations_themselves_with_its_own_optimizer():
     exp = config.build_experiment(compose_config("transform=spinquant"))
     assert (exp.optim.name, exp.optim.lr, exp.optim.momentum) == ("cayley_sgd", 1.5, 0.0)
+    assert exp.calib.objective == "ce"  # SpinQuant's loss: the calibration text's own next tokens
     rotation = config.build_experiment(compose_config("transform=rotation")).transform.placements
     for name in ("residual", "attn_vo"):
         assert exp.transform.placements[name] == {**rotation[name], "parametrization": "stiefel"}
     assert exp.transform.placements["down_proj"] == rotation["down_proj"]
+
+
+@pytest.mark.parametrize("objective", ["kl", "ce"])
+def test_a_whole_model_objective_is_refused_layer_wise_with_what_to_change(objective):
+    with pytest.raises(config.ConfigError, match=rf"^calib: objective {objective} needs the whole model; use mode=end_to_end"):
+        config.build_experiment(compose_config("calib.mode=layer_wise", f"calib.objective={objective}"))
 
 
 def test_the_bound_objective_without_quantized_activations_is_rejected():

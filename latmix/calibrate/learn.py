@@ -10,7 +10,8 @@ Two modes share the trainable parameters, objectives, optimizers and checkpoints
   the full-precision model's own block input), its loss the normalized MSE to the full-precision block
   output. The global T1 stays at its initialization: this mode learns the per-block maps.
 
-Either mode can instead minimize the bound surrogate (objective="bound"). A volume regularizer
+Either mode can instead minimize the bound surrogate (objective="bound"); end_to_end can instead learn on the
+next-token cross-entropy of the calibration text (objective="ce", SpinQuant's loss). A volume regularizer
 (sum log|s|)^2 = (log|det A|)^2 is added with weight reg_weight. Checkpoints (every checkpoint_every
 steps end to end, after every block layer-wise) hold plain tensors only and are loaded with
 weights_only=True; a second call with the same arguments resumes from them and ends with the same
@@ -69,7 +70,7 @@ from latmix.calibrate.trainer import (
     trainable,
 )
 from latmix.hooks import Hooks
-from latmix.losses import block_mse, bound_loss, next_token_kl, volume_regularizer
+from latmix.losses import block_mse, bound_loss, next_token_ce, next_token_kl, volume_regularizer
 from latmix.models import blocks, get_adapter
 from latmix.offload import resident
 from latmix.quantize import PreparedModel, freeze_model, has_formats, quantizes
@@ -203,7 +204,10 @@ def _end_to_end_loss(
     else:
         with autocast(cfg, device):
             logits = model(ids, use_cache=False).logits
-        loss = next_token_kl(logits, reference.logits(indices).to(device))
+        if cfg.objective == "ce":
+            loss = next_token_ce(logits, ids)
+        else:
+            loss = next_token_kl(logits, reference.logits(indices).to(device))
     return loss + cfg.reg_weight * volume_regularizer(transforms).to(loss.device)
 
 
