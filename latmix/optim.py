@@ -42,8 +42,9 @@ class CayleySGD(torch.optim.Optimizer):
     For an orthogonal parameter X with descent direction D (the gradient, or with momentum > 0 the
     momentum buffer of gradients), the skew matrix W = (X^T D - D^T X) / 2 moves X to
     X (I - a/2 W)(I + a/2 W)^-1, exactly orthogonal, with step a = min(lr, 1 / ||W||_1): SpinQuant's
-    cap, which at its lr of 1.5 binds on most steps and makes a step's size independent of the
-    gradient's scale. Two deliberate differences from SpinQuant's code: the retraction is solved
+    cap, which binds where ||W||_1 > 1 / lr and there makes a step's size independent of the
+    gradient's scale (on SmolLM2's clipped gradients it never binds: README, "SpinQuant with its own
+    step and loss"). Two deliberate differences from SpinQuant's code: the retraction is solved
     exactly where SpinQuant runs 5 fixed-point iterations of it (and re-orthogonalizes by QR at random
     1 step in 101), and a momentum > 0 is honoured (SpinQuant's rotation training passes none, and
     its buffer is never written back, so its momentum would have no effect either way).
